@@ -1,0 +1,76 @@
+"""Checkpoint -> ONNX step graph with the LSTM state as explicit inputs and outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.model import LastStepLSTM, LSTMConfig, RecipeLSTM
+
+INPUT_NAMES = ["tokens", "h0", "c0"]
+OUTPUT_NAMES = ["logits", "hn", "cn"]
+DEFAULT_OPSET = 17
+
+
+class ExportError(ValueError):
+    """An export that cannot go ahead; the message is one line."""
+
+
+def load_checkpoint(path: str | Path) -> tuple[RecipeLSTM, dict[str, Any]]:
+    """The model (in eval mode) and the raw checkpoint dict."""
+    file = Path(path)
+    if not file.is_file():
+        raise ExportError(f"checkpoint not found: {file}")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise ExportError(f"cannot read checkpoint {file}: {type(exc).__name__}") from exc
+    if not isinstance(payload, dict) or "model_state" not in payload or "model_config" not in payload:
+        raise ExportError(f"not a simmer checkpoint: {file}")
+    model = RecipeLSTM(LSTMConfig.from_dict(payload["model_config"]))
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as exc:
+        raise ExportError(f"checkpoint weights do not match its config: {file}") from exc
+    model.eval()
+    return model, payload
+
+
+def weights_hash(model: RecipeLSTM) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export_onnx(model: RecipeLSTM, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
+    """Write the serving graph: tokens [B, T], h0/c0 [L, B, H] -> logits [B, V], hn, cn."""
+    config = model.config
+    step = LastStepLSTM(model).eval()
+    tokens = torch.ones((2, 3), dtype=torch.int64)
+    h0 = torch.zeros((config.num_layers, 2, config.hidden_size))
+    c0 = torch.zeros_like(h0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter warns about itself
+        torch.onnx.export(
+            step,
+            (tokens, h0, c0),
+            str(path),
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes={
+                "tokens": {0: "batch", 1: "seq"},
+                "h0": {1: "batch"},
+                "c0": {1: "batch"},
+                "logits": {0: "batch"},
+                "hn": {1: "batch"},
+                "cn": {1: "batch"},
+            },
+            opset_version=opset,
+            dynamo=False,  # the TorchScript exporter emits ONNX's native LSTM op
+        )

@@ -1,0 +1,180 @@
+"""Shared fixtures: a tiny trained bundle, a real Redis, and a real server process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EPICURIOUS = Path(
+    os.environ.get(
+        "SIMMER_EPICURIOUS", ROOT.parent / "shared" / "data" / "epicurious" / "full_format_recipes.json"
+    )
+)
+DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/15"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def epicurious_path() -> Path:
+    if not EPICURIOUS.is_file():
+        pytest.fail(f"the book's dataset is missing: {EPICURIOUS}")
+    return EPICURIOUS
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, epicurious_path: Path) -> Path:
+    """A `tiny` preset trained on 300 Epicurious recipes: checkpoint, tokenizer, metrics."""
+    from training.data import load_corpus
+    from training.presets import get_preset
+    from training.train import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    config = get_preset("tiny").with_overrides(max_recipes=300)
+    train(load_corpus(epicurious_path, config.max_recipes), config, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
+    """The tiny run exported to a verified bundle."""
+    from export.bundle_writer import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    work = tmp_path_factory.mktemp("export-work")
+    build_bundle(tiny_run / "best.pt", out, work)
+    return out
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+        ok = bool(client.ping())
+        client.close()
+        return ok
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """SIMMER_TEST_REDIS_URL (default db 15 on 127.0.0.1:6379), or a private redis-server."""
+    url = os.environ.get("SIMMER_TEST_REDIS_URL", DEFAULT_TEST_REDIS)
+    if _redis_answers(url):
+        yield url
+        return
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail(f"no Redis answers at {url} and redis-server is not installed")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/15"
+    deadline = time.monotonic() + 10
+    while not _redis_answers(url):
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("private redis-server did not start")
+        time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> Iterator[str]:
+    """The test Redis database, emptied before and after the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield redis_url
+    client.flushdb()
+    client.close()
+
+
+class ServerProcess:
+    """`python -m service` on a free port, with its output kept for failure messages."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, **env, "SIMMER_HOST": "127.0.0.1", "SIMMER_PORT": str(self.port)}
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=ROOT, env=full_env,
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, tiny_bundle: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real servers with extra SIMMER_* settings; all are stopped after the test."""
+    servers: list[ServerProcess] = []
+
+    def start(wait: bool = True, **settings: str) -> ServerProcess:
+        env = {"SIMMER_BUNDLE": str(tiny_bundle), **{f"SIMMER_{k.upper()}": v for k, v in settings.items()}}
+        server = ServerProcess(env, tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """One real server with the memory store."""
+    return start_server()

@@ -1,0 +1,69 @@
+"""The book's recipe LSTM: Embedding -> LSTM -> Linear over the vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LSTMConfig:
+    vocab_size: int = 10_000
+    embedding_dim: int = 100
+    hidden_size: int = 128
+    num_layers: int = 1  # 2 is the book's stacked variant
+    dropout: float = 0.0  # between layers and before the output layer; 0 is the book's
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LSTMConfig:
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class RecipeLSTM(nn.Module):
+    def __init__(self, config: LSTMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=0)
+        self.lstm = nn.LSTM(
+            config.embedding_dim,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Logits at every position and the state after the last one."""
+        x = self.embedding(tokens)  # (B, T, E)
+        out, (h, c) = self.lstm(x, state)  # (B, T, H); h, c: (L, B, H)
+        return self.head(self.dropout(out)), (h, c)  # (B, T, V)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class LastStepLSTM(nn.Module):
+    """The serving graph: explicit (h, C) in and out, logits for the last position only."""
+
+    def __init__(self, model: RecipeLSTM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.model.embedding(tokens)  # (B, T, E)
+        out, (hn, cn) = self.model.lstm(x, (h0, c0))  # (B, T, H)
+        logits = self.model.head(out[:, -1, :])  # (B, V)
+        return logits, hn, cn
