@@ -1,0 +1,92 @@
+"""The engine: one onnxruntime session over a model bundle.
+
+`run(tokens, h, c)` feeds `tokens` [batch, seq] from state (h, c) [layers, batch,
+hidden] and returns the logits after the last position and the new state. Prefill
+and decode are the same call with a different `seq`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from simmer.bundle import BundleError, ModelBundle
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    logits: np.ndarray  # (B, V) float32
+    h: np.ndarray  # (L, B, H) float32
+    c: np.ndarray  # (L, B, H) float32
+
+
+class Engine:
+    def __init__(
+        self, bundle: ModelBundle, providers: list[str], intra_op_threads: int = 0
+    ) -> None:
+        available = ort.get_available_providers()
+        chosen = [p for p in providers if p in available]
+        if not chosen:
+            raise BundleError(f"none of the providers {providers} is available (have {available})")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(bundle.model_path), options, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {exc}") from exc
+        self.bundle = bundle
+        self.provider = self.session.get_providers()[0]
+        self.num_layers = bundle.num_layers
+        self.hidden_size = bundle.hidden_size
+        self.vocab_size = bundle.vocab_size
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        for name in ("tokens", "h0", "c0"):
+            if name not in inputs:
+                raise BundleError(f"model.onnx has no input {name!r}")
+        for name in ("logits", "hn", "cn"):
+            if name not in outputs:
+                raise BundleError(f"model.onnx has no output {name!r}")
+        vocab = outputs["logits"].shape[-1]
+        if isinstance(vocab, int) and vocab != self.vocab_size:
+            raise BundleError(
+                f"vocabulary size disagrees: graph logits {vocab}, tokenizer {self.vocab_size}"
+            )
+        hidden = inputs["h0"].shape[-1]
+        if isinstance(hidden, int) and hidden != self.hidden_size:
+            raise BundleError(f"hidden size disagrees: graph {hidden}, manifest {self.hidden_size}")
+        # a dry run catches graphs whose shapes only fail at run time
+        out = self.run(np.ones((1, 1), np.int64), *self.zero_state(1))
+        if out.logits.shape != (1, self.vocab_size):
+            raise BundleError(
+                f"vocabulary size disagrees: graph gives {out.logits.shape[-1]} logits, "
+                f"tokenizer has {self.vocab_size} words"
+            )
+
+    def zero_state(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.num_layers, batch, self.hidden_size)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> StepOutput:
+        logits, hn, cn = self.session.run(None, {"tokens": tokens, "h0": h, "c0": c})
+        return StepOutput(logits, hn, cn)
+
+    def warm_up(self, batches: tuple[int, ...] = (1, 8)) -> float:
+        """Run a few steps so the first real request does not pay for allocation."""
+        started = time.perf_counter()
+        for batch in batches:
+            self.run(np.ones((batch, 1), np.int64), *self.zero_state(batch))
+        return time.perf_counter() - started

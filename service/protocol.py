@@ -1,0 +1,253 @@
+"""Wire models: what clients send and receive, and how requests become engine parameters.
+
+Handlers only translate between these models and the generation service.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.errors import invalid
+from service.sampling import SamplingParams
+
+FinishReason = Literal["length", "stop", "eos", "cancelled", "shutdown", "error"]
+
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The request limits from settings that pydantic's static bounds cannot know."""
+
+    max_new_tokens: int
+    max_logprobs: int
+    default_max_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What the generation service needs; no wire details."""
+
+    prompt: str
+    session_id: str | None
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+
+
+def _stop_list(value: Any) -> Any:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by /v1/generate and the WebSocket generate message."""
+
+    prompt: str = Field("", description="Text to feed before generating; appended to the session.")
+    session_id: str | None = Field(
+        None, description="Continue this session; omit to start a new one.", max_length=64
+    )
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(
+        1.0, ge=0.0, le=100.0, description="softmax(logits / T), the book's p^(1/T); 0 is greedy."
+    )
+    top_k: int = Field(0, ge=0, description="Keep the k most likely words; 0 keeps all, 1 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: smallest set reaching p.")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling."
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        description=f"Up to {MAX_STOP_STRINGS} strings that end the generation when produced.",
+    )
+    logprobs: int | None = Field(
+        None, ge=0, description="Return the top-k next words with probabilities at each step."
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        return _stop_list(value)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_bounds(cls, value: list[str]) -> list[str]:
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in value):
+            raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
+        return value
+
+    def to_generation(self, limits: Limits) -> GenerationRequest:
+        max_tokens = self.max_tokens if self.max_tokens is not None else limits.default_max_tokens
+        if max_tokens > limits.max_new_tokens:
+            raise invalid(f"max_tokens must be between 1 and {limits.max_new_tokens}", "max_tokens")
+        logprobs = self.logprobs or 0
+        if logprobs > limits.max_logprobs:
+            raise invalid(f"logprobs must be between 0 and {limits.max_logprobs}", "logprobs")
+        return GenerationRequest(
+            prompt=self.prompt,
+            session_id=self.session_id,
+            max_tokens=max_tokens,
+            sampling=SamplingParams(
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                seed=self.seed,
+                logprobs=logprobs,
+            ),
+            stop=tuple(self.stop),
+        )
+
+
+class GenerateRequest(SamplingFields):
+    """POST /v1/generate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stream: bool = Field(False, description="Answer text/event-stream token events.")
+
+
+class WSGenerate(SamplingFields):
+    """WebSocket {"type": "generate", ...}; the connection's session is continued."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["generate"]
+
+
+class WSCancel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["cancel"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopWord(BaseModel):
+    token: str
+    id: int
+    logprob: float
+    prob: float
+
+
+class TokenLogprobs(BaseModel):
+    token: str
+    id: int
+    logprob: float
+    top: list[TopWord]
+
+
+class GenerateResponse(BaseModel):
+    session_id: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    logprobs: list[TokenLogprobs] | None = None
+
+
+class TokenEventModel(BaseModel):
+    type: Literal["token"] = "token"
+    text: str
+    index: int
+    count: int = 1
+    logprobs: list[TokenLogprobs] | None = None
+
+
+class DoneEventModel(BaseModel):
+    type: Literal["done"] = "done"
+    finish_reason: FinishReason
+    usage: Usage
+    session_id: str
+
+
+class SessionCreate(BaseModel):
+    """POST /v1/sessions: an empty body starts a fresh session."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", description="Text to feed into the new session right away.")
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    model: str
+    tokens: int = Field(description="Tokens in the session's context.")
+    pending_token: bool = Field(description="Whether a generated token waits to be fed.")
+    created: float
+    last_used: float
+    expires_at: float
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- OpenAI-compatible completions ------------------------------------------------------
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. Unknown fields are accepted and ignored, as OpenAI clients send extras."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str] = ""
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
+    session_id: str | None = Field(None, max_length=64, description="simmer extension.")
+
+    def to_generation(self, limits: Limits) -> GenerationRequest:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise invalid("exactly one prompt per request is supported", "prompt")
+            prompt = prompt[0]
+        if self.echo:
+            raise invalid("echo is not supported", "echo")
+        fields = SamplingFields(
+            prompt=prompt,
+            session_id=self.session_id,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=_stop_list(self.stop),
+            logprobs=self.logprobs,
+        )
+        return fields.to_generation(limits)
+
+
+def openai_finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,1 @@
+"""HTTP, WebSocket and OpenAI-compatible handlers: they translate, nothing more."""

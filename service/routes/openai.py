@@ -1,0 +1,143 @@
+"""OpenAI-compatible /v1/completions and /v1/models.
+
+Works with the official `openai` client, streaming or not. `session_id` may be passed
+as an extra body field to continue a session; responses carry `session_id` too.
+Unknown fields are accepted and ignored, as OpenAI clients send extras.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.datastructures import State
+from litestar.response import Stream
+
+from service.errors import APIError
+from service.events import encode, error_json
+from service.generation import DoneEvent, Event, SessionEvent, StepLogprobs, TokenEvent
+from service.protocol import CompletionRequest, now, openai_finish_reason
+from service.routes.http import owner_of, runtime_of
+
+
+def _logprobs(steps: list[StepLogprobs], offset: int) -> dict[str, Any]:
+    text_offset = []
+    position = offset
+    for step in steps:
+        text_offset.append(position)
+        position += len(step.token) + 1
+    return {
+        "tokens": [s.token for s in steps],
+        "token_logprobs": [s.logprob for s in steps],
+        "top_logprobs": [{w.token: w.logprob for w in s.top} for s in steps],
+        "text_offset": text_offset,
+    }
+
+
+def _chunk(
+    completion_id: str, model: str, text: str, finish: str | None, session_id: str,
+    logprobs: dict[str, Any] | None = None, usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": now(),
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}],
+        "session_id": session_id,
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def _usage(done: DoneEvent) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+async def _openai_stream(
+    completion_id: str, model: str, first: Event, events: AsyncIterator[Event], want_logprobs: bool
+) -> AsyncIterator[bytes]:
+    assert isinstance(first, SessionEvent)
+    session_id = first.session_id
+    offset = 0
+    try:
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                lp = _logprobs(event.logprobs or [], offset) if want_logprobs else None
+                offset += len(event.text)
+                yield b"data: " + encode(_chunk(completion_id, model, event.text, None, session_id, lp)) + b"\n\n"
+            elif isinstance(event, DoneEvent):
+                final = _chunk(
+                    completion_id, model, "", openai_finish_reason(event.finish_reason), session_id,
+                    usage=_usage(event),
+                )
+                yield b"data: " + encode(final) + b"\n\n"
+    except APIError as exc:
+        yield b"data: " + encode({"error": error_json(exc.code, exc.message, exc.param)}) + b"\n\n"
+    finally:
+        await events.aclose()
+    yield b"data: [DONE]\n\n"
+
+
+@post("/v1/completions", status_code=200, summary="OpenAI-compatible completions")
+async def completions(
+    data: CompletionRequest, state: State, request: Request[Any, Any, Any]
+) -> Response[dict[str, Any]] | Stream:
+    runtime = runtime_of(state)
+    model = runtime.bundle.name if runtime.bundle is not None else "simmer"
+    if data.model not in (None, "", model):
+        raise APIError(404, "model_not_found", f"model {data.model!r} is not served here", "model")
+    params = data.to_generation(runtime.limits)
+    events = runtime.service().generate(params, owner_of(request))
+    first = await anext(events)
+    completion_id = "cmpl-" + secrets.token_hex(12)
+    want_logprobs = bool(params.sampling.logprobs)
+    if data.stream:
+        return Stream(
+            _openai_stream(completion_id, model, first, events, want_logprobs),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    assert isinstance(first, SessionEvent)
+    pieces: list[str] = []
+    steps: list[StepLogprobs] = []
+    done: DoneEvent | None = None
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            pieces.append(event.text)
+            steps.extend(event.logprobs or [])
+        elif isinstance(event, DoneEvent):
+            done = event
+    assert done is not None
+    body = _chunk(
+        completion_id, model, "".join(pieces), openai_finish_reason(done.finish_reason),
+        first.session_id, _logprobs(steps, 0) if want_logprobs else None, _usage(done),
+    )
+    return Response(body)
+
+
+@get("/v1/models", summary="OpenAI-compatible model list")
+async def models(state: State) -> dict[str, Any]:
+    runtime = runtime_of(state)
+    bundle = runtime.bundle
+    entries = []
+    if bundle is not None:
+        entries.append(
+            {
+                "id": bundle.name,
+                "object": "model",
+                "created": int(bundle.path.stat().st_mtime),
+                "owned_by": "simmer",
+                "version": bundle.version,
+            }
+        )
+    return {"object": "list", "data": entries}
+
+

@@ -1,0 +1,36 @@
+"""What the app holds while it runs: built in the lifespan, read by the handlers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from service.engine import Engine
+from service.generation import GenerationService
+from service.metrics import Metrics
+from service.protocol import Limits
+from service.scheduler import DecodeScheduler
+from service.sessions import SessionStore
+from service.settings import Settings
+from simmer.bundle import ModelBundle
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: Metrics
+    limits: Limits
+    bundle: ModelBundle | None = None
+    engine: Engine | None = None
+    store: SessionStore | None = None
+    scheduler: DecodeScheduler | None = None
+    generation: GenerationService | None = None
+    ready: bool = False
+    draining: bool = False
+    websockets: set[object] = field(default_factory=set)
+
+    def service(self) -> GenerationService:
+        if self.generation is None or not self.ready:
+            from service.errors import APIError
+
+            raise APIError(503, "not_ready", "the model is still loading", None, {"Retry-After": "1"})
+        return self.generation

@@ -1,0 +1,334 @@
+"""Session state and the stores that keep it between calls.
+
+A session is the LSTM state (h, C) after every token it has *fed*, plus the pending
+token: the last one generated but not fed yet. Continuing a session feeds the pending
+token and the new prompt in one call, so history is never re-read.
+
+Both stores keep sessions in the same compact binary form (about 1 KiB for the book
+model) and share one interface of plain verbs: get, put, delete, touch, len. They know
+nothing of HTTP. Evictions are reported to a callback by reason: idle, capacity,
+explicit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+NO_TOKEN = -1
+_MAGIC = b"SMR1"
+# magic, layers, hidden, pending, prev, last, n_tokens, created, last_used
+_HEADER = struct.Struct("<4sHHiiiqdd")
+
+
+def new_session_id() -> str:
+    """128 random bits, URL-safe."""
+    return secrets.token_hex(16)
+
+
+@dataclass
+class SessionState:
+    h: np.ndarray  # (L, H) float32
+    c: np.ndarray  # (L, H) float32
+    pending: int = NO_TOKEN  # generated, not yet fed (then it is also `last`)
+    prev: int = NO_TOKEN  # the second-to-last token of the context, for spacing text
+    last: int = NO_TOKEN  # the last token of the context
+    n_tokens: int = 0  # tokens in the session's context so far (prompt and generated)
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    owner: str = ""  # who may use the session (a key fingerprint); "" when keys are off
+    model: str = ""  # the model version the state belongs to
+
+    @classmethod
+    def fresh(cls, layers: int, hidden: int, owner: str = "", model: str = "") -> SessionState:
+        zeros = np.zeros((layers, hidden), np.float32)
+        return cls(h=zeros, c=zeros.copy(), owner=owner, model=model)
+
+    def encode(self) -> bytes:
+        layers, hidden = self.h.shape
+        owner = self.owner.encode()
+        model = self.model.encode()
+        header = _HEADER.pack(
+            _MAGIC, layers, hidden, self.pending, self.prev, self.last, self.n_tokens, self.created,
+            self.last_used,
+        )
+        return b"".join((
+            header,
+            bytes((len(owner),)), owner,
+            bytes((len(model),)), model,
+            np.ascontiguousarray(self.h, np.float32).tobytes(),
+            np.ascontiguousarray(self.c, np.float32).tobytes(),
+        ))
+
+    @classmethod
+    def decode(cls, data: bytes) -> SessionState:
+        magic, layers, hidden, pending, prev, last, n_tokens, created, last_used = _HEADER.unpack_from(
+            data
+        )
+        if magic != _MAGIC:
+            raise ValueError("not a simmer session record")
+        pos = _HEADER.size
+        owner_len = data[pos]
+        owner = data[pos + 1 : pos + 1 + owner_len].decode()
+        pos += 1 + owner_len
+        model_len = data[pos]
+        model = data[pos + 1 : pos + 1 + model_len].decode()
+        pos += 1 + model_len
+        size = layers * hidden * 4
+        if len(data) != pos + 2 * size:
+            raise ValueError("truncated session record")
+        h = np.frombuffer(data, np.float32, layers * hidden, pos).reshape(layers, hidden).copy()
+        c = np.frombuffer(data, np.float32, layers * hidden, pos + size).reshape(layers, hidden).copy()
+        return cls(h, c, pending, prev, last, n_tokens, created, last_used, owner, model)
+
+
+EvictionHook = Callable[[str, int], None]  # (reason, count)
+
+
+class StoreUnavailable(RuntimeError):
+    """The session store cannot be reached right now."""
+
+
+class SessionStore(Protocol):
+    """Plain verbs over session records; `touch` marks a session used now."""
+
+    async def get(self, session_id: str) -> SessionState | None: ...
+    async def put(self, session_id: str, state: SessionState) -> None: ...
+    async def delete(self, session_id: str) -> bool: ...
+    async def touch(self, session_id: str) -> bool: ...
+    async def len(self) -> int: ...
+    async def lock(self, session_id: str) -> bool: ...
+    async def unlock(self, session_id: str) -> None: ...
+    async def sweep(self) -> int: ...
+    async def ping(self) -> bool: ...
+    async def close(self) -> None: ...
+
+
+def _no_hook(reason: str, count: int) -> None:
+    return None
+
+
+class MemorySessionStore:
+    """In-process store: LRU order with a size cap, plus an idle TTL."""
+
+    def __init__(self, ttl_s: float, max_sessions: int, on_evict: EvictionHook = _no_hook) -> None:
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self.on_evict = on_evict
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._locks: set[str] = set()
+
+    def _expired(self, state: SessionState, now: float) -> bool:
+        return now - state.last_used > self.ttl_s
+
+    async def get(self, session_id: str) -> SessionState | None:
+        record = self._data.get(session_id)
+        if record is None:
+            return None
+        state = SessionState.decode(record)
+        if self._expired(state, time.time()):
+            del self._data[session_id]
+            self.on_evict("idle", 1)
+            return None
+        self._data.move_to_end(session_id)
+        return state
+
+    async def put(self, session_id: str, state: SessionState) -> None:
+        self._data[session_id] = state.encode()
+        self._data.move_to_end(session_id)
+        evicted = 0
+        while len(self._data) > self.max_sessions:
+            oldest, _ = self._data.popitem(last=False)
+            evicted += 1
+        if evicted:
+            self.on_evict("capacity", evicted)
+
+    async def delete(self, session_id: str) -> bool:
+        if self._data.pop(session_id, None) is None:
+            return False
+        self.on_evict("explicit", 1)
+        return True
+
+    async def touch(self, session_id: str) -> bool:
+        state = await self.get(session_id)
+        if state is None:
+            return False
+        state.last_used = time.time()
+        self._data[session_id] = state.encode()
+        return True
+
+    async def len(self) -> int:
+        return len(self._data)
+
+    async def lock(self, session_id: str) -> bool:
+        if session_id in self._locks:
+            return False
+        self._locks.add(session_id)
+        return True
+
+    async def unlock(self, session_id: str) -> None:
+        self._locks.discard(session_id)
+
+    async def sweep(self) -> int:
+        """Drop idle sessions; LRU order means they sit at the front."""
+        now = time.time()
+        expired = 0
+        for session_id in list(self._data):
+            if not self._expired(SessionState.decode(self._data[session_id]), now):
+                break
+            del self._data[session_id]
+            expired += 1
+        if expired:
+            self.on_evict("idle", expired)
+        return expired
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        self._data.clear()
+
+
+class RedisSessionStore:
+    """Redis store: one key per session with the idle TTL, plus an index for counting.
+
+    The sorted set `<prefix>:sessions` scores each session by its last use, so `len`
+    is one ZCARD and `sweep` can count the sessions Redis expired as idle evictions.
+    Locks are `SET NX` keys with a timeout, so any replica can refuse a concurrent call.
+    """
+
+    def __init__(
+        self, url: str, ttl_s: float, prefix: str = "simmer", on_evict: EvictionHook = _no_hook,
+        lock_timeout_s: float = 600.0,
+    ) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=10
+        )
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        self.on_evict = on_evict
+        self.lock_timeout_s = lock_timeout_s
+        self._index = f"{prefix}:sessions"
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{session_id}"
+
+    async def _call(self, coro_factory: Callable[[], object]) -> object:
+        import redis
+
+        try:
+            return await coro_factory()  # type: ignore[misc]  # redis-py's awaitables are loosely typed
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
+
+    async def get(self, session_id: str) -> SessionState | None:
+        ttl_ms = int(self.ttl_s * 1000)
+        record = await self._call(lambda: self._redis.getex(self._key(session_id), px=ttl_ms))
+        if record is None:
+            return None
+        assert isinstance(record, bytes)
+        return SessionState.decode(record)
+
+    async def put(self, session_id: str, state: SessionState) -> None:
+        ttl_ms = int(self.ttl_s * 1000)
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key(session_id), state.encode(), px=ttl_ms)
+                pipe.zadd(self._index, {session_id: state.last_used})
+                await pipe.execute()
+
+        await self._call(write)
+
+    async def delete(self, session_id: str) -> bool:
+        async def remove() -> int:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(session_id))
+                pipe.zrem(self._index, session_id)
+                deleted, _ = await pipe.execute()
+            return int(deleted)
+
+        deleted = await self._call(remove)
+        if deleted:
+            self.on_evict("explicit", 1)
+        return bool(deleted)
+
+    async def touch(self, session_id: str) -> bool:
+        now = time.time()
+        ttl_ms = int(self.ttl_s * 1000)
+
+        async def refresh() -> bool:
+            alive = await self._redis.pexpire(self._key(session_id), ttl_ms)
+            if alive:
+                await self._redis.zadd(self._index, {session_id: now}, xx=True)
+            return bool(alive)
+
+        return bool(await self._call(refresh))
+
+    async def len(self) -> int:
+        return int(await self._call(lambda: self._redis.zcard(self._index)))  # type: ignore[arg-type]
+
+    async def lock(self, session_id: str) -> bool:
+        key = f"{self.prefix}:lock:{session_id}"
+        result = await self._call(
+            lambda: self._redis.set(key, b"1", nx=True, px=int(self.lock_timeout_s * 1000))
+        )
+        return bool(result)
+
+    async def unlock(self, session_id: str) -> None:
+        await self._call(lambda: self._redis.delete(f"{self.prefix}:lock:{session_id}"))
+
+    async def sweep(self) -> int:
+        """Count and unindex the sessions Redis has expired (idle evictions)."""
+        cutoff = time.time() - self.ttl_s
+        stale = await self._call(lambda: self._redis.zrangebyscore(self._index, "-inf", cutoff))
+        assert isinstance(stale, list)
+        evicted = 0
+        for raw in stale:
+            session_id = raw.decode()
+            exists = await self._call(lambda sid=session_id: self._redis.exists(self._key(sid)))
+            if exists:
+                continue  # used on another replica since; its score is refreshed on next put
+            removed = await self._call(lambda sid=session_id: self._redis.zrem(self._index, sid))
+            evicted += int(removed)  # type: ignore[call-overload]
+        if evicted:
+            self.on_evict("idle", evicted)
+        return evicted
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())  # type: ignore[misc]
+        except Exception:  # any failure means not ready
+            return False
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def create_store(
+    kind: str, *, ttl_s: float, max_sessions: int, redis_url: str, prefix: str,
+    on_evict: EvictionHook = _no_hook,
+) -> SessionStore:
+    if kind == "redis":
+        return RedisSessionStore(redis_url, ttl_s, prefix, on_evict)
+    return MemorySessionStore(ttl_s, max_sessions, on_evict)
+
+
+async def sweep_forever(store: SessionStore, interval_s: float) -> None:
+    """Background task: expire idle sessions and count them."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await store.sweep()
+        except StoreUnavailable:
+            continue

@@ -1,0 +1,86 @@
+"""The service's settings: the one place its defaults live.
+
+Every field reads from an environment variable named `SIMMER_<FIELD>`, for example
+`SIMMER_BUNDLE=models/default SIMMER_PORT=8000 python -m service`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from typing import Annotated
+
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """simmer's serving settings."""
+
+    model_config = SettingsConfigDict(env_prefix="SIMMER_", extra="ignore")
+
+    bundle: Path = Field(Path("models/default"), description="Model bundle folder to serve.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level for the service and the ASGI server."
+    )
+
+    # sessions
+    store: Literal["memory", "redis"] = Field(
+        "memory", description="Session store backend: in-process memory or Redis."
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis URL for the redis session store."
+    )
+    redis_prefix: str = Field("simmer", description="Key prefix for everything simmer keeps in Redis.")
+    session_ttl_s: float = Field(
+        3600.0, gt=0, le=60 * 60 * 24 * 30,
+        description="Idle time after which a session expires (seconds; minutes to days).",
+    )
+    max_sessions: int = Field(
+        100_000, ge=1, description="Memory store cap; the least recently used session is evicted past it."
+    )
+
+    # engine and scheduler
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime execution providers, in order of preference (comma-separated).",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads; 0 lets onnxruntime choose."
+    )
+    max_batch: int = Field(256, ge=1, description="Most sessions stepped in one engine call.")
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt accepted, in tokens.")
+    max_new_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_logprobs: int = Field(20, ge=0, description="Largest logprobs (top-k words per step) allowed.")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none.")
+
+    # admission and limits
+    max_running: int = Field(
+        1024, ge=1, description="Most generations running at once; more wait in the queue."
+    )
+    max_waiting: int = Field(
+        1024, ge=0, description="Longest admission queue; past it requests get 503 with Retry-After."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body accepted.")
+    max_ws_message_bytes: int = Field(
+        65_536, ge=1024, description="Largest WebSocket message accepted from a client."
+    )
+
+    # observability
+    metrics_enabled: bool = Field(True, description="Record Prometheus metrics and serve /metrics.")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def redis_dsn_safe(self) -> str:
+        """The Redis URL without any password, for logs."""
+        head, sep, tail = self.redis_url.rpartition("@")
+        return f"redis://***@{tail}" if sep else self.redis_url
+
