@@ -175,9 +175,9 @@ def train(
             optimizer.step()
             step += 1
             positions += x.numel()
-            sums["masked"] += float(parts["masked_sum"])
+            sums["masked"] += float(parts["masked_sum"].detach())
             sums["masked_n"] += float(parts["masked_n"])
-            sums["unmasked"] += float(parts["unmasked_sum"])
+            sums["unmasked"] += float(parts["unmasked_sum"].detach())
             sums["unmasked_n"] += float(parts["unmasked_n"])
             if progress is not None:
                 elapsed = time.perf_counter() - started
