@@ -28,7 +28,7 @@ from service.metrics import Metrics
 from service.protocol import Limits
 from service.routes import http, openai, ws
 from service.runtime import Runtime
-from service.scheduler import DecodeScheduler
+from service.scheduler import DecodeScheduler, StepStats
 from service.sessions import create_store, sweep_forever
 from service.settings import Settings
 from simmer.bundle import ModelBundle, load_bundle
@@ -53,10 +53,15 @@ _STATUS_CODES = {
 
 
 def _error_response(
-    status: int, code: str, message: str, param: str | None = None,
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response[dict[str, Any]]:
-    return Response(APIError(status, code, message, param).body(), status_code=status, headers=headers)
+    return Response(
+        APIError(status, code, message, param).body(), status_code=status, headers=headers
+    )
 
 
 def _count_failure(request: Request[Any, Any, Any], code: str) -> None:
@@ -85,7 +90,9 @@ def handle_validation(
     return _error_response(422, "invalid_request", message, param)
 
 
-def handle_pydantic(request: Request[Any, Any, Any], exc: ValidationError) -> Response[dict[str, Any]]:
+def handle_pydantic(
+    request: Request[Any, Any, Any], exc: ValidationError
+) -> Response[dict[str, Any]]:
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ())) or None
     _count_failure(request, "invalid_request")
@@ -112,6 +119,10 @@ async def playground() -> Response[bytes]:
     return Response(page.read_bytes(), media_type="text/html; charset=utf-8")
 
 
+async def _open_bundle(given: ModelBundle | None, path: Path) -> ModelBundle:
+    return given if given is not None else await asyncio.to_thread(load_bundle, path)
+
+
 def create_app(settings: Settings | None = None, bundle: ModelBundle | None = None) -> Litestar:
     """Build the app. `bundle`, when given, is an already verified bundle to serve."""
     settings = settings or Settings()
@@ -129,7 +140,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         tasks: list[asyncio.Task[None]] = []
-        loaded = bundle or await asyncio.to_thread(load_bundle, settings.bundle)
+        loaded = await _open_bundle(bundle, settings.bundle)
         engine = await asyncio.to_thread(
             Engine, loaded, settings.providers, settings.intra_op_threads
         )
@@ -141,17 +152,23 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             prefix=settings.redis_prefix,
             on_evict=metrics.on_evict,
         )
+
+        def on_step(stats: StepStats) -> None:
+            metrics.batch_size.observe(stats.batch_size)
+            metrics.engine_step.observe(stats.seconds)
+
         scheduler = DecodeScheduler(
             engine,
             max_batch=settings.max_batch,
-            on_step=lambda stats: (
-                metrics.batch_size.observe(stats.batch_size),
-                metrics.engine_step.observe(stats.seconds),
-            )
-            and None,
+            on_step=on_step,
             on_admit=metrics.queue_time.observe,
         )
-        runtime.bundle, runtime.engine, runtime.store, runtime.scheduler = loaded, engine, store, scheduler
+        runtime.bundle, runtime.engine, runtime.store, runtime.scheduler = (
+            loaded,
+            engine,
+            store,
+            scheduler,
+        )
         runtime.generation = GenerationService(
             scheduler,
             store,
@@ -176,10 +193,15 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
         try:
             scheduler.start()
             await asyncio.to_thread(engine.warm_up)
-            tasks.append(asyncio.create_task(sweep_forever(store, min(60.0, settings.session_ttl_s / 4))))
+            tasks.append(
+                asyncio.create_task(sweep_forever(store, min(60.0, settings.session_ttl_s / 4)))
+            )
             runtime.ready = True
             logger.info(
-                "serving %s %s on %s with the %s store", loaded.name, loaded.version, engine.provider,
+                "serving %s %s on %s with the %s store",
+                loaded.name,
+                loaded.version,
+                engine.provider,
                 settings.store,
             )
             yield
@@ -212,7 +234,9 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             ws.stream,
             openai.completions,
             openai.models,
-            create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False),
+            create_static_files_router(
+                path="/static", directories=[STATIC], include_in_schema=False
+            ),
         ],
         lifespan=[lifespan],
         exception_handlers={

@@ -1,6 +1,6 @@
 """The one error type the service raises; every route renders it the same way:
 
-    {"error": {"code": "session_not_found", "message": "...", "param": "session_id"}}
+{"error": {"code": "session_not_found", "message": "...", "param": "session_id"}}
 """
 
 from __future__ import annotations
@@ -43,14 +43,19 @@ def session_not_found(session_id: str, ttl_s: float) -> APIError:
 
 def session_expired(session_id: str, ttl_s: float) -> APIError:
     return APIError(
-        404, "session_not_found", f"session {session_id!r} expired after {ttl_s:g} s idle",
+        404,
+        "session_not_found",
+        f"session {session_id!r} expired after {ttl_s:g} s idle",
         "session_id",
     )
 
 
 def overloaded(retry_after_s: int = 1) -> APIError:
     return APIError(
-        503, "overloaded", "the server is at capacity; retry shortly", None,
+        503,
+        "overloaded",
+        "the server is at capacity; retry shortly",
+        None,
         {"Retry-After": str(retry_after_s)},
     )
 

@@ -33,7 +33,12 @@ def logprobs_json(steps: list[StepLogprobs]) -> list[dict[str, Any]]:
 
 
 def token_json(event: TokenEvent) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": "token", "text": event.text, "index": event.index, "count": event.count}
+    out: dict[str, Any] = {
+        "type": "token",
+        "text": event.text,
+        "index": event.index,
+        "count": event.count,
+    }
     if event.logprobs is not None:
         out["logprobs"] = logprobs_json(event.logprobs)
     return out

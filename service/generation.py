@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,7 +88,9 @@ class _TextStream:
 
     def add(self, token: int) -> str | None:
         piece = self.tokenizer.piece(
-            token, None if self.last == NO_TOKEN else self.last, None if self.prev == NO_TOKEN else self.prev
+            token,
+            None if self.last == NO_TOKEN else self.last,
+            None if self.prev == NO_TOKEN else self.prev,
         )
         self.prev, self.last = self.last, token
         self.text += piece
@@ -115,6 +117,21 @@ class _TextStream:
                     hold = max(hold, n)
                     break
         return len(self.text) - hold
+
+
+class _Lock:
+    """A session's generation lock, released once, as early as it safely can be."""
+
+    def __init__(self, store: SessionStore, session_id: str) -> None:
+        self.store = store
+        self.session_id = session_id
+        self.held = True
+
+    async def release(self) -> None:
+        if self.held:
+            self.held = False
+            with contextlib.suppress(StoreUnavailable):
+                await asyncio.shield(self.store.unlock(self.session_id))
 
 
 class GenerationService:
@@ -161,7 +178,8 @@ class GenerationService:
             raise session_not_found(session_id, self.session_ttl_s)
         if state.model != self.model_version:
             raise APIError(
-                409, "session_model_mismatch",
+                409,
+                "session_model_mismatch",
                 f"session {session_id!r} belongs to model {state.model}, not {self.model_version}",
                 "session_id",
             )
@@ -195,13 +213,16 @@ class GenerationService:
         if self.active >= self.max_running + self.max_waiting:
             raise overloaded()
 
-    async def generate(self, request: GenerationRequest, owner: str = "") -> AsyncIterator[Event]:
+    async def generate(
+        self, request: GenerationRequest, owner: str = ""
+    ) -> AsyncGenerator[Event, None]:
         """Events for one generation; raises APIError before the first event on bad input."""
         arrived = time.perf_counter()
         prompt_ids = self.tokenizer.encode(request.prompt)
         if len(prompt_ids) > self.max_prompt_tokens:
             raise invalid(
-                f"prompt is {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens}", "prompt"
+                f"prompt is {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens}",
+                "prompt",
             )
         self._admit()
         if request.session_id is not None:
@@ -217,19 +238,28 @@ class GenerationService:
             raise APIError(
                 409, "session_busy", f"session {session_id!r} is already generating", "session_id"
             )
+        lock = _Lock(self.store, session_id)
         try:
             if created:
                 self.metrics.sessions_created.inc()
-            async for event in self._run(request, session_id, created, state, prompt_ids, feed, arrived):
+            async for event in self._run(
+                request, session_id, created, state, prompt_ids, feed, arrived, lock
+            ):
                 yield event
         finally:
-            with contextlib.suppress(StoreUnavailable):
-                await asyncio.shield(self.store.unlock(session_id))
+            await lock.release()
 
     async def _run(
-        self, request: GenerationRequest, session_id: str, created: bool, state: SessionState,
-        prompt_ids: list[int], feed: list[int], arrived: float,
-    ) -> AsyncIterator[Event]:
+        self,
+        request: GenerationRequest,
+        session_id: str,
+        created: bool,
+        state: SessionState,
+        prompt_ids: list[int],
+        feed: list[int],
+        arrived: float,
+        lock: _Lock,
+    ) -> AsyncGenerator[Event, None]:
         context = [t for t in (state.prev, state.last) if t != NO_TOKEN] + prompt_ids
         stream = _TextStream(
             self.tokenizer,
@@ -238,8 +268,12 @@ class GenerationService:
             request.stop,
         )
         seq = Sequence(
-            feed=feed, h=state.h, c=state.c, params=request.sampling,
-            max_new_tokens=request.max_tokens, check=stream.add,
+            feed=feed,
+            h=state.h,
+            c=state.c,
+            params=request.sampling,
+            max_new_tokens=request.max_tokens,
+            check=stream.add,
         )
         metrics = self.metrics
         self.active += 1
@@ -274,7 +308,9 @@ class GenerationService:
                             text=stream.text[shown_chars:safe],
                             index=sent_tokens,
                             count=max(1, produced - sent_tokens),
-                            logprobs=self._logprobs(seq.tokens[sent_tokens:produced], seq.top[sent_tokens:produced])
+                            logprobs=self._logprobs(
+                                seq.tokens[sent_tokens:produced], seq.top[sent_tokens:produced]
+                            )
                             if request.sampling.logprobs
                             else None,
                         )
@@ -293,6 +329,7 @@ class GenerationService:
                 metrics.request_failure.labels(code="engine_error").inc()
                 raise APIError(500, "engine_error", "the engine failed during this generation")
             metrics.request_success.labels(finish_reason=finish_reason).inc()
+            await lock.release()  # the session is saved: the client may continue right away
             yield DoneEvent(session_id, finish_reason, len(prompt_ids), len(seq.tokens))
         finally:
             if submitted and not seq.done:
@@ -319,7 +356,9 @@ class GenerationService:
         """The session after this call: only what the engine actually fed."""
         if seq.steps_run:
             state.h, state.c = seq.h, seq.c
-            context = [t for t in (state.prev, state.last) if t != NO_TOKEN] + prompt_ids + seq.tokens
+            context = (
+                [t for t in (state.prev, state.last) if t != NO_TOKEN] + prompt_ids + seq.tokens
+            )
             state.prev = context[-2] if len(context) >= 2 else NO_TOKEN
             state.last = context[-1] if context else NO_TOKEN
             state.pending = seq.feed[0] if seq.feed else NO_TOKEN

@@ -11,10 +11,36 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # The engine steps in tens of microseconds to tens of milliseconds.
 FAST_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
 )
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
     60.0,
 )
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -52,66 +78,105 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.time_to_first_token = Histogram(
-            "simmer_time_to_first_token_seconds", "Time from request arrival to the first token.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "simmer_time_to_first_token_seconds",
+            "Time from request arrival to the first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            "simmer_inter_token_latency_seconds", "Time between successive tokens of a request.",
-            buckets=FAST_BUCKETS, registry=r,
+            "simmer_inter_token_latency_seconds",
+            "Time between successive tokens of a request.",
+            buckets=FAST_BUCKETS,
+            registry=r,
         )
         self.e2e_latency = Histogram(
-            "simmer_e2e_request_latency_seconds", "Time from request arrival to its last token.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "simmer_e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_time = Histogram(
-            "simmer_request_queue_time_seconds", "Time a request waited before its first engine step.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "simmer_request_queue_time_seconds",
+            "Time a request waited before its first engine step.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.request_prompt_tokens = Histogram(
-            "simmer_request_prompt_tokens", "Prompt tokens per request.",
-            buckets=TOKEN_BUCKETS, registry=r,
+            "simmer_request_prompt_tokens",
+            "Prompt tokens per request.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
         self.request_generation_tokens = Histogram(
-            "simmer_request_generation_tokens", "Generated tokens per request.",
-            buckets=TOKEN_BUCKETS, registry=r,
+            "simmer_request_generation_tokens",
+            "Generated tokens per request.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "simmer_batch_size", "Sessions stepped per engine step.", buckets=BATCH_BUCKETS, registry=r,
+            "simmer_batch_size",
+            "Sessions stepped per engine step.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.engine_step = Histogram(
-            "simmer_engine_step_seconds", "Wall time of one engine step, sampling included.",
-            buckets=FAST_BUCKETS, registry=r,
+            "simmer_engine_step_seconds",
+            "Wall time of one engine step, sampling included.",
+            buckets=FAST_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter(
-            "simmer_prompt_tokens", "Prompt tokens fed to the engine.", registry=r,
+            "simmer_prompt_tokens",
+            "Prompt tokens fed to the engine.",
+            registry=r,
         )
         self.generation_tokens = Counter(
-            "simmer_generation_tokens", "Tokens generated.", registry=r,
+            "simmer_generation_tokens",
+            "Tokens generated.",
+            registry=r,
         )
         self.request_success = Counter(
-            "simmer_request_success", "Requests that finished, by finish reason.",
-            ["finish_reason"], registry=r,
+            "simmer_request_success",
+            "Requests that finished, by finish reason.",
+            ["finish_reason"],
+            registry=r,
         )
         self.request_failure = Counter(
-            "simmer_request_failure", "Requests that failed, by error code.", ["code"], registry=r,
+            "simmer_request_failure",
+            "Requests that failed, by error code.",
+            ["code"],
+            registry=r,
         )
         self.sessions_created = Counter(
-            "simmer_sessions_created", "Sessions created.", registry=r,
+            "simmer_sessions_created",
+            "Sessions created.",
+            registry=r,
         )
         self.sessions_evicted = Counter(
-            "simmer_sessions_evicted", "Sessions removed, by reason.", ["reason"], registry=r,
+            "simmer_sessions_evicted",
+            "Sessions removed, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.requests_running = Gauge(
-            "simmer_num_requests_running", "Generations in progress.", registry=r,
+            "simmer_num_requests_running",
+            "Generations in progress.",
+            registry=r,
         )
         self.requests_waiting = Gauge(
-            "simmer_num_requests_waiting", "Generations waiting for an engine slot.", registry=r,
+            "simmer_num_requests_waiting",
+            "Generations waiting for an engine slot.",
+            registry=r,
         )
         self.sessions_active = Gauge(
-            "simmer_sessions_active", "Sessions held by the session store.", registry=r,
+            "simmer_sessions_active",
+            "Sessions held by the session store.",
+            registry=r,
         )
         self.websocket_connections = Gauge(
-            "simmer_websocket_connections", "Open WebSocket connections.", registry=r,
+            "simmer_websocket_connections",
+            "Open WebSocket connections.",
+            registry=r,
         )
         self.model_info = Info("simmer_model", "The model being served.", registry=r)
         for reason in FINISH_REASONS:

@@ -59,7 +59,9 @@ class SamplingFields(BaseModel):
     temperature: float = Field(
         1.0, ge=0.0, le=100.0, description="softmax(logits / T), the book's p^(1/T); 0 is greedy."
     )
-    top_k: int = Field(0, ge=0, description="Keep the k most likely words; 0 keeps all, 1 is greedy.")
+    top_k: int = Field(
+        0, ge=0, description="Keep the k most likely words; 0 keeps all, 1 is greedy."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: smallest set reaching p.")
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling."
@@ -205,7 +207,7 @@ class ErrorResponse(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. Unknown fields are accepted and ignored, as OpenAI clients send extras."""
+    """POST /v1/completions. Unknown fields are ignored: OpenAI clients send extras."""
 
     model_config = ConfigDict(extra="ignore")
 

@@ -32,5 +32,7 @@ class Runtime:
         if self.generation is None or not self.ready:
             from service.errors import APIError
 
-            raise APIError(503, "not_ready", "the model is still loading", None, {"Retry-After": "1"})
+            raise APIError(
+                503, "not_ready", "the model is still loading", None, {"Retry-After": "1"}
+            )
         return self.generation

@@ -38,7 +38,8 @@ def make_rng(seed: int | None) -> np.random.Generator:
 
 def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Index per row where the running sum of non-negative `weights` passes u * total."""
-    rows, width = weights.shape
+    width = weights.shape[1]
+    rows = weights.shape[0]
     pad = (-width) % BLOCK
     if pad:
         weights = np.concatenate([weights, np.zeros((rows, pad), weights.dtype)], axis=1)
@@ -57,7 +58,7 @@ def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     bad = weights[np.arange(rows), index] <= 0
     if bad.any():
         index[bad] = np.argmax(weights[bad], axis=1)
-    return index
+    return np.asarray(index, dtype=np.int64)
 
 
 CANDIDATES = 256  # top_p alone first looks for its nucleus among this many words
@@ -77,9 +78,13 @@ def _sample_truncated(
     logits: np.ndarray, inv_t: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, u: np.ndarray
 ) -> np.ndarray:
     """Rows with top_k and/or top_p: cut a sorted candidate set, sample inside it."""
-    rows, vocab = logits.shape
+    vocab = logits.shape[1]
     limit = np.where(top_k > 0, np.minimum(top_k, vocab), vocab)
-    k_cand = int(limit.max()) if (top_k > 0).all() else max(int(limit[top_k > 0].max(initial=0)), CANDIDATES)
+    k_cand = (
+        int(limit.max())
+        if (top_k > 0).all()
+        else max(int(limit[top_k > 0].max(initial=0)), CANDIDATES)
+    )
     k_cand = min(k_cand, vocab)
     cand = _sorted_candidates(logits, k_cand)
     scaled = np.take_along_axis(logits, cand, axis=1).astype(np.float64) * inv_t[:, None]
@@ -100,8 +105,15 @@ def _sample_truncated(
 
 
 def _sample_truncated_wide(
-    logits: np.ndarray, inv_t: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
-    u: np.ndarray, cand: np.ndarray, probs: np.ndarray, norm: np.ndarray, short: np.ndarray,
+    logits: np.ndarray,
+    inv_t: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    u: np.ndarray,
+    cand: np.ndarray,
+    probs: np.ndarray,
+    norm: np.ndarray,
+    short: np.ndarray,
 ) -> np.ndarray:
     out = np.empty(len(logits), dtype=np.int64)
     fine = ~short
@@ -122,7 +134,7 @@ def _pick(cand: np.ndarray, probs: np.ndarray, top_p: np.ndarray, u: np.ndarray)
     keep = (cumulative - probs) < top_p[:, None]
     keep[:, 0] = True
     choice = _inverse_cdf(np.where(keep, probs, 0.0), u)
-    return cand[np.arange(len(cand)), choice]
+    return np.asarray(cand[np.arange(len(cand)), choice], dtype=np.int64)
 
 
 def sample_batch(
@@ -138,7 +150,7 @@ def sample_batch(
     u = np.array([rng.random() for rng in rngs], dtype=np.float64)
 
     if greedy.all():
-        return np.argmax(logits, axis=1)
+        return np.asarray(np.argmax(logits, axis=1), dtype=np.int64)
     if greedy.any():
         tokens[greedy] = np.argmax(logits[greedy], axis=1)
     truncated = ~greedy & ((top_k > 0) | (top_p < 1.0))

@@ -14,6 +14,7 @@ Nothing here knows about HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -151,10 +152,8 @@ class DecodeScheduler:
         self._running.clear()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)
 
     def state_of(self, seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -243,9 +242,13 @@ class DecodeScheduler:
             by_length.setdefault(len(seq.feed), []).append(row)
         for length, rows in by_length.items():
             slots = np.array([batch[r].slot for r in rows])
-            tokens = np.array([batch[r].feed for r in rows], dtype=np.int64).reshape(len(rows), length)
+            tokens = np.array([batch[r].feed for r in rows], dtype=np.int64).reshape(
+                len(rows), length
+            )
             out = self.engine.run(
-                tokens, np.ascontiguousarray(self._h[:, slots]), np.ascontiguousarray(self._c[:, slots])
+                tokens,
+                np.ascontiguousarray(self._h[:, slots]),
+                np.ascontiguousarray(self._c[:, slots]),
             )
             self.engine_calls += 1
             self._h[:, slots] = out.h

@@ -17,9 +17,10 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,21 +58,32 @@ class SessionState:
         owner = self.owner.encode()
         model = self.model.encode()
         header = _HEADER.pack(
-            _MAGIC, layers, hidden, self.pending, self.prev, self.last, self.n_tokens, self.created,
+            _MAGIC,
+            layers,
+            hidden,
+            self.pending,
+            self.prev,
+            self.last,
+            self.n_tokens,
+            self.created,
             self.last_used,
         )
-        return b"".join((
-            header,
-            bytes((len(owner),)), owner,
-            bytes((len(model),)), model,
-            np.ascontiguousarray(self.h, np.float32).tobytes(),
-            np.ascontiguousarray(self.c, np.float32).tobytes(),
-        ))
+        return b"".join(
+            (
+                header,
+                bytes((len(owner),)),
+                owner,
+                bytes((len(model),)),
+                model,
+                np.ascontiguousarray(self.h, np.float32).tobytes(),
+                np.ascontiguousarray(self.c, np.float32).tobytes(),
+            )
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> SessionState:
-        magic, layers, hidden, pending, prev, last, n_tokens, created, last_used = _HEADER.unpack_from(
-            data
+        magic, layers, hidden, pending, prev, last, n_tokens, created, last_used = (
+            _HEADER.unpack_from(data)
         )
         if magic != _MAGIC:
             raise ValueError("not a simmer session record")
@@ -86,7 +98,11 @@ class SessionState:
         if len(data) != pos + 2 * size:
             raise ValueError("truncated session record")
         h = np.frombuffer(data, np.float32, layers * hidden, pos).reshape(layers, hidden).copy()
-        c = np.frombuffer(data, np.float32, layers * hidden, pos + size).reshape(layers, hidden).copy()
+        c = (
+            np.frombuffer(data, np.float32, layers * hidden, pos + size)
+            .reshape(layers, hidden)
+            .copy()
+        )
         return cls(h, c, pending, prev, last, n_tokens, created, last_used, owner, model)
 
 
@@ -146,7 +162,7 @@ class MemorySessionStore:
         self._data.move_to_end(session_id)
         evicted = 0
         while len(self._data) > self.max_sessions:
-            oldest, _ = self._data.popitem(last=False)
+            self._data.popitem(last=False)
             evicted += 1
         if evicted:
             self.on_evict("capacity", evicted)
@@ -206,7 +222,11 @@ class RedisSessionStore:
     """
 
     def __init__(
-        self, url: str, ttl_s: float, prefix: str = "simmer", on_evict: EvictionHook = _no_hook,
+        self,
+        url: str,
+        ttl_s: float,
+        prefix: str = "simmer",
+        on_evict: EvictionHook = _no_hook,
         lock_timeout_s: float = 600.0,
     ) -> None:
         import redis.asyncio as aioredis
@@ -223,11 +243,12 @@ class RedisSessionStore:
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}:session:{session_id}"
 
-    async def _call(self, coro_factory: Callable[[], object]) -> object:
+    async def _call(self, factory: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one Redis call; connection trouble becomes StoreUnavailable."""
         import redis
 
         try:
-            return await coro_factory()  # type: ignore[misc]  # redis-py's awaitables are loosely typed
+            return await factory()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise StoreUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
 
@@ -276,7 +297,7 @@ class RedisSessionStore:
         return bool(await self._call(refresh))
 
     async def len(self) -> int:
-        return int(await self._call(lambda: self._redis.zcard(self._index)))  # type: ignore[arg-type]
+        return int(await self._call(lambda: self._redis.zcard(self._index)))
 
     async def lock(self, session_id: str) -> bool:
         key = f"{self.prefix}:lock:{session_id}"
@@ -296,18 +317,18 @@ class RedisSessionStore:
         evicted = 0
         for raw in stale:
             session_id = raw.decode()
-            exists = await self._call(lambda sid=session_id: self._redis.exists(self._key(sid)))
+            exists = await self._call(partial(self._redis.exists, self._key(session_id)))
             if exists:
                 continue  # used on another replica since; its score is refreshed on next put
-            removed = await self._call(lambda sid=session_id: self._redis.zrem(self._index, sid))
-            evicted += int(removed)  # type: ignore[call-overload]
+            removed = await self._call(partial(self._redis.zrem, self._index, session_id))
+            evicted += int(removed)
         if evicted:
             self.on_evict("idle", evicted)
         return evicted
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._redis.ping())  # type: ignore[misc]
+            return bool(await self._call(self._redis.ping))
         except Exception:  # any failure means not ready
             return False
 
@@ -316,7 +337,12 @@ class RedisSessionStore:
 
 
 def create_store(
-    kind: str, *, ttl_s: float, max_sessions: int, redis_url: str, prefix: str,
+    kind: str,
+    *,
+    ttl_s: float,
+    max_sessions: int,
+    redis_url: str,
+    prefix: str,
     on_evict: EvictionHook = _no_hook,
 ) -> SessionStore:
     if kind == "redis":

@@ -7,11 +7,9 @@ Every field reads from an environment variable named `SIMMER_<FIELD>`, for examp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from typing import Annotated
-
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -34,13 +32,19 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis URL for the redis session store."
     )
-    redis_prefix: str = Field("simmer", description="Key prefix for everything simmer keeps in Redis.")
+    redis_prefix: str = Field(
+        "simmer", description="Key prefix for everything simmer keeps in Redis."
+    )
     session_ttl_s: float = Field(
-        3600.0, gt=0, le=60 * 60 * 24 * 30,
+        3600.0,
+        gt=0,
+        le=60 * 60 * 24 * 30,
         description="Idle time after which a session expires (seconds; minutes to days).",
     )
     max_sessions: int = Field(
-        100_000, ge=1, description="Memory store cap; the least recently used session is evicted past it."
+        100_000,
+        ge=1,
+        description="Memory store cap; the least recently used session is evicted past it.",
     )
 
     # engine and scheduler
@@ -54,7 +58,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(256, ge=1, description="Most sessions stepped in one engine call.")
     max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt accepted, in tokens.")
     max_new_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
-    max_logprobs: int = Field(20, ge=0, description="Largest logprobs (top-k words per step) allowed.")
+    max_logprobs: int = Field(
+        20, ge=0, description="Largest logprobs (top-k words per step) allowed."
+    )
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none.")
 
     # admission and limits
@@ -62,9 +68,13 @@ class Settings(BaseSettings):
         1024, ge=1, description="Most generations running at once; more wait in the queue."
     )
     max_waiting: int = Field(
-        1024, ge=0, description="Longest admission queue; past it requests get 503 with Retry-After."
+        1024,
+        ge=0,
+        description="Longest admission queue; past it requests get 503 with Retry-After.",
     )
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body accepted.")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest HTTP request body accepted."
+    )
     max_ws_message_bytes: int = Field(
         65_536, ge=1024, description="Largest WebSocket message accepted from a client."
     )
@@ -81,6 +91,5 @@ class Settings(BaseSettings):
 
     def redis_dsn_safe(self) -> str:
         """The Redis URL without any password, for logs."""
-        head, sep, tail = self.redis_url.rpartition("@")
+        _, sep, tail = self.redis_url.rpartition("@")
         return f"redis://***@{tail}" if sep else self.redis_url
-

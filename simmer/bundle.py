@@ -142,7 +142,9 @@ def write_bundle(
     folder is refused and left as it was.
     """
     target = Path(out)
-    if target.exists() and not (target.is_dir() and (is_bundle(target) or not any(target.iterdir()))):
+    if target.exists() and not (
+        target.is_dir() and (is_bundle(target) or not any(target.iterdir()))
+    ):
         raise BundleError(f"refusing to overwrite {target}: it exists and is not a bundle")
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
@@ -166,7 +168,9 @@ def write_bundle(
                 os.fsync(handle.fileno())
         load_bundle(staging)  # never publish a bundle that would not load
         if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            retired = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
+            )
             os.replace(target, retired / "bundle")
             os.replace(staging, target)
             shutil.rmtree(retired, ignore_errors=True)

@@ -30,6 +30,7 @@ UNK_ID = 1
 FORMAT = "simmer-word-level"
 FORMAT_VERSION = 1
 
+_UNK_LOWER = UNK.lower()
 _PUNCT_RE = re.compile(f"([{re.escape(string.punctuation)}])")
 _SPACES_RE = re.compile(r"\s+")
 
@@ -50,8 +51,20 @@ def pad_punctuation(text: str) -> str:
 
 
 def split_words(text: str) -> list[str]:
-    """Standardise like the book (lowercase, padded punctuation) and split on whitespace."""
-    return pad_punctuation(text.lower()).split()
+    """Standardise like the book (lowercase, padded punctuation) and split on whitespace.
+
+    A literal "[UNK]", as decoding writes it, stays one word, so that decoded text
+    encodes back to the same ids.
+    """
+    lowered = text.lower()
+    if _UNK_LOWER not in lowered:
+        return pad_punctuation(lowered).split()
+    words: list[str] = []
+    for number, part in enumerate(lowered.split(_UNK_LOWER)):
+        if number:
+            words.append(UNK)
+        words.extend(pad_punctuation(part).split())
+    return words
 
 
 def format_recipe(title: str, directions: Sequence[str]) -> str:
@@ -123,7 +136,7 @@ class Tokenizer:
         counts: Counter[str] = Counter()
         for text in texts:
             counts.update(split_words(text))
-        counts.pop(UNK, None)
+        counts.pop(UNK, None)  # never a vocabulary word of its own
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         words = [word for word, _ in ranked[: vocab_size - 2]]
         return cls([PAD, UNK, *words])

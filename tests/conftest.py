@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EPICURIOUS = Path(
     os.environ.get(
-        "SIMMER_EPICURIOUS", ROOT.parent / "shared" / "data" / "epicurious" / "full_format_recipes.json"
+        "SIMMER_EPICURIOUS",
+        ROOT.parent / "shared" / "data" / "epicurious" / "full_format_recipes.json",
     )
 )
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/15"
@@ -85,8 +86,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -124,8 +136,11 @@ class ServerProcess:
         full_env = {**os.environ, **env, "SIMMER_HOST": "127.0.0.1", "SIMMER_PORT": str(self.port)}
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=full_env,
-            stdout=self._log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "service"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -156,22 +171,66 @@ class ServerProcess:
         self._log.close()
 
 
+def launch_server(bundle: Path, log_dir: Path, wait: bool = True, **settings: str) -> ServerProcess:
+    """A real `python -m service` with SIMMER_<KEY>=value for each keyword."""
+    env = {"SIMMER_BUNDLE": str(bundle), **{f"SIMMER_{k.upper()}": v for k, v in settings.items()}}
+    server = ServerProcess(env, log_dir / f"server-{free_port()}.log")
+    if wait:
+        try:
+            server.wait_ready()
+        except BaseException:
+            server.stop()
+            raise
+    return server
+
+
 @pytest.fixture
 def start_server(tmp_path: Path, tiny_bundle: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start real servers with extra SIMMER_* settings; all are stopped after the test."""
     servers: list[ServerProcess] = []
 
     def start(wait: bool = True, **settings: str) -> ServerProcess:
-        env = {"SIMMER_BUNDLE": str(tiny_bundle), **{f"SIMMER_{k.upper()}": v for k, v in settings.items()}}
-        server = ServerProcess(env, tmp_path / f"server-{len(servers)}.log")
+        server = launch_server(tiny_bundle, tmp_path, wait, **settings)
         servers.append(server)
-        if wait:
-            server.wait_ready()
         return server
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def memory_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path
+) -> Iterator[ServerProcess]:
+    """One server with the memory store, shared by a test module."""
+    server = launch_server(tiny_bundle, tmp_path_factory.mktemp("memory-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, redis_url: str
+) -> Iterator[ServerProcess]:
+    """One server with the Redis store on the test database, shared by a test module."""
+    import redis
+
+    prefix = f"simmer-test-{free_port()}"
+    server = launch_server(
+        tiny_bundle,
+        tmp_path_factory.mktemp("redis-server"),
+        store="redis",
+        redis_url=redis_url,
+        redis_prefix=prefix,
+    )
+    yield server
+    server.stop()
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from litestar import Request, Response, delete, get, post
@@ -41,7 +42,7 @@ def runtime_of(state: State) -> Runtime:
     return runtime
 
 
-async def sse_stream(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+async def sse_stream(first: Event, events: AsyncGenerator[Event, None]) -> AsyncIterator[bytes]:
     """`data: {json}` lines; always closes the generation, even when the client leaves."""
     try:
         if isinstance(first, SessionEvent):
@@ -123,13 +124,17 @@ async def create_session(
 
 
 @get("/v1/sessions/{session_id:str}", summary="Session metadata")
-async def get_session(session_id: str, state: State, request: Request[Any, Any, Any]) -> SessionInfo:
+async def get_session(
+    session_id: str, state: State, request: Request[Any, Any, Any]
+) -> SessionInfo:
     runtime = runtime_of(state)
     session = await runtime.service().load(session_id, owner_of(request))
     return _info(runtime, session_id, session)
 
 
-@delete("/v1/sessions/{session_id:str}", status_code=HTTP_204_NO_CONTENT, summary="Delete a session")
+@delete(
+    "/v1/sessions/{session_id:str}", status_code=HTTP_204_NO_CONTENT, summary="Delete a session"
+)
 async def delete_session(session_id: str, state: State, request: Request[Any, Any, Any]) -> None:
     await runtime_of(state).service().delete_session(session_id, owner_of(request))
 
@@ -165,10 +170,8 @@ async def metrics(state: State) -> Response[bytes]:
         m.requests_running.set(runtime.scheduler.num_running)
         m.requests_waiting.set(runtime.scheduler.num_waiting)
     if runtime.store is not None:
-        try:
+        with contextlib.suppress(Exception):  # the store being down must not break scraping
             m.sessions_active.set(await runtime.store.len())
-        except Exception:  # the store being down must not break scraping
-            pass
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -8,7 +8,7 @@ Unknown fields are accepted and ignored, as OpenAI clients send extras.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -37,8 +37,13 @@ def _logprobs(steps: list[StepLogprobs], offset: int) -> dict[str, Any]:
 
 
 def _chunk(
-    completion_id: str, model: str, text: str, finish: str | None, session_id: str,
-    logprobs: dict[str, Any] | None = None, usage: dict[str, int] | None = None,
+    completion_id: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    session_id: str,
+    logprobs: dict[str, Any] | None = None,
+    usage: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": completion_id,
@@ -62,7 +67,11 @@ def _usage(done: DoneEvent) -> dict[str, int]:
 
 
 async def _openai_stream(
-    completion_id: str, model: str, first: Event, events: AsyncIterator[Event], want_logprobs: bool
+    completion_id: str,
+    model: str,
+    first: Event,
+    events: AsyncGenerator[Event, None],
+    want_logprobs: bool,
 ) -> AsyncIterator[bytes]:
     assert isinstance(first, SessionEvent)
     session_id = first.session_id
@@ -72,10 +81,18 @@ async def _openai_stream(
             if isinstance(event, TokenEvent):
                 lp = _logprobs(event.logprobs or [], offset) if want_logprobs else None
                 offset += len(event.text)
-                yield b"data: " + encode(_chunk(completion_id, model, event.text, None, session_id, lp)) + b"\n\n"
+                yield (
+                    b"data: "
+                    + encode(_chunk(completion_id, model, event.text, None, session_id, lp))
+                    + b"\n\n"
+                )
             elif isinstance(event, DoneEvent):
                 final = _chunk(
-                    completion_id, model, "", openai_finish_reason(event.finish_reason), session_id,
+                    completion_id,
+                    model,
+                    "",
+                    openai_finish_reason(event.finish_reason),
+                    session_id,
                     usage=_usage(event),
                 )
                 yield b"data: " + encode(final) + b"\n\n"
@@ -117,8 +134,13 @@ async def completions(
             done = event
     assert done is not None
     body = _chunk(
-        completion_id, model, "".join(pieces), openai_finish_reason(done.finish_reason),
-        first.session_id, _logprobs(steps, 0) if want_logprobs else None, _usage(done),
+        completion_id,
+        model,
+        "".join(pieces),
+        openai_finish_reason(done.finish_reason),
+        first.session_id,
+        _logprobs(steps, 0) if want_logprobs else None,
+        _usage(done),
     )
     return Response(body)
 
@@ -139,5 +161,3 @@ async def models(state: State) -> dict[str, Any]:
             }
         )
     return {"object": "list", "data": entries}
-
-

@@ -32,6 +32,7 @@ class _Connection:
         self.runtime = runtime
         self.session_id: str | None = None
         self.task: asyncio.Task[None] | None = None
+        self.generating = False
         self.cancel_requested = False
         self.owner = str(socket.scope.get("simmer_owner", ""))
 
@@ -48,8 +49,9 @@ class _Connection:
             if self.session_id is not None:
                 if message.session_id not in (None, self.session_id):
                     raise APIError(
-                        422, "invalid_request",
-                        "this connection already holds a session; open a new connection for another",
+                        422,
+                        "invalid_request",
+                        "this connection holds a session already; open another connection",
                         "session_id",
                     )
                 message = message.model_copy(update={"session_id": self.session_id})
@@ -65,11 +67,14 @@ class _Connection:
                     elif isinstance(event, TokenEvent):
                         await self.send(token_json(event))
                     elif isinstance(event, DoneEvent):
+                        self.generating = False  # the next message may continue at once
                         await self.send(done_json(event))
             finally:
                 await events.aclose()
         except APIError as exc:
             await self.error(exc.code, exc.message, exc.param)
+        finally:
+            self.generating = False
 
     def cancel(self) -> None:
         """Stop the running generation within one engine step."""
@@ -78,11 +83,13 @@ class _Connection:
             generation.cancel(self.session_id)
 
     def handle_text(self, text: str) -> tuple[str, Any]:
-        """Parse one client message: ("generate", WSGenerate) / ("cancel", None) / ("error", ...)."""
+        """Parse one message: ("generate", WSGenerate), ("cancel", None) or ("error", args)."""
         if len(text.encode()) > self.runtime.settings.max_ws_message_bytes:
-            return "error", ("message_too_large",
-                             f"messages are limited to {self.runtime.settings.max_ws_message_bytes} bytes",
-                             None)
+            return "error", (
+                "message_too_large",
+                f"messages are limited to {self.runtime.settings.max_ws_message_bytes} bytes",
+                None,
+            )
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -114,20 +121,27 @@ async def stream(socket: WebSocket[Any, Any, Any], state: State) -> None:
             if message["type"] == "websocket.disconnect":
                 break
             text = message.get("text")
-            if text is None:
-                await conn.error("invalid_message", "binary frames are not accepted; send JSON text")
+            if not isinstance(text, str):
+                await conn.error(
+                    "invalid_message", "binary frames are not accepted; send JSON text"
+                )
                 continue
             kind, payload = conn.handle_text(text)
             if kind == "error":
                 await conn.error(*payload)
             elif kind == "cancel":
-                if conn.task is not None and not conn.task.done():
+                if conn.generating:
                     conn.cancel_requested = True
                     conn.cancel()
-            elif conn.task is not None and not conn.task.done():
-                await conn.error("session_busy", "a generation is already running on this connection")
+            elif conn.generating:
+                await conn.error(
+                    "session_busy", "a generation is already running on this connection"
+                )
             else:
+                if conn.task is not None:
+                    await conn.task  # its done event is out; it is only closing up
                 conn.cancel_requested = False
+                conn.generating = True
                 conn.task = asyncio.create_task(conn.run_generation(payload))
     finally:
         runtime.metrics.websocket_connections.dec()

@@ -35,7 +35,11 @@ def engine(tiny_bundle: Path) -> CountingEngine:
 def _seq(engine: Engine, feed: list[int], max_new: int) -> Sequence:
     h, c = engine.zero_state(1)
     return Sequence(
-        feed=feed, h=h[:, 0], c=c[:, 0], params=SamplingParams(temperature=0.0), max_new_tokens=max_new
+        feed=feed,
+        h=h[:, 0],
+        c=c[:, 0],
+        params=SamplingParams(temperature=0.0),
+        max_new_tokens=max_new,
     )
 
 
@@ -104,13 +108,14 @@ def test_sessions_join_and_leave_between_steps(engine: CountingEngine) -> None:
         long = scheduler.submit(_seq(engine, [5], max_new=30))
         await long.event.wait()
         short = scheduler.submit(_seq(engine, [6], max_new=3))
-        await _run_all(scheduler, [])
-        while not (long.done and short.done):
-            await asyncio.sleep(0.001)
+        for seq in (long, short):
+            while not seq.done:
+                seq.event.clear()
+                await seq.event.wait()
         await scheduler.close()
         return long, short
 
-    long, short = asyncio.run(main())
+    _, short = asyncio.run(main())
     assert len(short.tokens) <= 3
     sizes = [shape[0] for shape in engine.calls]
     assert 2 in sizes and sizes[-1] == 1  # the short one joined, then left

@@ -1,0 +1,71 @@
+"""In-process: continuing a session feeds only the new tokens, never the history."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+
+from service.engine import Engine, StepOutput
+from service.generation import DoneEvent, GenerationService, SessionEvent, TokenEvent
+from service.metrics import Metrics
+from service.protocol import GenerationRequest
+from service.sampling import SamplingParams
+from service.scheduler import DecodeScheduler
+from service.sessions import MemorySessionStore
+from simmer.bundle import load_bundle
+
+
+class RecordingEngine(Engine):
+    fed: list[tuple[int, ...]]
+
+    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> StepOutput:
+        if hasattr(self, "fed"):
+            self.fed.extend(tuple(row) for row in tokens.tolist())
+        return super().run(tokens, h, c)
+
+
+def test_continuing_feeds_only_the_pending_token_and_the_new_prompt(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    engine = RecordingEngine(bundle, ["CPUExecutionProvider"])
+    engine.fed = []
+    tokenizer = bundle.tokenizer
+
+    async def main() -> list[list[int]]:
+        scheduler = DecodeScheduler(engine, max_batch=8)
+        scheduler.start()
+        service = GenerationService(
+            scheduler,
+            MemorySessionStore(60, 10),
+            tokenizer,
+            Metrics(),
+            model_version=bundle.version,
+            num_layers=engine.num_layers,
+            hidden_size=engine.hidden_size,
+            max_prompt_tokens=4096,
+            session_ttl_s=60,
+            max_running=8,
+            max_waiting=8,
+        )
+        greedy = SamplingParams(temperature=0.0)
+        long_prompt = " ".join(["recipe for", *tokenizer.vocab[2:200]])
+        calls = []
+        session_id = None
+        for prompt in (long_prompt, "", "stir well"):
+            before = len(engine.fed)
+            request = GenerationRequest(prompt, session_id, max_tokens=5, sampling=greedy)
+            async for event in service.generate(request):
+                if isinstance(event, SessionEvent):
+                    session_id = event.session_id
+                assert isinstance(event, SessionEvent | TokenEvent | DoneEvent)
+            calls.append([len(row) for row in engine.fed[before:]])
+        await scheduler.close()
+        return calls
+
+    first, second, third = asyncio.run(main())
+    assert first[0] == len(tokenizer.encode(" ".join(["recipe for", *tokenizer.vocab[2:200]])))
+    # continuing: the pending token alone, then one token per step
+    assert second and all(n == 1 for n in second)
+    # a new prompt: the pending token plus its 2 words in one call, never the 200-word history
+    assert third[0] == 1 + 2 and all(n == 1 for n in third[1:])
