@@ -3,15 +3,57 @@
     SIMMER_BUNDLE=models/default SIMMER_PORT=8000 python -m service
 
 Every setting is a SIMMER_* environment variable (see service/settings.py). A bundle
-that fails verification stops the start with a one-line reason.
+that fails verification stops the start with a one-line reason. SIGTERM drains: new
+generations are refused, running ones get SIMMER_SHUTDOWN_GRACE_S to finish, the rest
+end with finish_reason "shutdown" after saving their sessions; then the server exits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from types import FrameType
+from typing import Any
 
+import uvicorn
 from pydantic import ValidationError
+
+from service.runtime import Runtime
+
+logger = logging.getLogger("simmer")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain between the first signal and the shutdown.
+
+    A second signal exits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, grace_s: float) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self.grace_s = grace_s
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        loop = self.loop
+        if self.draining or loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        loop.call_soon_threadsafe(lambda: loop.create_task(self.drain()))
+
+    async def drain(self) -> None:
+        if self.runtime.generation is not None:
+            ended = await self.runtime.generation.drain(self.grace_s)
+            logger.info("drained: %d generation(s) ended by the shutdown", ended)
+        self.should_exit = True
 
 
 def main() -> int:
@@ -20,17 +62,19 @@ def main() -> int:
 
     try:
         settings = Settings()
+        keys = settings.all_api_keys()
     except ValidationError as exc:
         first = exc.errors()[0]
         print(f"error: SIMMER_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: SIMMER_API_KEYS_FILE: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return 2
     try:
         bundle = load_bundle(settings.bundle)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    import uvicorn
 
     from service.app import create_app
 
@@ -40,20 +84,23 @@ def main() -> int:
     app = create_app(settings, bundle)
     base = f"http://{settings.host}:{settings.port}"
     print(
-        f"simmer: serving {bundle.name} {bundle.version}\n"
+        f"simmer: serving {bundle.name} {bundle.version}"
+        f"{' (API keys required)' if keys else ''}\n"
         f"  playground  {base}/\n  API docs    {base}/schema\n  metrics     {base}/metrics",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
         ws_per_message_deflate=False,
-        timeout_graceful_shutdown=30,
+        ws_max_size=settings.max_ws_message_bytes * 4,
+        timeout_graceful_shutdown=5,
     )
+    DrainingServer(config, app.state.runtime, settings.shutdown_grace_s).run()
     return 0
 
 

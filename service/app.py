@@ -16,6 +16,7 @@ from typing import Any
 
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.static_files import create_static_files_router
@@ -29,6 +30,7 @@ from service.protocol import Limits
 from service.routes import http, openai, ws
 from service.runtime import Runtime
 from service.scheduler import DecodeScheduler, StepStats
+from service.security import AccessMiddleware, KeyRing, RateLimiter
 from service.sessions import create_store, sweep_forever
 from service.settings import Settings
 from simmer.bundle import ModelBundle, load_bundle
@@ -179,7 +181,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             hidden_size=engine.hidden_size,
             max_prompt_tokens=settings.max_prompt_tokens,
             session_ttl_s=settings.session_ttl_s,
-            max_running=settings.max_running,
+            max_batch=settings.max_batch,
             max_waiting=settings.max_waiting,
         )
         metrics.model_info.info(
@@ -221,6 +223,19 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
         path="/schema",
         render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
     )
+    keys = KeyRing(settings.all_api_keys())
+    limiter = (
+        RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        if settings.rate_limit_per_s > 0
+        else None
+    )
+    access = DefineMiddleware(
+        AccessMiddleware,
+        keys=keys,
+        limiter=limiter,
+        protect_metrics=settings.metrics_require_key,
+        on_reject=lambda code: metrics.request_failure.labels(code=code).inc(),
+    )
     app = Litestar(
         route_handlers=[
             playground,
@@ -228,6 +243,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             http.create_session,
             http.get_session,
             http.delete_session,
+            http.export_session,
             http.healthz,
             http.readyz,
             http.metrics,
@@ -239,6 +255,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             ),
         ],
         lifespan=[lifespan],
+        middleware=[access],
         exception_handlers={
             APIError: handle_api_error,
             ValidationException: handle_validation,
@@ -250,5 +267,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
+    if settings.state_secret:
+        runtime.state_secret = settings.state_secret.encode()
     app.state.runtime = runtime
     return app

@@ -22,6 +22,7 @@ from service.errors import (
     APIError,
     invalid,
     overloaded,
+    session_expired,
     session_not_found,
     store_unavailable,
 )
@@ -147,7 +148,7 @@ class GenerationService:
         hidden_size: int,
         max_prompt_tokens: int,
         session_ttl_s: float,
-        max_running: int,
+        max_batch: int,
         max_waiting: int,
     ) -> None:
         self.scheduler = scheduler
@@ -159,10 +160,13 @@ class GenerationService:
         self.hidden_size = hidden_size
         self.max_prompt_tokens = max_prompt_tokens
         self.session_ttl_s = session_ttl_s
-        self.max_running = max_running
+        self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.active = 0  # generations in progress (admitted)
         self._running: dict[str, Sequence] = {}
+        self.draining = False
+        self._idle = asyncio.Event()  # set while no generation is in progress
+        self._idle.set()
 
     # --- sessions -------------------------------------------------------------------
 
@@ -174,7 +178,10 @@ class GenerationService:
 
     async def load(self, session_id: str, owner: str) -> SessionState:
         state = await self._store("get", session_id)
+        if state is None and await self._store("expired", session_id):
+            raise session_expired(session_id, self.session_ttl_s)
         if not isinstance(state, SessionState) or state.owner != owner:
+            # another key's session looks exactly like a missing one: ids cannot be probed
             raise session_not_found(session_id, self.session_ttl_s)
         if state.model != self.model_version:
             raise APIError(
@@ -185,9 +192,15 @@ class GenerationService:
             )
         return state
 
-    async def create_session(self, owner: str) -> tuple[str, SessionState]:
+    async def create_session(
+        self, owner: str, state: SessionState | None = None
+    ) -> tuple[str, SessionState]:
+        """A new session: fresh, or holding an imported state."""
         session_id = new_session_id()
-        state = SessionState.fresh(self.num_layers, self.hidden_size, owner, self.model_version)
+        if state is None:
+            state = SessionState.fresh(self.num_layers, self.hidden_size, owner, self.model_version)
+        state.owner = owner
+        state.last_used = time.time()
         await self._store("put", session_id, state)
         self.metrics.sessions_created.inc()
         return session_id, state
@@ -210,8 +223,31 @@ class GenerationService:
         return True
 
     def _admit(self) -> None:
-        if self.active >= self.max_running + self.max_waiting:
+        if self.draining:
+            raise APIError(
+                503,
+                "shutting_down",
+                "the server is shutting down; retry on another replica",
+                None,
+                {"Retry-After": "1"},
+            )
+        if self.active >= self.max_batch + self.max_waiting:
+            self.metrics.request_failure.labels(code="overloaded").inc()
             raise overloaded()
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new work, give running generations `grace_s`, then end the rest.
+
+        Returns how many generations were ended early. Each one still saves its session
+        and sends a done event with finish_reason "shutdown".
+        """
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        ended = self.scheduler.finish_all("shutdown") if self.active else 0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 5.0)
+        return ended
 
     async def generate(
         self, request: GenerationRequest, owner: str = ""
@@ -277,6 +313,7 @@ class GenerationService:
         )
         metrics = self.metrics
         self.active += 1
+        self._idle.clear()
         submitted = False
         try:
             try:
@@ -339,6 +376,8 @@ class GenerationService:
                     await asyncio.shield(self._finish_cancelled(session_id, state, seq, prompt_ids))
             self._running.pop(session_id, None)
             self.active -= 1
+            if self.active == 0:
+                self._idle.set()
 
     async def _finish_cancelled(
         self, session_id: str, state: SessionState, seq: Sequence, prompt_ids: list[int]

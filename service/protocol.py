@@ -176,11 +176,21 @@ class DoneEventModel(BaseModel):
 
 
 class SessionCreate(BaseModel):
-    """POST /v1/sessions: an empty body starts a fresh session."""
+    """POST /v1/sessions: an empty body starts a fresh session; `state` restores one."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field("", description="Text to feed into the new session right away.")
+    state: str | None = Field(
+        None,
+        max_length=65_536,
+        description="A signed state from GET /v1/sessions/{id}/state, to restore as a new session.",
+    )
+
+
+class SessionStateExport(BaseModel):
+    session_id: str
+    model: str
+    state: str = Field(description="Opaque, signed; restore it with POST /v1/sessions.")
 
 
 class SessionInfo(BaseModel):

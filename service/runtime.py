@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 from service.engine import Engine
@@ -24,8 +25,8 @@ class Runtime:
     store: SessionStore | None = None
     scheduler: DecodeScheduler | None = None
     generation: GenerationService | None = None
+    state_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     ready: bool = False
-    draining: bool = False
     websockets: set[object] = field(default_factory=set)
 
     def service(self) -> GenerationService:

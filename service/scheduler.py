@@ -51,6 +51,7 @@ class Sequence:
     steps_run: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
+    stop_reason: str | None = None  # set by the scheduler's owner to end it at the next step
     event: asyncio.Event = field(default_factory=asyncio.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
@@ -130,6 +131,10 @@ class DecodeScheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="simmer-scheduler")
 
@@ -156,18 +161,24 @@ class DecodeScheduler:
                 await self._task
         self._executor.shutdown(wait=True)
 
-    def state_of(self, seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
-        """The state a finished sequence left: (L, H) copies."""
-        return seq.h, seq.c
+    def finish_all(self, reason: str) -> int:
+        """End every waiting and running sequence now (at a step boundary for running ones)."""
+        ended = 0
+        for seq in [*self._waiting, *self._running]:
+            if not seq.done:
+                seq.stop_reason = reason
+                ended += 1
+        self._wakeup.set()
+        return ended
 
     # --- the loop -------------------------------------------------------------------
 
     def _admit(self) -> None:
+        for seq in [s for s in self._waiting if s.cancelled or s.stop_reason]:
+            self._waiting.remove(seq)
+            self._finish(seq, seq.stop_reason or "cancelled")
         while self._waiting and self._free:
             seq = self._waiting.popleft()
-            if seq.cancelled:
-                self._finish(seq, "cancelled")
-                continue
             seq.slot = self._free.pop()
             self._h[:, seq.slot] = seq.h
             self._c[:, seq.slot] = seq.c
@@ -190,8 +201,8 @@ class DecodeScheduler:
         loop = asyncio.get_running_loop()
         while True:
             self._admit()
-            for seq in [s for s in self._running if s.cancelled]:
-                self._finish(seq, "cancelled")
+            for seq in [s for s in self._running if s.cancelled or s.stop_reason]:
+                self._finish(seq, seq.stop_reason or "cancelled")
             self._running = [s for s in self._running if not s.done]
             if not self._running:
                 self._wakeup.clear()

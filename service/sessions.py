@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 
 NO_TOKEN = -1
+TOMBSTONES = 10_000  # how many recently expired ids the memory store remembers
+TOMBSTONE_TTL_S = 86_400  # how long Redis remembers that a session expired
 _MAGIC = b"SMR1"
 # magic, layers, hidden, pending, prev, last, n_tokens, created, last_used
 _HEADER = struct.Struct("<4sHHiiiqdd")
@@ -124,6 +126,7 @@ class SessionStore(Protocol):
     async def lock(self, session_id: str) -> bool: ...
     async def unlock(self, session_id: str) -> None: ...
     async def sweep(self) -> int: ...
+    async def expired(self, session_id: str) -> bool: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
 
@@ -141,8 +144,14 @@ class MemorySessionStore:
         self.on_evict = on_evict
         self._data: OrderedDict[str, bytes] = OrderedDict()
         self._locks: set[str] = set()
+        self._expired: OrderedDict[str, None] = OrderedDict()  # recent idle evictions
 
-    def _expired(self, state: SessionState, now: float) -> bool:
+    def _bury(self, session_id: str) -> None:
+        self._expired[session_id] = None
+        while len(self._expired) > TOMBSTONES:
+            self._expired.popitem(last=False)
+
+    def _is_idle(self, state: SessionState, now: float) -> bool:
         return now - state.last_used > self.ttl_s
 
     async def get(self, session_id: str) -> SessionState | None:
@@ -150,8 +159,9 @@ class MemorySessionStore:
         if record is None:
             return None
         state = SessionState.decode(record)
-        if self._expired(state, time.time()):
+        if self._is_idle(state, time.time()):
             del self._data[session_id]
+            self._bury(session_id)
             self.on_evict("idle", 1)
             return None
         self._data.move_to_end(session_id)
@@ -198,13 +208,17 @@ class MemorySessionStore:
         now = time.time()
         expired = 0
         for session_id in list(self._data):
-            if not self._expired(SessionState.decode(self._data[session_id]), now):
+            if not self._is_idle(SessionState.decode(self._data[session_id]), now):
                 break
             del self._data[session_id]
+            self._bury(session_id)
             expired += 1
         if expired:
             self.on_evict("idle", expired)
         return expired
+
+    async def expired(self, session_id: str) -> bool:
+        return session_id in self._expired
 
     async def ping(self) -> bool:
         return True
@@ -242,6 +256,9 @@ class RedisSessionStore:
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}:session:{session_id}"
+
+    def _tombstone(self, session_id: str) -> str:
+        return f"{self.prefix}:expired:{session_id}"
 
     async def _call(self, factory: Callable[[], Awaitable[Any]]) -> Any:
         """Run one Redis call; connection trouble becomes StoreUnavailable."""
@@ -321,10 +338,21 @@ class RedisSessionStore:
             if exists:
                 continue  # used on another replica since; its score is refreshed on next put
             removed = await self._call(partial(self._redis.zrem, self._index, session_id))
+            if removed:
+                await self._call(
+                    partial(self._redis.set, self._tombstone(session_id), b"1", ex=TOMBSTONE_TTL_S)
+                )
             evicted += int(removed)
         if evicted:
             self.on_evict("idle", evicted)
         return evicted
+
+    async def expired(self, session_id: str) -> bool:
+        """Expired rather than unknown: still indexed past its TTL, or remembered as expired."""
+        score = await self._call(partial(self._redis.zscore, self._index, session_id))
+        if score is not None and float(score) < time.time() - self.ttl_s:
+            return True
+        return bool(await self._call(partial(self._redis.exists, self._tombstone(session_id))))
 
     async def ping(self) -> bool:
         try:

@@ -64,13 +64,11 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none.")
 
     # admission and limits
-    max_running: int = Field(
-        1024, ge=1, description="Most generations running at once; more wait in the queue."
-    )
     max_waiting: int = Field(
         1024,
         ge=0,
-        description="Longest admission queue; past it requests get 503 with Retry-After.",
+        description="Generations that may wait for an engine slot (max_batch run at once); "
+        "past that, requests get 503 with Retry-After.",
     )
     max_body_bytes: int = Field(
         1_000_000, ge=1024, description="Largest HTTP request body accepted."
@@ -79,15 +77,56 @@ class Settings(BaseSettings):
         65_536, ge=1024, description="Largest WebSocket message accepted from a client."
     )
 
+    # security
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="API keys (comma-separated). When any key is set, every /v1/* route needs "
+        "'Authorization: Bearer <key>' (WebSocket: also ?api_key=<key>).",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File with one API key per line (a mounted secret), added to api_keys."
+    )
+    metrics_require_key: bool = Field(
+        False, description="Require an API key for /metrics too (probes always stay open)."
+    )
+    rate_limit_per_s: float = Field(
+        0.0,
+        ge=0,
+        description="Requests per second allowed per API key (or client address); 0 is off.",
+    )
+    rate_limit_burst: int = Field(
+        20, ge=1, description="Requests a key may make at once before limiting."
+    )
+    state_secret: str | None = Field(
+        None,
+        repr=False,
+        description="Secret for signing exported session state; set the same on every replica. "
+        "Unset: a random secret per process.",
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long running generations may take to finish."
+    )
+
     # observability
     metrics_enabled: bool = Field(True, description="Record Prometheus metrics and serve /metrics.")
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "api_keys", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    def all_api_keys(self) -> list[str]:
+        """api_keys plus the keys in api_keys_file (blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys
 
     def redis_dsn_safe(self) -> str:
         """The Redis URL without any password, for logs."""

@@ -8,6 +8,7 @@ from typing import Any
 
 from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,22 +16,38 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.errors import APIError
 from service.events import done_json, encode, error_json, logprobs_json, token_json, usage_json
 from service.generation import DoneEvent, Event, SessionEvent, StepLogprobs, TokenEvent
+from service.portable import seal, unseal
 from service.protocol import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     SessionCreate,
     SessionInfo,
+    SessionStateExport,
 )
 from service.runtime import Runtime
 
-ERRORS = {
-    404: "session not found",
-    409: "session busy",
-    413: "request too large",
-    422: "invalid request",
-    503: "overloaded or not ready",
+ERROR_DESCRIPTIONS = {
+    400: "Malformed request body",
+    401: "Missing or wrong API key",
+    404: "Session (or model) not found",
+    409: "Session busy, or bound to another model",
+    413: "Request body too large",
+    422: "Invalid field; `param` names it",
+    429: "Rate limited; see Retry-After",
+    503: "Overloaded, shutting down, not ready, or the session store is unavailable",
 }
+
+
+def errors(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the error responses a route can give: all one shape."""
+    return {
+        code: ResponseSpec(data_container=ErrorResponse, description=ERROR_DESCRIPTIONS[code])
+        for code in (*codes, 401, 429)
+    }
+
+
+V1_ERRORS = (400, 404, 409, 413, 422, 503)
 
 
 def owner_of(request: Request[Any, Any, Any]) -> str:
@@ -62,6 +79,13 @@ async def sse_stream(first: Event, events: AsyncGenerator[Event, None]) -> Async
     "/v1/generate",
     status_code=HTTP_200_OK,
     summary="Generate text, continuing a session or starting one",
+    description="JSON by default; with `stream: true` the answer is text/event-stream, one "
+    '`data: {json}` event per token (`{"type": "token", "text", "index", "count"}`), then '
+    '`{"type": "done", "finish_reason", "usage", "session_id"}`.',
+    responses={
+        200: ResponseSpec(GenerateResponse, description="The generated text"),
+        **errors(*V1_ERRORS),
+    },
 )
 async def generate(
     data: GenerateRequest, state: State, request: Request[Any, Any, Any]
@@ -113,17 +137,46 @@ def _info(runtime: Runtime, session_id: str, state: Any) -> SessionInfo:
     )
 
 
-@post("/v1/sessions", status_code=HTTP_201_CREATED, summary="Create a session")
+@post(
+    "/v1/sessions",
+    status_code=HTTP_201_CREATED,
+    summary="Create a session, fresh or from an exported state",
+    responses=errors(400, 413, 422, 503),
+)
 async def create_session(
     state: State, request: Request[Any, Any, Any], data: SessionCreate | None = None
 ) -> SessionInfo:
     runtime = runtime_of(state)
     generation = runtime.service()
-    session_id, session = await generation.create_session(owner_of(request))
+    imported = None
+    if data is not None and data.state is not None:
+        imported = unseal(
+            data.state,
+            runtime.state_secret,
+            generation.model_version,
+            generation.num_layers,
+            generation.hidden_size,
+        )
+    session_id, session = await generation.create_session(owner_of(request), imported)
     return _info(runtime, session_id, session)
 
 
-@get("/v1/sessions/{session_id:str}", summary="Session metadata")
+@get(
+    "/v1/sessions/{session_id:str}/state",
+    summary="Export a session's signed state",
+    responses=errors(404, 409, 503),
+)
+async def export_session(
+    session_id: str, state: State, request: Request[Any, Any, Any]
+) -> SessionStateExport:
+    runtime = runtime_of(state)
+    generation = runtime.service()
+    session = await generation.load(session_id, owner_of(request))
+    blob = seal(session, runtime.state_secret, generation.model_version)
+    return SessionStateExport(session_id=session_id, model=generation.model_version, state=blob)
+
+
+@get("/v1/sessions/{session_id:str}", summary="Session metadata", responses=errors(404, 409, 503))
 async def get_session(
     session_id: str, state: State, request: Request[Any, Any, Any]
 ) -> SessionInfo:
@@ -133,7 +186,10 @@ async def get_session(
 
 
 @delete(
-    "/v1/sessions/{session_id:str}", status_code=HTTP_204_NO_CONTENT, summary="Delete a session"
+    "/v1/sessions/{session_id:str}",
+    status_code=HTTP_204_NO_CONTENT,
+    summary="Delete a session",
+    responses=errors(404, 409, 503),
 )
 async def delete_session(session_id: str, state: State, request: Request[Any, Any, Any]) -> None:
     await runtime_of(state).service().delete_session(session_id, owner_of(request))
@@ -148,14 +204,24 @@ async def healthz() -> dict[str, str]:
 async def readyz(state: State) -> Response[dict[str, Any]]:
     runtime = runtime_of(state)
     store_ok = runtime.store is not None and await runtime.store.ping()
-    ready = runtime.ready and store_ok and not runtime.draining
+    generation = runtime.generation
+    draining = generation is not None and generation.draining
+    ready = runtime.ready and store_ok and not draining
     body: dict[str, Any] = {
         "status": "ready" if ready else "not_ready",
         "model_loaded": runtime.ready,
         "store": runtime.settings.store,
         "store_ok": store_ok,
-        "draining": runtime.draining,
+        "draining": draining,
     }
+    if runtime.scheduler is not None and generation is not None:
+        body["load"] = {
+            "generations": generation.active,
+            "running": runtime.scheduler.num_running,
+            "waiting": runtime.scheduler.num_waiting,
+            "free_slots": runtime.scheduler.free_slots,
+            "websockets": len(runtime.websockets),
+        }
     if runtime.engine is not None and runtime.bundle is not None:
         body["provider"] = runtime.engine.provider
         body["model"] = {"name": runtime.bundle.name, "version": runtime.bundle.version}
@@ -174,15 +240,3 @@ async def metrics(state: State) -> Response[bytes]:
             m.sessions_active.set(await runtime.store.len())
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
-
-__all__ = [
-    "ERRORS",
-    "ErrorResponse",
-    "create_session",
-    "delete_session",
-    "generate",
-    "get_session",
-    "healthz",
-    "metrics",
-    "readyz",
-]

@@ -19,7 +19,7 @@ from service.errors import APIError
 from service.events import encode, error_json
 from service.generation import DoneEvent, Event, SessionEvent, StepLogprobs, TokenEvent
 from service.protocol import CompletionRequest, now, openai_finish_reason
-from service.routes.http import owner_of, runtime_of
+from service.routes.http import V1_ERRORS, errors, owner_of, runtime_of
 
 
 def _logprobs(steps: list[StepLogprobs], offset: int) -> dict[str, Any]:
@@ -103,7 +103,13 @@ async def _openai_stream(
     yield b"data: [DONE]\n\n"
 
 
-@post("/v1/completions", status_code=200, summary="OpenAI-compatible completions")
+@post(
+    "/v1/completions",
+    status_code=200,
+    summary="OpenAI-compatible completions",
+    description="Streaming answers are text/event-stream chunks ending with `data: [DONE]`.",
+    responses=errors(*V1_ERRORS),
+)
 async def completions(
     data: CompletionRequest, state: State, request: Request[Any, Any, Any]
 ) -> Response[dict[str, Any]] | Stream:
@@ -145,7 +151,7 @@ async def completions(
     return Response(body)
 
 
-@get("/v1/models", summary="OpenAI-compatible model list")
+@get("/v1/models", summary="OpenAI-compatible model list", responses=errors())
 async def models(state: State) -> dict[str, Any]:
     runtime = runtime_of(state)
     bundle = runtime.bundle

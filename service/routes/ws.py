@@ -114,6 +114,7 @@ async def stream(socket: WebSocket[Any, Any, Any], state: State) -> None:
     runtime = runtime_of(state)
     await socket.accept()
     conn = _Connection(socket, runtime)
+    runtime.websockets.add(conn)
     runtime.metrics.websocket_connections.inc()
     try:
         while True:
@@ -144,6 +145,7 @@ async def stream(socket: WebSocket[Any, Any, Any], state: State) -> None:
                 conn.generating = True
                 conn.task = asyncio.create_task(conn.run_generation(payload))
     finally:
+        runtime.websockets.discard(conn)
         runtime.metrics.websocket_connections.dec()
         if conn.task is not None and not conn.task.done():
             conn.cancel()

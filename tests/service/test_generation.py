@@ -45,7 +45,7 @@ def test_continuing_feeds_only_the_pending_token_and_the_new_prompt(tiny_bundle:
             hidden_size=engine.hidden_size,
             max_prompt_tokens=4096,
             session_ttl_s=60,
-            max_running=8,
+            max_batch=8,
             max_waiting=8,
         )
         greedy = SamplingParams(temperature=0.0)
