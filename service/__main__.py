@@ -77,6 +77,7 @@ def main() -> int:
         return 2
 
     from service.app import create_app
+    from service.security import redact_server_logs
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -100,6 +101,7 @@ def main() -> int:
         ws_max_size=settings.max_ws_message_bytes * 4,
         timeout_graceful_shutdown=5,
     )
+    redact_server_logs("uvicorn", "uvicorn.error", "uvicorn.access")
     DrainingServer(config, app.state.runtime, settings.shutdown_grace_s).run()
     return 0
 

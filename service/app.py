@@ -31,7 +31,7 @@ from service.routes import http, openai, ws
 from service.runtime import Runtime
 from service.scheduler import DecodeScheduler, StepStats
 from service.security import AccessMiddleware, KeyRing, RateLimiter
-from service.sessions import create_store, sweep_forever
+from service.sessions import create_store, refresh_locks_forever, sweep_forever
 from service.settings import Settings
 from simmer.bundle import ModelBundle, load_bundle
 
@@ -153,6 +153,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             redis_url=settings.redis_url,
             prefix=settings.redis_prefix,
             on_evict=metrics.on_evict,
+            lock_ttl_s=settings.session_lock_ttl_s,
         )
 
         def on_step(stats: StepStats) -> None:
@@ -197,6 +198,13 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             await asyncio.to_thread(engine.warm_up)
             tasks.append(
                 asyncio.create_task(sweep_forever(store, min(60.0, settings.session_ttl_s / 4)))
+            )
+            tasks.append(
+                asyncio.create_task(
+                    refresh_locks_forever(
+                        store, runtime.generation.held_sessions, settings.session_lock_ttl_s
+                    )
+                )
             )
             runtime.ready = True
             logger.info(

@@ -207,12 +207,26 @@ class GenerationService:
 
     async def delete_session(self, session_id: str, owner: str) -> None:
         await self.load(session_id, owner)
-        await self._store("delete", session_id)
+        if not await self._store("lock", session_id):
+            raise APIError(
+                409,
+                "session_busy",
+                f"session {session_id!r} is generating; cancel it first",
+                "session_id",
+            )
+        try:
+            await self._store("delete", session_id)
+        finally:
+            await self._store("unlock", session_id)
 
     def expires_at(self, state: SessionState) -> float:
         return state.last_used + self.session_ttl_s
 
     # --- generation -----------------------------------------------------------------
+
+    def held_sessions(self) -> list[str]:
+        """Sessions whose generation lock this server holds right now."""
+        return list(self._running)
 
     def cancel(self, session_id: str) -> bool:
         """Ask the generation running on `session_id` to stop within one step."""

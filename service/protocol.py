@@ -73,6 +73,9 @@ class SamplingFields(BaseModel):
     logprobs: int | None = Field(
         None, ge=0, description="Return the top-k next words with probabilities at each step."
     )
+    ignore_eos: bool = Field(
+        False, description="Never end at the stop token: always generate max_tokens."
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -105,6 +108,7 @@ class SamplingFields(BaseModel):
                 top_p=self.top_p,
                 seed=self.seed,
                 logprobs=logprobs,
+                ignore_eos=self.ignore_eos,
             ),
             stop=tuple(self.stop),
         )
@@ -233,6 +237,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
+    ignore_eos: bool = Field(False, description="simmer extension: never end at the stop token.")
     session_id: str | None = Field(None, max_length=64, description="simmer extension.")
 
     def to_generation(self, limits: Limits) -> GenerationRequest:
@@ -253,6 +258,7 @@ class CompletionRequest(BaseModel):
             seed=self.seed,
             stop=_stop_list(self.stop),
             logprobs=self.logprobs,
+            ignore_eos=self.ignore_eos,
         )
         return fields.to_generation(limits)
 

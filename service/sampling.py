@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0: no limit
     seed: int | None = None
     logprobs: int = 0  # how many top candidates to report per step
+    ignore_eos: bool = False  # never draw the stop token (fixed-length runs, benchmarks)
 
     @property
     def greedy(self) -> bool:

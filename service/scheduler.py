@@ -268,6 +268,9 @@ class DecodeScheduler:
                 logits = out.logits
             else:
                 logits[rows] = out.logits
+        no_eos = [row for row, seq in enumerate(batch) if seq.params.ignore_eos]
+        if no_eos:
+            logits[no_eos, PAD_ID] = -np.inf
         wanted = [row for row, seq in enumerate(batch) if seq.params.logprobs]
         rows_logp = {row: log_softmax(logits[row], batch[row].params.temperature) for row in wanted}
         tokens = sample_batch(logits, [s.params for s in batch], [s.rng for s in batch])

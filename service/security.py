@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
+import re
 import time
 from collections import OrderedDict
 from typing import Any
@@ -23,6 +25,23 @@ from service.errors import APIError
 from service.events import encode
 
 PROTECTED_PREFIX = "/v1/"
+_QUERY_KEY = re.compile(r"(api_key=)[^&\s\"']+")
+
+
+class RedactKeys(logging.Filter):
+    """Blanks `api_key=...` in log lines (the ASGI server logs WebSocket URLs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "api_key=" in message:
+            record.msg = _QUERY_KEY.sub(r"\1***", message)
+            record.args = None
+        return True
+
+
+def redact_server_logs(*logger_names: str) -> None:
+    for name in logger_names:
+        logging.getLogger(name).addFilter(RedactKeys())
 
 
 def fingerprint(key: str) -> str:

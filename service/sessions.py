@@ -13,6 +13,7 @@ explicit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import struct
 import time
@@ -110,6 +111,16 @@ class SessionState:
 
 EvictionHook = Callable[[str, int], None]  # (reason, count)
 
+# Delete or extend a lock only while it still holds this process's token.
+_UNLOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_REFRESH = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 class StoreUnavailable(RuntimeError):
     """The session store cannot be reached right now."""
@@ -125,6 +136,7 @@ class SessionStore(Protocol):
     async def len(self) -> int: ...
     async def lock(self, session_id: str) -> bool: ...
     async def unlock(self, session_id: str) -> None: ...
+    async def refresh_locks(self, session_ids: list[str]) -> None: ...
     async def sweep(self) -> int: ...
     async def expired(self, session_id: str) -> bool: ...
     async def ping(self) -> bool: ...
@@ -203,6 +215,9 @@ class MemorySessionStore:
     async def unlock(self, session_id: str) -> None:
         self._locks.discard(session_id)
 
+    async def refresh_locks(self, session_ids: list[str]) -> None:
+        return None  # in-process locks end with the process
+
     async def sweep(self) -> int:
         """Drop idle sessions; LRU order means they sit at the front."""
         now = time.time()
@@ -241,7 +256,7 @@ class RedisSessionStore:
         ttl_s: float,
         prefix: str = "simmer",
         on_evict: EvictionHook = _no_hook,
-        lock_timeout_s: float = 600.0,
+        lock_ttl_s: float = 15.0,
     ) -> None:
         import redis.asyncio as aioredis
 
@@ -251,7 +266,10 @@ class RedisSessionStore:
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.on_evict = on_evict
-        self.lock_timeout_s = lock_timeout_s
+        self.lock_ttl_s = lock_ttl_s
+        self._lock_token = secrets.token_hex(8)  # this process's mark on the locks it holds
+        self._unlock = self._redis.register_script(_UNLOCK)
+        self._refresh = self._redis.register_script(_REFRESH)
         self._index = f"{prefix}:sessions"
 
     def _key(self, session_id: str) -> str:
@@ -316,15 +334,37 @@ class RedisSessionStore:
     async def len(self) -> int:
         return int(await self._call(lambda: self._redis.zcard(self._index)))
 
+    def _lock_key(self, session_id: str) -> str:
+        return f"{self.prefix}:lock:{session_id}"
+
     async def lock(self, session_id: str) -> bool:
-        key = f"{self.prefix}:lock:{session_id}"
+        """A lock that lapses after lock_ttl_s unless refreshed, so a crash frees it soon."""
         result = await self._call(
-            lambda: self._redis.set(key, b"1", nx=True, px=int(self.lock_timeout_s * 1000))
+            partial(
+                self._redis.set,
+                self._lock_key(session_id),
+                self._lock_token,
+                nx=True,
+                px=int(self.lock_ttl_s * 1000),
+            )
         )
         return bool(result)
 
     async def unlock(self, session_id: str) -> None:
-        await self._call(lambda: self._redis.delete(f"{self.prefix}:lock:{session_id}"))
+        await self._call(
+            partial(self._unlock, keys=[self._lock_key(session_id)], args=[self._lock_token])
+        )
+
+    async def refresh_locks(self, session_ids: list[str]) -> None:
+        ttl_ms = int(self.lock_ttl_s * 1000)
+        for session_id in session_ids:
+            await self._call(
+                partial(
+                    self._refresh,
+                    keys=[self._lock_key(session_id)],
+                    args=[self._lock_token, ttl_ms],
+                )
+            )
 
     async def sweep(self) -> int:
         """Count and unindex the sessions Redis has expired (idle evictions)."""
@@ -372,10 +412,21 @@ def create_store(
     redis_url: str,
     prefix: str,
     on_evict: EvictionHook = _no_hook,
+    lock_ttl_s: float = 15.0,
 ) -> SessionStore:
     if kind == "redis":
-        return RedisSessionStore(redis_url, ttl_s, prefix, on_evict)
+        return RedisSessionStore(redis_url, ttl_s, prefix, on_evict, lock_ttl_s)
     return MemorySessionStore(ttl_s, max_sessions, on_evict)
+
+
+async def refresh_locks_forever(
+    store: SessionStore, held: Callable[[], list[str]], ttl_s: float
+) -> None:
+    """Background task: keep the locks of running generations from lapsing."""
+    while True:
+        await asyncio.sleep(ttl_s / 3)
+        with contextlib.suppress(StoreUnavailable):
+            await store.refresh_locks(held())
 
 
 async def sweep_forever(store: SessionStore, interval_s: float) -> None:

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         le=60 * 60 * 24 * 30,
         description="Idle time after which a session expires (seconds; minutes to days).",
     )
+    session_lock_ttl_s: float = Field(
+        15.0,
+        gt=0,
+        description="Redis store: a generation's session lock lapses this long after its "
+        "server stops refreshing it (a crash frees the session within this time).",
+    )
     max_sessions: int = Field(
         100_000,
         ge=1,

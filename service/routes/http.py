@@ -239,4 +239,3 @@ async def metrics(state: State) -> Response[bytes]:
         with contextlib.suppress(Exception):  # the store being down must not break scraping
             m.sessions_active.set(await runtime.store.len())
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
-

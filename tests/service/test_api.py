@@ -193,8 +193,7 @@ def test_websocket_cancel_stops_the_generation(memory_server: ServerProcess) -> 
                     "type": "generate",
                     "prompt": "recipe for stew |",
                     "max_tokens": 1000,
-                    "temperature": 1.0,
-                    "seed": 1,
+                    "ignore_eos": True,
                 }
             )
         )
@@ -203,10 +202,17 @@ def test_websocket_cancel_stops_the_generation(memory_server: ServerProcess) -> 
             seen.append(json.loads(ws.recv(timeout=30)))
         ws.send(json.dumps({"type": "cancel"}))
         rest = ws_until_done(ws)
-    done = rest[-1]
-    assert done["type"] == "done"
-    assert done["finish_reason"] in ("cancelled", "eos")
-    assert done["usage"]["completion_tokens"] < 1000
+        done = rest[-1]
+        assert done["type"] == "done"
+        assert done["finish_reason"] == "cancelled"
+        assert done["usage"]["completion_tokens"] < 1000
+        streamed = sum(e["count"] for e in seen + rest if e["type"] == "token")
+        assert streamed == done["usage"]["completion_tokens"]
+        # the connection and its session carry on after a cancel
+        ws.send(json.dumps({"type": "generate", "max_tokens": 3, "ignore_eos": True}))
+        after = ws_until_done(ws)
+        assert after[0]["session_id"] == seen[0]["session_id"]
+        assert after[-1]["usage"]["completion_tokens"] == 3
 
 
 def test_websocket_bad_messages_get_error_events_and_keep_the_connection(
@@ -361,7 +367,7 @@ def test_two_generations_at_once_on_one_session_is_409(any_server: ServerProcess
         with httpx.stream(
             "POST",
             f"{any_server.base_url}/v1/generate",
-            json={"session_id": session_id, "max_tokens": 1000, "stream": True, "temperature": 1.0},
+            json={"session_id": session_id, "max_tokens": 1000, "stream": True, "ignore_eos": True},
             timeout=60,
         ) as response:
             for line in response.iter_lines():
@@ -375,10 +381,11 @@ def test_two_generations_at_once_on_one_session_is_409(any_server: ServerProcess
     second = httpx.post(
         f"{any_server.base_url}/v1/generate", json={"session_id": session_id, "max_tokens": 2}
     )
-    thread.join(60)
-    if results[-1].get("finish_reason") == "eos":
-        pytest.skip("the model ended the long generation before the second request")
     _error(second, 409, "session_busy", "session_id")
+    deleting = httpx.delete(f"{any_server.base_url}/v1/sessions/{session_id}")
+    _error(deleting, 409, "session_busy", "session_id")
+    thread.join(60)
+    assert results[-1]["type"] == "done"
     # the session survived the refused request and is usable again
     assert generate(any_server, session_id=session_id, max_tokens=2)["session_id"] == session_id
 
