@@ -127,8 +127,11 @@ class _Lock:
         self.store = store
         self.session_id = session_id
         self.held = True
+        self.handed_off = False  # a finisher task releases it once the session is saved
 
-    async def release(self) -> None:
+    async def release(self, final: bool = False) -> None:
+        if self.handed_off and not final:
+            return
         if self.held:
             self.held = False
             with contextlib.suppress(StoreUnavailable):
@@ -164,6 +167,7 @@ class GenerationService:
         self.max_waiting = max_waiting
         self.active = 0  # generations in progress (admitted)
         self._running: dict[str, Sequence] = {}
+        self._finishers: set[asyncio.Task[None]] = set()
         self.draining = False
         self._idle = asyncio.Event()  # set while no generation is in progress
         self._idle.set()
@@ -384,24 +388,44 @@ class GenerationService:
             yield DoneEvent(session_id, finish_reason, len(prompt_ids), len(seq.tokens))
         finally:
             if submitted and not seq.done:
-                # the consumer went away: stop within one step and keep what completed
+                # The consumer went away (its task may be cancelled over and over, as anyio
+                # does): a task of its own stops the sequence within one step, saves what
+                # completed, then unlocks the session and frees the slot.
                 seq.cancel()
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self._finish_cancelled(session_id, state, seq, prompt_ids))
-            self._running.pop(session_id, None)
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
+                lock.handed_off = True
+                finisher = asyncio.create_task(
+                    self._finish_abandoned(session_id, state, seq, prompt_ids, lock)
+                )
+                self._finishers.add(finisher)
+                finisher.add_done_callback(self._finishers.discard)
+            else:
+                self._retire(session_id)
 
-    async def _finish_cancelled(
-        self, session_id: str, state: SessionState, seq: Sequence, prompt_ids: list[int]
+    def _retire(self, session_id: str) -> None:
+        self._running.pop(session_id, None)
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def _finish_abandoned(
+        self,
+        session_id: str,
+        state: SessionState,
+        seq: Sequence,
+        prompt_ids: list[int],
+        lock: _Lock,
     ) -> None:
-        await seq.event.wait()
-        while not seq.done:
-            seq.event.clear()
-            await seq.event.wait()
-        await self._save(session_id, state, seq, prompt_ids)
-        self.metrics.request_failure.labels(code="client_disconnected").inc()
+        try:
+            while not seq.done:
+                seq.event.clear()
+                await seq.event.wait()
+            await self._save(session_id, state, seq, prompt_ids)
+            self.metrics.request_failure.labels(code="client_disconnected").inc()
+        except Exception:
+            logger.exception("could not save session %s after its client left", session_id[:8])
+        finally:
+            self._retire(session_id)
+            await lock.release(final=True)
 
     async def _save(
         self, session_id: str, state: SessionState, seq: Sequence, prompt_ids: list[int]

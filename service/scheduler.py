@@ -36,7 +36,7 @@ class SchedulerClosed(RuntimeError):
     """The scheduler is shutting down and takes no new work."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-wise (numpy) comparison
 class Sequence:
     """One generation in flight. The scheduler appends to `tokens` and sets `event`."""
 
@@ -136,7 +136,7 @@ class DecodeScheduler:
         return len(self._free)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="simmer-scheduler")
+        self._task = asyncio.create_task(self._supervise(), name="simmer-scheduler")
 
     def submit(self, seq: Sequence) -> Sequence:
         if self._closed:
@@ -174,9 +174,14 @@ class DecodeScheduler:
     # --- the loop -------------------------------------------------------------------
 
     def _admit(self) -> None:
-        for seq in [s for s in self._waiting if s.cancelled or s.stop_reason]:
-            self._waiting.remove(seq)
-            self._finish(seq, seq.stop_reason or "cancelled")
+        if any(s.cancelled or s.stop_reason for s in self._waiting):
+            keep: deque[Sequence] = deque()
+            for seq in self._waiting:
+                if seq.cancelled or seq.stop_reason:
+                    self._finish(seq, seq.stop_reason or "cancelled")
+                else:
+                    keep.append(seq)
+            self._waiting = keep
         while self._waiting and self._free:
             seq = self._waiting.popleft()
             seq.slot = self._free.pop()
@@ -196,6 +201,20 @@ class DecodeScheduler:
             self._free.append(seq.slot)
             seq.slot = -1
         seq.event.set()
+
+    async def _supervise(self) -> None:
+        """Run the loop; a bug in it ends the sequences in flight, never the server."""
+        while True:
+            try:
+                await self._loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("scheduler loop failed; ending every sequence in flight")
+                for seq in [*self._waiting, *self._running]:
+                    self._finish(seq, "error")
+                self._waiting.clear()
+                self._running.clear()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

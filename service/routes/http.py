@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from litestar import Request, Response, delete, get, post
+from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Stream
@@ -59,7 +60,9 @@ def runtime_of(state: State) -> Runtime:
     return runtime
 
 
-async def sse_stream(first: Event, events: AsyncGenerator[Event, None]) -> AsyncIterator[bytes]:
+async def sse_stream(
+    first: Event, events: AsyncGenerator[Event, None]
+) -> AsyncGenerator[bytes, None]:
     """`data: {json}` lines; always closes the generation, even when the client leaves."""
     try:
         if isinstance(first, SessionEvent):
@@ -73,6 +76,21 @@ async def sse_stream(first: Event, events: AsyncGenerator[Event, None]) -> Async
         yield b"data: " + encode(error_json(exc.code, exc.message, exc.param)) + b"\n\n"
     finally:
         await events.aclose()
+
+
+def event_stream(body: AsyncGenerator[bytes, None]) -> Stream:
+    """A text/event-stream response that always closes `body`.
+
+    When the client goes away, Litestar stops iterating but never closes the
+    generator; closing it in the response's background task runs its `finally`, which
+    cancels the generation within one engine step and frees its slot.
+    """
+    return Stream(
+        body,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(body.aclose),
+    )
 
 
 @post(
@@ -95,11 +113,7 @@ async def generate(
     events = runtime.service().generate(params, owner_of(request))
     first = await anext(events)  # bad input raises here, before any byte is sent
     if data.stream:
-        return Stream(
-            sse_stream(first, events),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return event_stream(sse_stream(first, events))
     assert isinstance(first, SessionEvent)
     pieces: list[str] = []
     logprobs: list[StepLogprobs] = []

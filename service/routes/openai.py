@@ -8,7 +8,7 @@ Unknown fields are accepted and ignored, as OpenAI clients send extras.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -19,7 +19,7 @@ from service.errors import APIError
 from service.events import encode, error_json
 from service.generation import DoneEvent, Event, SessionEvent, StepLogprobs, TokenEvent
 from service.protocol import CompletionRequest, now, openai_finish_reason
-from service.routes.http import V1_ERRORS, errors, owner_of, runtime_of
+from service.routes.http import V1_ERRORS, errors, event_stream, owner_of, runtime_of
 
 
 def _logprobs(steps: list[StepLogprobs], offset: int) -> dict[str, Any]:
@@ -72,7 +72,7 @@ async def _openai_stream(
     first: Event,
     events: AsyncGenerator[Event, None],
     want_logprobs: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     assert isinstance(first, SessionEvent)
     session_id = first.session_id
     offset = 0
@@ -123,11 +123,7 @@ async def completions(
     completion_id = "cmpl-" + secrets.token_hex(12)
     want_logprobs = bool(params.sampling.logprobs)
     if data.stream:
-        return Stream(
-            _openai_stream(completion_id, model, first, events, want_logprobs),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+        return event_stream(_openai_stream(completion_id, model, first, events, want_logprobs))
     assert isinstance(first, SessionEvent)
     pieces: list[str] = []
     steps: list[StepLogprobs] = []
