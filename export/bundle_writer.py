@@ -10,13 +10,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
 from export.onnx_export import ExportError, check_onnx, export_onnx, load_checkpoint, weights_hash
 from export.options import ExportOptions
-from export.parity import Reference, run_checks
+from export.parity import Reference, run_checks, run_graph, text_batch, zero_state
 from export.quantize import Int8Reference, Int8Weights, write_int8_graph
 from export.runtime import choose_graph_optimization, open_session, step_times
 from export.validation import (
@@ -31,8 +32,7 @@ from simmer.bundle import (
     MANIFEST,
     MODEL,
     TOKENIZER,
-    BundleError,
-    is_bundle,
+    check_replaceable,
     sha256_file,
     write_bundle,
 )
@@ -63,12 +63,6 @@ def load_tokenizer(checkpoint: Path, payload: dict[str, Any]) -> Tokenizer:
         raise ExportError(str(exc)) from exc
 
 
-def refuse_to_overwrite(out: Path) -> None:
-    """A bundle may be replaced, an empty folder filled; anything else stays as it is."""
-    if out.exists() and not (out.is_dir() and (is_bundle(out) or not any(out.iterdir()))):
-        raise BundleError(f"refusing to overwrite {out}: it exists and is not a bundle")
-
-
 def training_summary(payload: dict[str, Any], metrics_path: Path) -> dict[str, Any]:
     """Final and best validation loss and perplexity of the run the checkpoint comes from.
 
@@ -76,16 +70,15 @@ def training_summary(payload: dict[str, Any], metrics_path: Path) -> dict[str, A
     the checkpoint and agrees with that history, has the epochs after it too.
     """
     history = list(payload.get("history") or [])
-    if metrics_path.is_file():
-        try:
-            epochs = json.loads(metrics_path.read_text(encoding="utf-8")).get("epochs", [])
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            epochs = []
-        same_run = [e.get("val_loss") for e in epochs[: len(history)]] == [
-            h.get("val_loss") for h in history
-        ]
-        if isinstance(epochs, list) and len(epochs) >= len(history) and same_run:
-            history = epochs
+    try:
+        epochs = json.loads(metrics_path.read_text(encoding="utf-8"))["epochs"]
+        losses = [e["val_loss"] for e in epochs]
+    except (OSError, ValueError, TypeError, KeyError):  # no readable metrics.json
+        epochs, losses = [], []
+    if losses[: len(history)] == [h.get("val_loss") for h in history] and len(losses) > len(
+        history
+    ):
+        history = epochs
     scored = [h for h in history if h.get("val_loss") is not None]
     best = min(scored, key=lambda h: h["val_loss"]) if scored else {}
     last = history[-1] if history else {}
@@ -137,11 +130,15 @@ def build_int8(
     quantized = Int8Reference(model, weights).eval()
     int8 = check_graph_file(raw, Reference(quantized, config, head=quantized.head), sample, work)
     log("int8 graph passed its checks; scoring validation loss")
+    sessions = {"fp32": open_session(fp32.path), "int8": open_session(int8.path)}
     losses = {
-        name: graph_loss(
-            open_session(graph.path), sample.windows, config.num_layers, config.hidden_size
-        )
-        for name, graph in (("fp32", fp32), ("int8", int8))
+        name: graph_loss(session, sample.windows, config.num_layers, config.hidden_size)
+        for name, session in sessions.items()
+    }
+    tokens = text_batch(sample.token_lists(), 16, 40)
+    logits = {
+        name: run_graph(session, tokens, *zero_state(config, len(tokens)))[0]
+        for name, session in sessions.items()
     }
     increase = losses["int8"] - losses["fp32"]
     quantization_gate(increase, options)
@@ -152,6 +149,7 @@ def build_int8(
         "val_loss_fp32": losses["fp32"],
         "val_loss_int8": losses["int8"],
         "val_loss_increase": increase,
+        "max_abs_logits_vs_fp32": float(np.abs(logits["int8"] - logits["fp32"]).max()),
         "max_val_loss_increase": options.max_quant_loss_increase,
         "forced": options.force and increase > options.max_quant_loss_increase,
         "step_ms": steps,
@@ -166,7 +164,7 @@ def build_bundle(
 ) -> dict[str, Any]:
     """Export `checkpoint`, check it, and write the bundle at `out`; returns the manifest."""
     options = options or ExportOptions()
-    refuse_to_overwrite(out)
+    check_replaceable(out)  # before any work, and again when the bundle is written
     model, payload = load_checkpoint(checkpoint)
     config = model.config
     tokenizer = load_tokenizer(checkpoint, payload)
@@ -245,7 +243,11 @@ def build_bundle(
         },
         "training": training_summary(payload, checkpoint.parent / "metrics.json"),
         "validation": validation,
-        "parity": {"text": sample.record["source"], **shipped.checks},
+        "parity": {
+            "text": sample.record["source"],
+            "reference": "torch" if quantization is None else "torch int8 twin",
+            **shipped.checks,
+        },
         "runtime": shipped.runtime,
     }
     if quantization is not None:

@@ -43,6 +43,17 @@ SEED = 0
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Batch-1 torch steps are fastest on one thread, and do not spin against other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass(frozen=True)
 class Reference:
     """The torch model the graph must agree with.
@@ -57,6 +68,7 @@ class Reference:
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @torch.no_grad()
+    @torch_threads(1)
     def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> Arrays:
         logits, (hn, cn) = self.model(
             torch.from_numpy(tokens), (torch.from_numpy(h), torch.from_numpy(c))
@@ -196,7 +208,7 @@ def check_greedy(
     length = min(len(p) for p in prompts)
     tokens = np.array([list(p)[:length] for p in prompts], np.int64)
     expected: list[list[int]] = []
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(1):
         for row in tokens:
             logits, state = reference.model(torch.from_numpy(row[None, :]))
             out: list[int] = []
@@ -221,17 +233,6 @@ def check_greedy(
     return {"prompts": len(prompts), "tokens": GREEDY_TOKENS, "identical": True}
 
 
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Batch-1 torch steps are fastest on one thread, and do not spin against other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_checks(
     reference: Reference,
     session: ort.InferenceSession,
@@ -239,10 +240,9 @@ def run_checks(
     prompts: Sequence[Sequence[int]],
 ) -> dict[str, Any]:
     """Every check above, in order; the first failure raises ExportError."""
-    with torch_threads(1):
-        return {
-            "torch_vs_onnxruntime": check_parity(reference, session, texts),
-            "incremental": check_incremental(session, reference.config, texts),
-            "batch_independence": check_batch_independence(session, reference.config),
-            "greedy": check_greedy(reference, session, prompts),
-        }
+    return {
+        "torch_vs_onnxruntime": check_parity(reference, session, texts),
+        "incremental": check_incremental(session, reference.config, texts),
+        "batch_independence": check_batch_independence(session, reference.config),
+        "greedy": check_greedy(reference, session, prompts),
+    }

@@ -25,7 +25,7 @@ from training.model import LSTMConfig
 SESSION_LEVEL = "ORT_ENABLE_ALL"  # what the service uses
 OFFLINE_LEVEL = "ORT_ENABLE_EXTENDED"
 BENCH_BATCHES = (1, 256)  # a decode step (seq = 1) for one session and for a full batch
-THREADS = 1  # intra-op threads for checks and timing: stable on a busy machine, per-core figures
+THREADS = 1  # intra-op threads for the checks and the timing: see step_times
 BENCH_ROUNDS = 5
 BENCH_ROUND_S = 0.05  # time per (graph, batch) in each round
 OFFLINE_MARGIN = 0.10
@@ -65,8 +65,9 @@ def _decode_feeds(config: LSTMConfig, batch: int) -> dict[str, np.ndarray]:
 def step_times(graphs: Mapping[str, Path], config: LSTMConfig) -> dict[str, dict[str, float]]:
     """Milliseconds per decode step (seq = 1) for each graph and batch size.
 
-    The graphs take turns within each round so that a busy machine slows all of them
-    alike; each figure is the best round's median.
+    With one intra-op thread onnxruntime computes on the calling thread, so the thread's
+    CPU time is the step's cost on an idle core, whatever else the machine is running.
+    The graphs take turns within each round; each figure is the median of the rounds.
     """
     sessions = {name: open_session(path) for name, path in graphs.items()}
     rounds: dict[str, dict[int, list[float]]] = {
@@ -76,19 +77,17 @@ def step_times(graphs: Mapping[str, Path], config: LSTMConfig) -> dict[str, dict
         for batch in BENCH_BATCHES:
             feeds = _decode_feeds(config, batch)
             for name, session in sessions.items():
-                started = time.perf_counter()
+                started = time.thread_time()
                 session.run(None, feeds)  # warm-up, and a guess at how many runs fit
-                reps = int(
-                    min(200, max(3, BENCH_ROUND_S / max(time.perf_counter() - started, 1e-6)))
-                )
+                once = max(time.thread_time() - started, 1e-6)
                 samples = []
-                for _ in range(reps):
-                    started = time.perf_counter()
+                for _ in range(int(min(200, max(3, BENCH_ROUND_S / once)))):
+                    started = time.thread_time()
                     session.run(None, feeds)
-                    samples.append(time.perf_counter() - started)
+                    samples.append(time.thread_time() - started)
                 rounds[name][batch].append(statistics.median(samples) * 1e3)
     return {
-        name: {str(b): min(times) for b, times in by_batch.items()}
+        name: {str(b): statistics.median(times) for b, times in by_batch.items()}
         for name, by_batch in rounds.items()
     }
 

@@ -201,6 +201,15 @@ def load_bundle(path: str | Path) -> ModelBundle:
     return ModelBundle(path=root, manifest=manifest, tokenizer=tokenizer)
 
 
+def check_replaceable(out: str | Path) -> None:
+    """BundleError unless `out` is free, an empty folder, or a bundle (which may be replaced)."""
+    target = Path(out)
+    if target.exists() and not (
+        target.is_dir() and (is_bundle(target) or not any(target.iterdir()))
+    ):
+        raise BundleError(f"refusing to overwrite {target}: it exists and is not a bundle")
+
+
 def write_bundle(
     out: str | Path, files: Mapping[str, str | Path | bytes], manifest: Mapping[str, Any]
 ) -> Path:
@@ -211,10 +220,7 @@ def write_bundle(
     folder is refused and left as it was.
     """
     target = Path(out)
-    if target.exists() and not (
-        target.is_dir() and (is_bundle(target) or not any(target.iterdir()))
-    ):
-        raise BundleError(f"refusing to overwrite {target}: it exists and is not a bundle")
+    check_replaceable(target)
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
         raise BundleError(f"a bundle needs {', '.join(missing)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -74,6 +75,22 @@ def test_every_check_passes_on_the_exported_tiny_model(
     assert checks["incremental"]["max_abs"] <= STEP_TOL
     assert checks["batch_independence"]["max_abs"] <= STEP_TOL
     assert checks["greedy"] == {"prompts": 3, "tokens": 50, "identical": True}
+
+
+def test_every_check_passes_on_a_two_layer_model(
+    tiny_model: RecipeLSTM, tiny_sample: TextSample, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    stacked = RecipeLSTM(replace(tiny_model.config, num_layers=2)).eval()
+    export_onnx(stacked, tmp_path / "stacked.onnx")
+    checks = run_checks(
+        Reference(stacked, stacked.config),
+        open_session(tmp_path / "stacked.onnx"),
+        tiny_sample.token_lists(),
+        prompts_from(tiny_sample),
+    )
+    assert checks["torch_vs_onnxruntime"]["max_abs_state_random"] <= PARITY_TOL
+    assert checks["greedy"]["identical"] is True
 
 
 def test_parity_fails_when_the_graph_has_other_weights(

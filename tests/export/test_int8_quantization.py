@@ -116,6 +116,8 @@ def test_int8_bundle_records_its_loss_change_speed_and_size(int8_bundle: Path) -
         )
     assert quant["size_bytes"]["int8"] == (int8_bundle / "model.onnx").stat().st_size
     assert quant["size_bytes"]["int8"] < quant["size_bytes"]["fp32"]
+    assert quant["max_abs_logits_vs_fp32"] > 0  # the shipped graph really is quantised
+    assert manifest["parity"]["reference"] == "torch int8 twin"
     assert manifest["parity"]["greedy"]["identical"] is True
     assert manifest["parity_fp32"]["greedy"]["identical"] is True
 
