@@ -129,7 +129,8 @@ def write_int8_graph(fp32_path: Path, weights: Int8Weights, out_path: Path) -> N
     gather = _find(graph, "Gather", (vocab, embedding_dim))
     gemm = _find(graph, "Gemm", (vocab, hidden))
     attributes = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-    if attributes.get("transB") != 1 or attributes.get("alpha", 1.0) != 1.0:
+    plain = attributes.get("alpha", 1.0) == attributes.get("beta", 1.0) == 1.0
+    if attributes.get("transB") != 1 or attributes.get("transA", 0) != 0 or not plain:
         raise ExportError("int8: the output layer is not Gemm(x, W, b, transB=1)")
     tokens, hidden_last = gather.input[1], gemm.input[0]
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.onnx_export import ExportError
+from export.parity import random_state
 from training.model import LSTMConfig
 
 SESSION_LEVEL = "ORT_ENABLE_ALL"  # what the service uses
@@ -54,11 +55,11 @@ def save_optimized(path: Path, out: Path) -> None:
 
 def _decode_feeds(config: LSTMConfig, batch: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(batch)
-    shape = (config.num_layers, batch, config.hidden_size)
+    h, c = random_state(config, batch, rng)
     return {
         "tokens": rng.integers(2, config.vocab_size, (batch, 1), dtype=np.int64),
-        "h0": np.tanh(rng.standard_normal(shape)).astype(np.float32),
-        "c0": rng.standard_normal(shape).astype(np.float32),
+        "h0": h,
+        "c0": c,
     }
 
 

@@ -99,7 +99,7 @@ class ModelBundle:
 
     @property
     def precision(self) -> str:
-        """ "fp32", or "int8" for a quantised graph."""
+        """The graph's precision: fp32, or int8 for a quantised graph."""
         return str(self.manifest.get("graph", {}).get("precision", "fp32"))
 
 
@@ -142,7 +142,7 @@ def check_graph(
             if want is not None and got != want:
                 raise BundleError(
                     f"{what} disagrees: {MODEL} {name} is {list(shape)}, "
-                    f"manifest and tokenizer say {[d if d is not None else '?' for d in dims]}"
+                    f"the bundle says {[d if d is not None else '?' for d in dims]}"
                 )
 
 
