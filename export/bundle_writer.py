@@ -1,68 +1,218 @@
-"""Checkpoint -> checked bundle: export, run the parity checks, write atomically."""
+"""Checkpoint -> checked bundle: export, optimise, quantise, run the checks, write atomically."""
 
 from __future__ import annotations
 
 import json
 import platform
+import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import DEFAULT_OPSET, ExportError, export_onnx, load_checkpoint, weights_hash
-from export.parity import run_parity
-from simmer.bundle import MODEL, TOKENIZER, write_bundle
+from export.onnx_export import ExportError, check_onnx, export_onnx, load_checkpoint, weights_hash
+from export.options import ExportOptions
+from export.parity import Reference, run_checks, run_graph, text_batch, zero_state
+from export.quantize import Int8Reference, Int8Weights, write_int8_graph
+from export.runtime import choose_graph_optimization, open_session, step_times
+from export.validation import (
+    TextSample,
+    graph_loss,
+    held_out_recipes,
+    perplexity,
+    prompts_from,
+    vocabulary_sentences,
+)
+from simmer.bundle import (
+    MANIFEST,
+    MODEL,
+    TOKENIZER,
+    check_replaceable,
+    sha256_file,
+    write_bundle,
+)
 from simmer.tokenizer import Tokenizer, TokenizerError
+from training.model import RecipeLSTM
 
 
-def training_summary(payload: dict[str, Any]) -> dict[str, Any]:
-    history = payload.get("history") or []
-    vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
+@dataclass(frozen=True)
+class CheckedGraph:
+    """A graph that passed every check, as it will be shipped."""
+
+    path: Path
+    runtime: dict[str, Any]
+    checks: dict[str, Any]
+
+
+def log(message: str) -> None:
+    print(f"export: {message}", file=sys.stderr, flush=True)
+
+
+def load_tokenizer(checkpoint: Path, payload: dict[str, Any]) -> Tokenizer:
+    """The checkpoint's own vocabulary when it carries one, else its tokenizer file."""
+    try:
+        if "tokenizer" in payload:
+            return Tokenizer.from_dict(payload["tokenizer"])
+        return Tokenizer.load(checkpoint.parent / str(payload.get("tokenizer_file", TOKENIZER)))
+    except TokenizerError as exc:
+        raise ExportError(str(exc)) from exc
+
+
+def training_summary(payload: dict[str, Any], metrics_path: Path) -> dict[str, Any]:
+    """Final and best validation loss and perplexity of the run the checkpoint comes from.
+
+    best.pt's history stops at its own epoch; the run's metrics.json, when it sits beside
+    the checkpoint and agrees with that history, has the epochs after it too.
+    """
+    history = list(payload.get("history") or [])
+    try:
+        epochs = json.loads(metrics_path.read_text(encoding="utf-8"))["epochs"]
+        losses = [e["val_loss"] for e in epochs]
+    except (OSError, ValueError, TypeError, KeyError):  # no readable metrics.json
+        epochs, losses = [], []
+    if losses[: len(history)] == [h.get("val_loss") for h in history] and len(losses) > len(
+        history
+    ):
+        history = epochs
+    scored = [h for h in history if h.get("val_loss") is not None]
+    best = min(scored, key=lambda h: h["val_loss"]) if scored else {}
     last = history[-1] if history else {}
     return {
         "epochs": len(history),
+        "exported_epoch": payload.get("epoch"),
         "final_val_loss": last.get("val_loss"),
         "final_val_perplexity": last.get("val_perplexity"),
-        "final_val_loss_words": last.get("val_loss_words"),
-        "best_val_loss": min(vals) if vals else None,
-        "best_val_perplexity": min(h["val_perplexity"] for h in history if h.get("val_perplexity"))
-        if vals
-        else None,
+        "best_val_loss": best.get("val_loss"),
+        "best_val_perplexity": best.get("val_perplexity"),
+        "best_epoch": best.get("epoch"),
         "final_train_loss": last.get("train_loss"),
     }
 
 
-def build_bundle(
-    checkpoint: Path, out: Path, work: Path, opset: int | None = None
-) -> dict[str, Any]:
-    model, payload = load_checkpoint(checkpoint)
-    tokenizer_path = checkpoint.parent / payload.get("tokenizer_file", TOKENIZER)
-    try:
-        tokenizer = Tokenizer.load(tokenizer_path)
-    except TokenizerError as exc:
-        raise ExportError(str(exc)) from exc
-    if tokenizer.vocab_size != model.config.vocab_size:
+def check_graph_file(
+    raw: Path, reference: Reference, sample: TextSample, work: Path
+) -> CheckedGraph:
+    """onnx.checker, the optimisation choice, then every parity check on the chosen file."""
+    check_onnx(raw)
+    path, runtime = choose_graph_optimization(raw, reference.config, work)
+    if path != raw:
+        check_onnx(path)
+    checks = run_checks(reference, open_session(path), sample.token_lists(), prompts_from(sample))
+    return CheckedGraph(path, runtime, checks)
+
+
+def quantization_gate(loss_increase: float, options: ExportOptions) -> None:
+    """Refuse an int8 graph whose validation loss worsens past the threshold, unless forced."""
+    if loss_increase > options.max_quant_loss_increase and not options.force:
         raise ExportError(
-            f"tokenizer has {tokenizer.vocab_size} words but the model {model.config.vocab_size}"
+            f"int8 validation loss is {loss_increase:+.4f} worse than fp32, more than "
+            f"{options.max_quant_loss_increase:g}; use --force or raise --max-quant-loss-increase"
         )
-    onnx_path = work / MODEL
-    opset = opset or DEFAULT_OPSET
-    export_onnx(model, onnx_path, opset=opset)
-    try:
-        onnx.checker.check_model(str(onnx_path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"onnx.checker failed: {str(exc).splitlines()[0]}") from exc
-    parity = run_parity(model, onnx_path, tokenizer)
-    digest = weights_hash(model)
+
+
+def build_int8(
+    model: RecipeLSTM,
+    fp32: CheckedGraph,
+    fp32_raw: Path,
+    sample: TextSample,
+    work: Path,
+    options: ExportOptions,
+) -> tuple[CheckedGraph, dict[str, Any]]:
     config = model.config
+    weights = Int8Weights.from_model(model)
+    raw = work / "int8.onnx"
+    write_int8_graph(fp32_raw, weights, raw)
+    quantized = Int8Reference(model, weights).eval()
+    int8 = check_graph_file(raw, Reference(quantized, config, head=quantized.head), sample, work)
+    log("int8 graph passed its checks; scoring validation loss")
+    sessions = {"fp32": open_session(fp32.path), "int8": open_session(int8.path)}
+    losses = {
+        name: graph_loss(session, sample.windows, config.num_layers, config.hidden_size)
+        for name, session in sessions.items()
+    }
+    tokens = text_batch(sample.token_lists(), 16, 40)
+    logits = {
+        name: run_graph(session, tokens, *zero_state(config, len(tokens)))[0]
+        for name, session in sessions.items()
+    }
+    increase = losses["int8"] - losses["fp32"]
+    quantization_gate(increase, options)
+    steps = step_times({"fp32": fp32.path, "int8": int8.path}, config)
+    record = {
+        "method": "dynamic int8: output-layer input per row at run time, 7-bit weights per word; "
+        "embedding int8 per word; LSTM fp32",
+        "val_loss_fp32": losses["fp32"],
+        "val_loss_int8": losses["int8"],
+        "val_loss_increase": increase,
+        "max_abs_logits_vs_fp32": float(np.abs(logits["int8"] - logits["fp32"]).max()),
+        "max_val_loss_increase": options.max_quant_loss_increase,
+        "forced": options.force and increase > options.max_quant_loss_increase,
+        "step_ms": steps,
+        "speedup": {b: steps["fp32"][b] / steps["int8"][b] for b in steps["fp32"]},
+        "size_bytes": {"fp32": fp32.path.stat().st_size, "int8": int8.path.stat().st_size},
+    }
+    return int8, record
+
+
+def build_bundle(
+    checkpoint: Path, out: Path, work: Path, options: ExportOptions | None = None
+) -> dict[str, Any]:
+    """Export `checkpoint`, check it, and write the bundle at `out`; returns the manifest."""
+    options = options or ExportOptions()
+    check_replaceable(out)  # before any work, and again when the bundle is written
+    model, payload = load_checkpoint(checkpoint)
+    config = model.config
+    tokenizer = load_tokenizer(checkpoint, payload)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ExportError(
+            f"tokenizer has {tokenizer.vocab_size} words but the model {config.vocab_size}"
+        )
+    if options.quantize == "int8" and options.data is None:
+        raise ExportError(
+            "--quantize int8 needs --data: the validation loss decides whether int8 is kept"
+        )
+
+    if options.data is not None:
+        sample = held_out_recipes(options.data, payload, tokenizer, options.val_recipes)
+    else:
+        sample = vocabulary_sentences(tokenizer)
+    fp32_raw = work / "fp32.onnx"
+    export_onnx(model, fp32_raw, opset=options.opset)
+    log(f"exported {config.vocab_size}-word model at opset {options.opset}; checking it")
+    fp32 = check_graph_file(fp32_raw, Reference(model, config), sample, work)
+    log("fp32 graph passed its checks")
+
+    shipped, quantization = fp32, None
+    if options.quantize == "int8":
+        shipped, quantization = build_int8(model, fp32, fp32_raw, sample, work, options)
+    validation = dict(sample.record)
+    if quantization is not None:
+        validation["loss"] = quantization["val_loss_int8"]
+    elif options.data is not None:
+        session = open_session(fp32.path)
+        validation["loss"] = graph_loss(
+            session, sample.windows, config.num_layers, config.hidden_size
+        )
+    if "loss" in validation:
+        validation["perplexity"] = perplexity(validation["loss"])
+
+    digest = weights_hash(model)
+    precision = options.quantize or "fp32"
     manifest: dict[str, Any] = {
         "name": "simmer-lstm",
-        "version": digest[:12],
+        "version": digest[:12] if precision == "fp32" else f"{digest[:12]}-{precision}",
         "weights_sha256": digest,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": {
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": sha256_file(checkpoint),
+            "epoch": payload.get("epoch"),
+        },
         "model": {
             "architecture": "embedding-lstm-linear",
             "vocab_size": config.vocab_size,
@@ -72,12 +222,18 @@ def build_bundle(
             "parameters": model.num_parameters(),
         },
         "graph": {
-            "opset": opset,
-            "inputs": {"tokens": "int64[batch,seq]", "h0": "float32[layers,batch,hidden]",
-                       "c0": "float32[layers,batch,hidden]"},
-            "outputs": {"logits": "float32[batch,vocab]", "hn": "float32[layers,batch,hidden]",
-                        "cn": "float32[layers,batch,hidden]"},
-            "precision": "fp32",
+            "opset": options.opset,
+            "precision": precision,
+            "inputs": {
+                "tokens": "int64[batch,seq]",
+                "h0": "float32[layers,batch,hidden]",
+                "c0": "float32[layers,batch,hidden]",
+            },
+            "outputs": {
+                "logits": "float32[batch,vocab] (last position only)",
+                "hn": "float32[layers,batch,hidden]",
+                "cn": "float32[layers,batch,hidden]",
+            },
         },
         "versions": {
             "onnx": onnx.__version__,
@@ -85,8 +241,19 @@ def build_bundle(
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
-        "training": training_summary(payload),
-        "parity": parity,
+        "training": training_summary(payload, checkpoint.parent / "metrics.json"),
+        "validation": validation,
+        "parity": {
+            "text": sample.record["source"],
+            "reference": "torch" if quantization is None else "torch int8 twin",
+            **shipped.checks,
+        },
+        "runtime": shipped.runtime,
     }
-    write_bundle(out, {MODEL: onnx_path, TOKENIZER: tokenizer_path}, manifest)
-    return json.loads((out / "manifest.json").read_text())
+    if quantization is not None:
+        manifest["parity_fp32"] = fp32.checks
+        manifest["quantization"] = quantization
+    tokenizer_json = json.dumps(tokenizer.to_dict(), indent=2) + "\n"
+    write_bundle(out, {MODEL: shipped.path, TOKENIZER: tokenizer_json.encode()}, manifest)
+    written: dict[str, Any] = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    return written

@@ -7,13 +7,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
+from torch import nn
 
+from export.options import DEFAULT_OPSET
+from simmer.bundle import GRAPH_INPUTS, GRAPH_OUTPUTS
 from training.model import LastStepLSTM, LSTMConfig, RecipeLSTM
-
-INPUT_NAMES = ["tokens", "h0", "c0"]
-OUTPUT_NAMES = ["logits", "hn", "cn"]
-DEFAULT_OPSET = 17
 
 
 class ExportError(ValueError):
@@ -29,12 +29,16 @@ def load_checkpoint(path: str | Path) -> tuple[RecipeLSTM, dict[str, Any]]:
         payload = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a corrupt file
         raise ExportError(f"cannot read checkpoint {file}: {type(exc).__name__}") from exc
-    if not isinstance(payload, dict) or "model_state" not in payload or "model_config" not in payload:
+    if (
+        not isinstance(payload, dict)
+        or "model_state" not in payload
+        or "model_config" not in payload
+    ):
         raise ExportError(f"not a simmer checkpoint: {file}")
-    model = RecipeLSTM(LSTMConfig.from_dict(payload["model_config"]))
     try:
+        model = RecipeLSTM(LSTMConfig.from_dict(payload["model_config"]))
         model.load_state_dict(payload["model_state"])
-    except RuntimeError as exc:
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise ExportError(f"checkpoint weights do not match its config: {file}") from exc
     model.eval()
     return model, payload
@@ -49,28 +53,48 @@ def weights_hash(model: RecipeLSTM) -> str:
 
 
 def export_onnx(model: RecipeLSTM, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
-    """Write the serving graph: tokens [B, T], h0/c0 [L, B, H] -> logits [B, V], hn, cn."""
-    config = model.config
-    step = LastStepLSTM(model).eval()
+    """Write the serving graph: tokens [B, T], h0/c0 [L, B, H] -> logits [B, V], hn, cn.
+
+    Only the last position goes through the output layer: [B, T, V] never exists.
+    """
+    export_step(LastStepLSTM(model), model.config, path, opset)
+
+
+def export_step(step: nn.Module, config: LSTMConfig, path: str | Path, opset: int) -> None:
+    """torch.onnx.export of any module with LastStepLSTM's inputs and outputs."""
     tokens = torch.ones((2, 3), dtype=torch.int64)
     h0 = torch.zeros((config.num_layers, 2, config.hidden_size))
     c0 = torch.zeros_like(h0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter warns about itself
-        torch.onnx.export(
-            step,
-            (tokens, h0, c0),
-            str(path),
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
-            dynamic_axes={
-                "tokens": {0: "batch", 1: "seq"},
-                "h0": {1: "batch"},
-                "c0": {1: "batch"},
-                "logits": {0: "batch"},
-                "hn": {1: "batch"},
-                "cn": {1: "batch"},
-            },
-            opset_version=opset,
-            dynamo=False,  # the TorchScript exporter emits ONNX's native LSTM op
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter warns about itself
+            torch.onnx.export(
+                step.eval(),
+                (tokens, h0, c0),
+                str(path),
+                input_names=list(GRAPH_INPUTS),
+                output_names=list(GRAPH_OUTPUTS),
+                dynamic_axes={
+                    "tokens": {0: "batch", 1: "seq"},
+                    "h0": {1: "batch"},
+                    "c0": {1: "batch"},
+                    "logits": {0: "batch"},
+                    "hn": {1: "batch"},
+                    "cn": {1: "batch"},
+                },
+                opset_version=opset,
+                dynamo=False,  # the TorchScript exporter emits ONNX's native LSTM op
+            )
+    except Exception as exc:  # the exporter raises many types (unsupported opset, ...)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExportError(f"torch.onnx.export failed at opset {opset}: {reason}") from exc
+
+
+def check_onnx(path: str | Path) -> None:
+    """onnx.checker with shape inference; ExportError with its first line on failure."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(
+            f"onnx.checker failed for {Path(path).name}: {str(exc).splitlines()[0]}"
+        ) from exc

@@ -10,7 +10,13 @@ A bundle is a folder holding:
   every other file.
 
 `write_bundle` makes a bundle appear whole or not at all; `load_bundle` checks every
-hash before anything is used and refuses a bundle with a one-line reason.
+hash, then the graph's inputs and outputs against the manifest and the tokenizer, before
+anything is used, and refuses a bundle with a one-line reason.
+
+The manifest's keys: `name`, `version`, `model` (`vocab_size`, `embedding_dim`,
+`hidden_size`, `num_layers`), `graph` (`opset`, `precision`), `versions`, `training`,
+`parity`, `runtime` (`graph_optimization`, `session_graph_optimization_level`), for an
+int8 bundle `quantization`, and `files` (name -> sha256).
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ TOKENIZER = "tokenizer.json"
 FORMAT = "simmer-bundle"
 FORMAT_VERSION = 1
 REQUIRED_FILES = (MODEL, TOKENIZER)
+GRAPH_INPUTS = ("tokens", "h0", "c0")
+GRAPH_OUTPUTS = ("logits", "hn", "cn")
+
+Shape = tuple[int | str | None, ...]
 
 
 class BundleError(ValueError):
@@ -87,9 +97,59 @@ class ModelBundle:
     def vocab_size(self) -> int:
         return int(self.manifest["model"]["vocab_size"])
 
+    @property
+    def precision(self) -> str:
+        """The graph's precision: fp32, or int8 for a quantised graph."""
+        return str(self.manifest.get("graph", {}).get("precision", "fp32"))
+
+
+def graph_shapes(model_path: str | Path) -> dict[str, Shape]:
+    """Input and output shapes of an ONNX graph, read with onnxruntime (no torch, no onnx).
+
+    Dimensions are ints, names of dynamic axes ("batch"), or None.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"onnxruntime cannot load {model_path}: {reason}") from exc
+    return {arg.name: tuple(arg.shape) for arg in [*session.get_inputs(), *session.get_outputs()]}
+
+
+def check_graph(
+    shapes: Mapping[str, Shape], vocab_size: int, hidden_size: int, num_layers: int
+) -> None:
+    """Raise BundleError unless the graph has the bundle's inputs, outputs and sizes."""
+    for name in (*GRAPH_INPUTS, *GRAPH_OUTPUTS):
+        if name not in shapes:
+            raise BundleError(f"{MODEL} has no {name!r}")
+    expected: dict[str, tuple[int | None, ...]] = {
+        "tokens": (None, None),
+        "logits": (None, vocab_size),
+        **{name: (num_layers, None, hidden_size) for name in ("h0", "c0", "hn", "cn")},
+    }
+    for name, dims in expected.items():
+        shape = shapes[name]
+        what = "vocabulary size" if name == "logits" else "shape"
+        if len(shape) != len(dims):
+            raise BundleError(f"{MODEL} {name} has {len(shape)} dimensions, expected {len(dims)}")
+        for got, want in zip(shape, dims, strict=True):
+            if want is not None and got != want:
+                raise BundleError(
+                    f"{what} disagrees: {MODEL} {name} is {list(shape)}, "
+                    f"the bundle says {[d if d is not None else '?' for d in dims]}"
+                )
+
 
 def load_bundle(path: str | Path) -> ModelBundle:
-    """Read and verify a bundle: every listed file present with its recorded sha256."""
+    """Read and verify a bundle: every listed file present with its recorded sha256, and
+    a graph whose vocabulary, hidden size and layers agree with the manifest and tokenizer.
+    """
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle folder not found: {root}")
@@ -109,6 +169,10 @@ def load_bundle(path: str | Path) -> ModelBundle:
             raise BundleError(f"{MANIFEST} does not list {name}")
     for name, expected in files.items():
         file = root / name
+        if not isinstance(expected, str):
+            raise BundleError(f"{MANIFEST} has no sha256 for {name}")
+        if Path(name).name != name or name == MANIFEST:
+            raise BundleError(f"{MANIFEST} lists a file outside the bundle: {name!r}")
         if not file.is_file():
             raise BundleError(f"bundle file missing: {file}")
         actual = sha256_file(file)
@@ -120,7 +184,9 @@ def load_bundle(path: str | Path) -> ModelBundle:
         tokenizer = Tokenizer.load(root / TOKENIZER)
     except TokenizerError as exc:
         raise BundleError(f"bad tokenizer in bundle: {exc}") from exc
-    model = manifest.get("model", {})
+    model = manifest.get("model")
+    if not isinstance(model, dict):
+        raise BundleError(f"{MANIFEST} has no model section")
     for key in ("vocab_size", "hidden_size", "num_layers"):
         if not isinstance(model.get(key), int):
             raise BundleError(f"{MANIFEST} model.{key} is missing")
@@ -129,7 +195,19 @@ def load_bundle(path: str | Path) -> ModelBundle:
             f"vocabulary size disagrees: manifest {model['vocab_size']}, "
             f"tokenizer {tokenizer.vocab_size}"
         )
+    check_graph(
+        graph_shapes(root / MODEL), model["vocab_size"], model["hidden_size"], model["num_layers"]
+    )
     return ModelBundle(path=root, manifest=manifest, tokenizer=tokenizer)
+
+
+def check_replaceable(out: str | Path) -> None:
+    """BundleError unless `out` is free, an empty folder, or a bundle (which may be replaced)."""
+    target = Path(out)
+    if target.exists() and not (
+        target.is_dir() and (is_bundle(target) or not any(target.iterdir()))
+    ):
+        raise BundleError(f"refusing to overwrite {target}: it exists and is not a bundle")
 
 
 def write_bundle(
@@ -142,10 +220,7 @@ def write_bundle(
     folder is refused and left as it was.
     """
     target = Path(out)
-    if target.exists() and not (
-        target.is_dir() and (is_bundle(target) or not any(target.iterdir()))
-    ):
-        raise BundleError(f"refusing to overwrite {target}: it exists and is not a bundle")
+    check_replaceable(target)
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
         raise BundleError(f"a bundle needs {', '.join(missing)}")
