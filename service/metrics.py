@@ -25,7 +25,10 @@ FAST_BUCKETS = (
     0.5,
     1.0,
 )
+# Queue time and TTFT on an idle server are sub-millisecond too; loaded, up to a minute.
 LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
     0.0005,
     0.001,
     0.0025,
