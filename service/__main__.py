@@ -76,12 +76,15 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from prometheus_client import disable_created_metrics
+
     from service.app import create_app
     from service.security import redact_server_logs
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series: noise here
     app = create_app(settings, bundle)
     base = f"http://{settings.host}:{settings.port}"
     print(

@@ -356,8 +356,10 @@ class GenerationService:
                         if last_token_at is None:
                             metrics.time_to_first_token.observe(now - arrived)
                         else:
-                            per = (now - last_token_at) / max(1, produced - sent_tokens)
-                            metrics.inter_token_latency.observe(per)
+                            # one observation per token, so bunched tokens weigh what they cost
+                            gap = max(1, produced - sent_tokens)
+                            for _ in range(gap):
+                                metrics.inter_token_latency.observe((now - last_token_at) / gap)
                         last_token_at = now
                         yield TokenEvent(
                             text=stream.text[shown_chars:safe],

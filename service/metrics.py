@@ -173,7 +173,8 @@ class Metrics:
         )
         self.sessions_active = Gauge(
             "simmer_sessions_active",
-            "Sessions held by the session store.",
+            "Sessions held by the session store (with Redis every replica reports the shared "
+            "store: aggregate with max, not sum).",
             registry=r,
         )
         self.websocket_connections = Gauge(

@@ -40,6 +40,7 @@ class _Connection:
         await self.socket.send_data(encode(obj).decode(), mode="text")
 
     async def error(self, code: str, message: str, param: str | None = None) -> None:
+        self.runtime.metrics.request_failure.labels(code=code).inc()
         with contextlib.suppress(Exception):
             await self.send(error_json(code, message, param))
 
