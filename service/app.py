@@ -19,6 +19,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema
 from litestar.static_files import create_static_files_router
 from pydantic import ValidationError
 
@@ -26,7 +27,7 @@ from service.engine import Engine
 from service.errors import APIError
 from service.generation import GenerationService
 from service.metrics import Metrics
-from service.protocol import Limits
+from service.protocol import STRICT_REQUESTS, Limits
 from service.routes import http, openai, ws
 from service.runtime import Runtime
 from service.scheduler import DecodeScheduler, StepStats
@@ -119,6 +120,32 @@ def handle_internal(request: Request[Any, Any, Any], exc: Exception) -> Response
 async def playground() -> Response[bytes]:
     page = STATIC / "index.html"
     return Response(page.read_bytes(), media_type="text/html; charset=utf-8")
+
+
+def _complete_openapi(app: Litestar, settings: Settings) -> None:
+    """What Litestar's generated document leaves out: closed request models, the limits
+    that come from settings, and the SSE bodies."""
+    schema = app.openapi_schema
+    components = schema.components.schemas if schema.components else {}
+    for model in STRICT_REQUESTS:
+        if model.__name__ in components:
+            components[model.__name__].additional_properties = False
+    limits = {"max_tokens": settings.max_new_tokens, "logprobs": settings.max_logprobs}
+    for name in ("GenerateRequest", "CompletionRequest"):
+        properties = components[name].properties if name in components else None
+        for field, maximum in limits.items():
+            if properties is not None and isinstance(properties.get(field), Schema):
+                properties[field].maximum = maximum  # type: ignore[union-attr]
+    for path in ("/v1/generate", "/v1/completions"):
+        item = schema.paths.get(path) if schema.paths else None
+        operation = item.post if item is not None else None
+        if operation is None or operation.responses is None:
+            continue
+        ok = operation.responses.get("200")
+        if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+            ok.content["text/event-stream"] = OpenAPIMediaType(
+                schema=Schema(type=OpenAPIType.STRING, description="`data: {json}` events")
+            )
 
 
 async def _open_bundle(given: ModelBundle | None, path: Path) -> ModelBundle:
@@ -275,6 +302,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
+    _complete_openapi(app, settings)
     if settings.state_secret:
         runtime.state_secret = settings.state_secret.encode()
     app.state.runtime = runtime

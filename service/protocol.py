@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from service.errors import invalid
 from service.sampling import SamplingParams
@@ -40,6 +40,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
 
 
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 def _stop_list(value: Any) -> Any:
     if value is None:
         return []
@@ -66,8 +69,9 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling."
     )
-    stop: list[str] = Field(
+    stop: list[StopString] = Field(
         default_factory=list,
+        max_length=MAX_STOP_STRINGS,
         description=f"Up to {MAX_STOP_STRINGS} strings that end the generation when produced.",
     )
     logprobs: int | None = Field(
@@ -81,15 +85,6 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stop(cls, value: Any) -> Any:
         return _stop_list(value)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_bounds(cls, value: list[str]) -> list[str]:
-        if len(value) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        if any(not s or len(s) > MAX_STOP_CHARS for s in value):
-            raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
-        return value
 
     def to_generation(self, limits: Limits) -> GenerationRequest:
         max_tokens = self.max_tokens if self.max_tokens is not None else limits.default_max_tokens
@@ -261,6 +256,10 @@ class CompletionRequest(BaseModel):
             ignore_eos=self.ignore_eos,
         )
         return fields.to_generation(limits)
+
+
+# request models that refuse unknown fields; the OpenAPI document says so too
+STRICT_REQUESTS: tuple[type[BaseModel], ...] = (GenerateRequest, SessionCreate)
 
 
 def openai_finish_reason(reason: str) -> str:

@@ -158,12 +158,12 @@ def _info(runtime: Runtime, session_id: str, state: Any) -> SessionInfo:
     responses=errors(400, 413, 422, 503),
 )
 async def create_session(
-    state: State, request: Request[Any, Any, Any], data: SessionCreate | None = None
+    data: SessionCreate, state: State, request: Request[Any, Any, Any]
 ) -> SessionInfo:
     runtime = runtime_of(state)
     generation = runtime.service()
     imported = None
-    if data is not None and data.state is not None:
+    if data.state is not None:
         imported = unseal(
             data.state,
             runtime.state_secret,
