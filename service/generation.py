@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.protocol import GenerationRequest
+from service.sampling import SamplingParams
 from service.scheduler import DecodeScheduler, SchedulerClosed, Sequence, TopLogprobs
 from service.sessions import NO_TOKEN, SessionState, SessionStore, StoreUnavailable, new_session_id
 from simmer.tokenizer import Tokenizer
@@ -118,6 +119,16 @@ class _TextStream:
                     hold = max(hold, n)
                     break
         return len(self.text) - hold
+
+
+def seeded_for(params: SamplingParams, context_tokens: int) -> SamplingParams:
+    """The seed a call really uses: the request's seed, mixed with how far the session has
+    come. A seeded call is reproducible from the same session state, and continuing with
+    the same seed does not replay the draws of the call before it."""
+    if params.seed is None or context_tokens == 0:
+        return params
+    mixed = np.random.SeedSequence([params.seed, context_tokens]).generate_state(2, np.uint64)
+    return replace(params, seed=int(mixed[0]) >> 1)
 
 
 class _Lock:
@@ -325,7 +336,7 @@ class GenerationService:
             feed=feed,
             h=state.h,
             c=state.c,
-            params=request.sampling,
+            params=seeded_for(request.sampling, state.n_tokens),
             max_new_tokens=request.max_tokens,
             check=stream.add,
         )
@@ -462,6 +473,3 @@ class GenerationService:
             )
         return out
 
-
-def word_prob(logprob: float) -> float:
-    return float(np.exp(logprob))

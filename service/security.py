@@ -19,7 +19,16 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    WebSocketAcceptEvent,
+    WebSocketCloseEvent,
+    WebSocketSendEvent,
+)
 
 from service.errors import APIError
 from service.events import encode
@@ -144,6 +153,7 @@ class AccessMiddleware:
             if match is None:
                 await self._reject(
                     scope,
+                    receive,
                     send,
                     APIError(
                         401,
@@ -162,6 +172,7 @@ class AccessMiddleware:
                 retry = max(1, math.ceil(wait))
                 await self._reject(
                     scope,
+                    receive,
                     send,
                     APIError(
                         429,
@@ -175,14 +186,32 @@ class AccessMiddleware:
         scope["simmer_owner"] = owner  # type: ignore[typeddict-unknown-key]
         await self.app(scope, receive, send)
 
-    async def _reject(self, scope: Scope, send: Send, error: APIError) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
         if self.on_reject is not None:
             self.on_reject(error.code)
         if scope["type"] == ScopeType.WEBSOCKET:
-            # refuse the handshake: the client sees the connection rejected
-            await send(
-                {"type": "websocket.close", "code": 4000 + error.status, "reason": error.code}
-            )
+            # Browsers see nothing of a refused handshake, so accept, say why in an error
+            # event, and close with 4000 + the HTTP status.
+            await receive()  # websocket.connect
+            accept: WebSocketAcceptEvent = {
+                "type": "websocket.accept",
+                "subprotocol": None,
+                "headers": [],
+            }
+            await send(accept)
+            event = {"type": "error", "code": error.code, "message": error.message}
+            said: WebSocketSendEvent = {
+                "type": "websocket.send",
+                "bytes": None,
+                "text": encode(event).decode(),
+            }
+            await send(said)
+            close: WebSocketCloseEvent = {
+                "type": "websocket.close",
+                "code": 4000 + error.status,
+                "reason": error.code,
+            }
+            await send(close)
             return
         body = encode(error.body())
         headers = [

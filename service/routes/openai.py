@@ -160,6 +160,12 @@ async def models(state: State) -> dict[str, Any]:
                 "created": int(bundle.path.stat().st_mtime),
                 "owned_by": "simmer",
                 "version": bundle.version,
+                "limits": {
+                    "max_new_tokens": runtime.settings.max_new_tokens,
+                    "default_max_tokens": runtime.settings.default_max_tokens,
+                    "max_prompt_tokens": runtime.settings.max_prompt_tokens,
+                    "max_logprobs": runtime.settings.max_logprobs,
+                },
             }
         )
     return {"object": "list", "data": entries}

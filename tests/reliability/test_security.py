@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import ServerProcess
@@ -87,10 +87,14 @@ def test_another_keys_session_is_404_never_403(keyed_server: ServerProcess) -> N
 
 def test_websocket_needs_a_key_in_the_header_or_query(keyed_server: ServerProcess) -> None:
     url = f"ws://127.0.0.1:{keyed_server.port}/v1/stream"
-    with pytest.raises(InvalidStatus):
-        connect(url).close()
-    with pytest.raises(InvalidStatus):
-        connect(f"{url}?api_key=sk-wrong").close()
+    for refused_url in (url, f"{url}?api_key=sk-wrong"):
+        with connect(refused_url) as ws:
+            # a browser can read why: an error event, then close code 4000 + 401
+            event = json.loads(ws.recv(timeout=10))
+            assert event["type"] == "error" and event["code"] == "unauthorized"
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+            assert ws.close_code == 4401
     for ws in (connect(f"{url}?api_key={KEY_A}"), connect(url, additional_headers=auth(KEY_B))):
         with ws:
             ws.send(json.dumps({"type": "generate", "prompt": "recipe for", "max_tokens": 2}))

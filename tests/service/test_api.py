@@ -249,6 +249,15 @@ def test_openai_client_lists_the_model(oai: openai.OpenAI) -> None:
     assert [m.id for m in models.data] == ["simmer-lstm"]
 
 
+def test_models_entry_tells_clients_the_limits(start_server: Any) -> None:
+    server = start_server(max_new_tokens="77", max_logprobs="4")
+    entry = httpx.get(f"{server.base_url}/v1/models").json()["data"][0]
+    assert entry["limits"]["max_new_tokens"] == 77
+    assert entry["limits"]["max_logprobs"] == 4
+    too_many = httpx.post(f"{server.base_url}/v1/generate", json={"prompt": "x", "max_tokens": 78})
+    assert too_many.status_code == 422
+
+
 def test_openai_client_completion_and_session_continuation(oai: openai.OpenAI) -> None:
     first = oai.completions.create(
         model="simmer-lstm", prompt="recipe for beef stew |", max_tokens=6, extra_body={"top_k": 1}

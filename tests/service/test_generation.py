@@ -69,3 +69,13 @@ def test_continuing_feeds_only_the_pending_token_and_the_new_prompt(tiny_bundle:
     assert second and all(n == 1 for n in second)
     # a new prompt: the pending token plus its 2 words in one call, never the 200-word history
     assert third[0] == 1 + 2 and all(n == 1 for n in third[1:])
+
+
+def test_a_seed_is_mixed_with_the_session_length() -> None:
+    from service.generation import seeded_for
+
+    params = SamplingParams(seed=5)
+    assert seeded_for(params, 0) == params  # a new session uses the seed as given
+    assert seeded_for(params, 12) == seeded_for(params, 12)  # same state, same draws
+    assert seeded_for(params, 12).seed != seeded_for(params, 13).seed  # continuing moves on
+    assert seeded_for(SamplingParams(), 12).seed is None
