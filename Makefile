@@ -40,8 +40,9 @@ model: corpus
 	@if [ -f $(BUNDLE)/manifest.json ]; then \
 		echo "bundle found at $(BUNDLE)"; \
 	else \
-		$(PY) -m training --data $$($(PY) -m training.fetch --cache $(CACHE)) --out $(RUN_DIR) --preset $(PRESET) && \
-		$(PY) -m export --checkpoint $(RUN_DIR) --out $(BUNDLE); \
+		corpus=$$($(PY) -m training.fetch --cache $(CACHE)) && \
+		$(PY) -m training --data "$$corpus" --out $(RUN_DIR) --preset $(PRESET) && \
+		$(PY) -m export --checkpoint $(RUN_DIR) --out $(BUNDLE) --data "$$corpus"; \
 	fi
 
 run: model

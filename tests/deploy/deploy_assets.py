@@ -22,7 +22,7 @@ GRAFANA_DIR = DEPLOY / "grafana"
 K8S_DIR = DEPLOY / "k8s"
 DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "simmer.json"
 ADAPTER_VALUES = K8S_DIR / "prometheus-adapter" / "values.yaml"
-OPERATOR_DOCS = DEPLOY / "README.md"
+OPERATOR_DOCS = ROOT / "README.md"  # its "Operators" section
 JOB = "simmer"
 
 

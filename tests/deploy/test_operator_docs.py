@@ -1,4 +1,4 @@
-"""deploy/README.md names what operators see: every metric, every alert, every URL."""
+"""The README's Operators section names what operators see: every metric, every alert, every URL."""
 
 from __future__ import annotations
 
