@@ -472,4 +472,3 @@ class GenerationService:
                 )
             )
         return out
-

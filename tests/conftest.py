@@ -73,6 +73,50 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
+class RedisProcess:
+    """A private redis-server on a free port, which a test may kill and start again."""
+
+    def __init__(self, workdir: Path, db: int = 0) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/{db}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            pytest.fail("redis-server is not installed (make test installs it)")
+        self.proc = subprocess.Popen(
+            [
+                server,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _redis_answers(self.url):
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail("private redis-server did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """SIMMER_TEST_REDIS_URL (default db 15 on 127.0.0.1:6379), or a private redis-server."""
@@ -80,38 +124,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _redis_answers(url):
         yield url
         return
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail(f"no Redis answers at {url} and redis-server is not installed")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/15"
-    deadline = time.monotonic() + 10
-    while not _redis_answers(url):
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("private redis-server did not start")
-        time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    private = RedisProcess(tmp_path_factory.mktemp("redis"), db=15)
+    private.start()
+    yield private.url
+    private.kill()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from litestar.datastructures import State
 from litestar.response import Stream
 
 from service.errors import APIError
-from service.events import encode, error_json
+from service.events import encode, error_json, usage_json
 from service.generation import DoneEvent, Event, SessionEvent, StepLogprobs, TokenEvent
 from service.protocol import CompletionRequest, now, openai_finish_reason
 from service.routes.http import V1_ERRORS, errors, event_stream, owner_of, runtime_of
@@ -58,14 +58,6 @@ def _chunk(
     return body
 
 
-def _usage(done: DoneEvent) -> dict[str, int]:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-    }
-
-
 async def _openai_stream(
     completion_id: str,
     model: str,
@@ -93,7 +85,7 @@ async def _openai_stream(
                     "",
                     openai_finish_reason(event.finish_reason),
                     session_id,
-                    usage=_usage(event),
+                    usage=usage_json(event),
                 )
                 yield b"data: " + encode(final) + b"\n\n"
     except APIError as exc:
@@ -142,7 +134,7 @@ async def completions(
         openai_finish_reason(done.finish_reason),
         first.session_id,
         _logprobs(steps, 0) if want_logprobs else None,
-        _usage(done),
+        usage_json(done),
     )
     return Response(body)
 

@@ -85,7 +85,7 @@ def test_openapi_fuzzing_finds_no_server_error_and_no_schema_mismatch(
 
 def _reply_kinds(ws: ClientConnection) -> list[str]:
     """Every message the server sent within a short while; each must be a known event."""
-    kinds = []
+    kinds: list[str] = []
     while True:
         try:
             raw = ws.recv(timeout=0.3)
