@@ -122,6 +122,19 @@ async def playground() -> Response[bytes]:
     return Response(page.read_bytes(), media_type="text/html; charset=utf-8")
 
 
+# one server-sent event, as clients parse it: `data` holds a JSON document
+SSE_EVENT = Schema(
+    type=OpenAPIType.OBJECT,
+    properties={
+        "data": Schema(type=OpenAPIType.STRING, description="JSON: a token, done or error event"),
+        "event": Schema(type=OpenAPIType.STRING),
+        "id": Schema(type=OpenAPIType.STRING),
+        "retry": Schema(type=OpenAPIType.INTEGER),
+    },
+    required=["data"],
+)
+
+
 def _complete_openapi(app: Litestar, settings: Settings) -> None:
     """What Litestar's generated document leaves out: closed request models, the limits
     that come from settings, and the SSE bodies."""
@@ -143,9 +156,7 @@ def _complete_openapi(app: Litestar, settings: Settings) -> None:
             continue
         ok = operation.responses.get("200")
         if isinstance(ok, OpenAPIResponse) and ok.content is not None:
-            ok.content["text/event-stream"] = OpenAPIMediaType(
-                schema=Schema(type=OpenAPIType.STRING, description="`data: {json}` events")
-            )
+            ok.content["text/event-stream"] = OpenAPIMediaType(schema=SSE_EVENT)
 
 
 async def _open_bundle(given: ModelBundle | None, path: Path) -> ModelBundle:

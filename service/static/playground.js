@@ -434,6 +434,9 @@ function handleMessage(message) {
         state.sessionId = null; // expired or deleted: Continue has nothing to extend
         ui.sessionId.textContent = "—";
       }
+      if (message.code === "unauthorized") {
+        message = { ...message, message: `${message.message} Enter a key under Connection.` };
+      }
       failRun(message);
       break;
     default:

@@ -272,11 +272,12 @@ def test_with_api_keys_configured_the_key_field_unlocks_the_page_and_is_remember
     expect(error).to_contain_text("Unauthorized")
     expect(error).to_contain_text("Enter a key under Connection")
 
-    # without a key the stream is refused, and the page says why it may be
+    # without a key the stream is refused, and the page shows the server's reason
     set_controls(page, max_tokens="5")
     page.get_by_test_id("generate").click()
-    expect(error).to_contain_text("Could not open the stream")
-    expect(error).to_contain_text("enter it under Connection")
+    expect(error).to_contain_text("Unauthorized")
+    expect(error).to_contain_text("a valid API key is required")
+    expect(error).to_contain_text("Enter a key under Connection")
     expect(page.get_by_test_id("run-state")).to_contain_text("Failed")
 
     key = page.get_by_test_id("api-key")
