@@ -233,7 +233,8 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
         )
         try:
             scheduler.start()
-            await asyncio.to_thread(engine.warm_up)
+            # the largest batch too, so memory reaches its working size before traffic
+            await asyncio.to_thread(engine.warm_up, (1, 8, settings.max_batch))
             tasks.append(
                 asyncio.create_task(sweep_forever(store, min(60.0, settings.session_ttl_s / 4)))
             )
