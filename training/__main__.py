@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             "(--resume continues it instead)"
         )
     progress, close = progress_bar()
+    finished = False
     try:
         train(texts, config, args.out, progress, resume=payload, runtime=runtime)
+        finished = True
     except CheckpointError as exc:
         return fail(str(exc))
     except KeyboardInterrupt:
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         close()
-        stop_runtime(runtime)
+        stop_runtime(runtime, finished)
     return 0
 
 

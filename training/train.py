@@ -114,9 +114,11 @@ def start_runtime(device: str = "auto") -> Runtime:
     return Runtime(chosen, rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
-def stop_runtime(runtime: Runtime) -> None:
+def stop_runtime(runtime: Runtime, finished: bool = True) -> None:
+    """Leave the process group; after a clean finish, wait for every process first."""
     if runtime.distributed:
-        dist.barrier()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
