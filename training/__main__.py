@@ -24,6 +24,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from training.data import CorpusError, load_corpus
+from training.malloc import reuse_freed_memory
 from training.presets import PRESETS, TrainConfig, get_preset
 
 if TYPE_CHECKING:
@@ -152,4 +153,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # a process-wide malloc setting: for the program, not for importers
     sys.exit(main())

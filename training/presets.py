@@ -99,11 +99,9 @@ PRESETS: dict[str, TrainConfig] = {
     # at most 3 minutes on 2 CPU cores for the whole `make run` training command on the
     # Wikibooks corpus: the first-run default
     "quick": TrainConfig(
-        vocab_size=4_000,
         seq_len=120,
-        epochs=4,
-        batch_size=32,
-        lr=5e-3,
+        epochs=3,
+        lr=1e-2,
         min_lr_ratio=0.1,
         warmup_steps=20,
         sample_tokens=50,

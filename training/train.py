@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -56,6 +55,8 @@ from training.presets import TrainConfig
 from training.sampling import generate
 
 SAMPLE_PROMPT = "recipe for"
+# Settings that decide which texts are validation and what a window is: fixed for a run.
+SPLIT_SETTINGS = ("seed", "val_fraction", "seq_len")
 Progress = Callable[[int, int, dict[str, float]], None]
 
 
@@ -104,10 +105,10 @@ def start_runtime(device: str = "auto") -> Runtime:
     torchrun passes RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in the
     environment, which `init_process_group` reads: NCCL on CUDA, gloo on the CPU.
     """
-    if not launched_by_torchrun():
-        return Runtime(pick_device(device))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device, local_rank)
+    if not launched_by_torchrun():
+        return Runtime(chosen)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
@@ -267,6 +268,22 @@ def resume_config(payload: dict[str, Any], epochs: int | None = None) -> TrainCo
     return TrainConfig.from_dict(payload["train_config"]).with_overrides(epochs=epochs)
 
 
+def check_resumable(
+    payload: dict[str, Any], texts: list[str], fingerprint: str, config: TrainConfig
+) -> None:
+    """Refuse to resume on other data, or with a split or window that would differ."""
+    corpus = payload.get("corpus", {})
+    if corpus.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"--resume: the corpus differs from the checkpoint's "
+            f"({len(texts)} texts here, {corpus.get('texts')} there)"
+        )
+    saved = payload["train_config"]
+    changed = [k for k in SPLIT_SETTINGS if saved.get(k) != getattr(config, k)]
+    if changed:
+        raise CheckpointError(f"--resume: {', '.join(changed)} differ from the checkpoint's")
+
+
 # ---------------------------------------------------------------------------- the loop
 def batches(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(order), batch_size):
@@ -281,29 +298,25 @@ def train(
     *,
     resume: dict[str, Any] | None = None,
     runtime: Runtime | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> TrainResult:
     """Train on `texts`; write checkpoint, best checkpoint, tokenizer, metrics and plot.
 
     `resume` is a checkpoint dict (see `training.checkpoint.load_checkpoint`) to continue
     from: its tokenizer, weights, optimiser, epoch, history and RNG state are restored.
-    Nothing is written to `out_dir` before the first epoch ends.
+    `tokenizer` fixes the vocabulary of a fresh run (default: learnt from the training
+    split). Nothing is written to `out_dir` before the first epoch ends.
     """
     rt = runtime or Runtime(torch.device("cpu"))
     out = Path(out_dir)
     torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
 
     train_idx, val_idx = split_train_val(len(texts), config.val_fraction, config.seed)
     fingerprint = corpus_fingerprint(texts)
     if resume is None:
-        tokenizer = Tokenizer.train((texts[i] for i in train_idx), config.vocab_size)
+        tokenizer = tokenizer or Tokenizer.train((texts[i] for i in train_idx), config.vocab_size)
     else:
-        corpus = resume.get("corpus", {})
-        if corpus.get("fingerprint") != fingerprint:
-            raise CheckpointError(
-                f"--resume: the corpus differs from the checkpoint's "
-                f"({len(texts)} texts here, {corpus.get('texts')} there)"
-            )
+        check_resumable(resume, texts, fingerprint, config)
         tokenizer = Tokenizer.from_dict(resume["tokenizer"])
     windows = torch.from_numpy(encode_windows(texts, tokenizer, config.seq_len))
     train_windows = windows[train_idx].to(rt.device)  # (N, T + 1)

@@ -115,20 +115,18 @@ def test_resume_continues_from_the_saved_epoch_exactly(
     assert [h["epoch"] for h in metrics["epochs"]] == [1, 2]
 
 
-def test_resume_refuses_a_different_corpus(
+def test_resume_refuses_another_corpus_or_split(
     tmp_path: Path, small_texts: list[str], tiny_config: TrainConfig
 ) -> None:
     from training.checkpoint import CheckpointError
 
     train(small_texts, tiny_config.with_overrides(epochs=1), tmp_path)
     before = (tmp_path / "checkpoint.pt").read_bytes()
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="corpus differs"):
-        train(
-            small_texts[:-1],
-            tiny_config,
-            tmp_path,
-            resume=load_checkpoint(tmp_path / "checkpoint.pt"),
-        )
+        train(small_texts[:-1], tiny_config, tmp_path, resume=saved)
+    with pytest.raises(CheckpointError, match="seed, seq_len differ"):
+        train(small_texts, tiny_config.with_overrides(seed=7, seq_len=40), tmp_path, resume=saved)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
