@@ -88,6 +88,8 @@ def load_corpus(path: str | Path, max_recipes: int | None = None) -> list[str]:
         raw = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise CorpusError(f"corpus is not UTF-8 text: {file}") from exc
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus {file}: {exc.strerror}") from exc
     suffix = file.suffix.lower()
     if suffix == ".json":
         try:
@@ -116,12 +118,13 @@ def encode_windows(texts: list[str], tokenizer: Tokenizer, seq_len: int = 200) -
     return windows
 
 
-def split_train_val(
-    n: int, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled indices for a train/validation split with a fixed seed."""
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and validation indices: a fixed-seed random `val_fraction` of the n texts.
+
+    At least one text stays on each side when `val_fraction > 0` and there are two or more.
+    """
     order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
+    n_val = round(n * val_fraction)
     if val_fraction > 0 and n > 1:
         n_val = max(1, min(n - 1, n_val))
     return np.sort(order[n_val:]), np.sort(order[:n_val])

