@@ -150,6 +150,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             )
             and None,
             on_admit=metrics.queue_time.observe,
+            max_stride=settings.max_coalesce_steps,
         )
         runtime.bundle, runtime.engine, runtime.store, runtime.scheduler = loaded, engine, store, scheduler
         runtime.generation = GenerationService(

@@ -1,12 +1,20 @@
 """Continuous batching: every sequence waiting for its next token, in one engine call.
 
-Each running sequence owns a slot in preallocated state arrays (layers, slots,
-hidden). A step gathers the slots of every active sequence, runs the engine once per
-distinct feed length (decode steps all have length 1, so they share one call; a new
-prompt is prefilled in one call over its tokens), samples the whole batch at once, and
-scatters the new state back. The engine and the sampler run in one worker thread, so
-the event loop keeps streaming while they compute; the next batch forms as soon as the
-last one returns, and sequences join and leave between steps.
+A worker thread owns the engine. Each running sequence owns a slot in preallocated
+state arrays (layers, slots, hidden). A step gathers the slots of every active
+sequence, runs the engine once per distinct feed length (decode steps all have length
+1, so they share one call; a new prompt is prefilled in one call over its tokens),
+samples the whole batch at once and scatters the new state back. Sequences join and
+leave between steps.
+
+The worker does not wait for the event loop between steps. It hands each step's tokens
+to the loop (`call_soon_threadsafe`) and goes straight on to the next step, so the
+loop streams step N while the engine computes step N + 1. The loop applies the tokens
+to their sequences: stop strings, cancellation and events happen there. The worker
+runs at most one step ahead of what the loop has applied; a sequence the loop stops
+(a stop string, a cancel) may therefore be stepped once more, and that step's token is
+dropped. A sequence keeps the state of the last step whose token it kept, plus that
+token as its pending feed, so its session is exactly what the kept tokens imply.
 
 Nothing here knows about HTTP.
 """
@@ -16,31 +24,45 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.engine import Engine
-from service.sampling import SamplingParams, log_softmax, make_rng, sample_batch, top_ids
+from service.sampling import (
+    RowParams,
+    SamplingHead,
+    SamplingParams,
+    log_softmax,
+    make_rng,
+    sample_rows,
+    top_ids,
+)
 from simmer.tokenizer import PAD_ID
 
 logger = logging.getLogger(__name__)
+
+# Coalescing under load (see DecodeScheduler._coalesce)
+COALESCE_MIN_BATCH = 8  # smaller batches always stream every token at once
+COALESCE_HIGH = 0.25  # the loop's CPU per step, as a share of the engine thread's
+COALESCE_LOW = 0.1
+COALESCE_EVERY = 8  # steps between stride adjustments
 
 
 class SchedulerClosed(RuntimeError):
     """The scheduler is shutting down and takes no new work."""
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is equal only to itself
 class Sequence:
     """One generation in flight. The scheduler appends to `tokens` and sets `event`."""
 
-    feed: list[int]  # tokens to feed at the next step
-    h: np.ndarray  # (L, H) initial state
+    feed: list[int]  # tokens to feed at the next step; after a step, the pending token
+    h: np.ndarray  # (L, H) initial state; the final state once done
     c: np.ndarray
     params: SamplingParams
     max_new_tokens: int
@@ -55,6 +77,10 @@ class Sequence:
     started_at: float | None = None
     slot: int = -1
     seq_id: int = 0
+    # the state after the last applied step: (h, c) arrays of that step and the row
+    _state: tuple[np.ndarray, np.ndarray, int] | None = field(default=None, repr=False)
+    # worker-side: tokens sampled so far (whatever the loop has applied yet)
+    _sampled: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self.rng = make_rng(self.params.seed)
@@ -88,9 +114,18 @@ QueueHook = Callable[[float], None]
 
 @dataclass
 class _StepResult:
-    tokens: np.ndarray
+    """What the worker hands the loop after a step (or with nothing but news)."""
+
+    batch: list[Sequence]
+    tokens: np.ndarray  # (B,) int64
+    h: np.ndarray | None  # (L, B, H): the state of each row after the step
+    c: np.ndarray | None
     top: dict[int, TopLogprobs]
     seconds: float
+    admitted: list[float]  # queue times of the sequences admitted for this step
+    dropped: list[Sequence]  # cancelled before or between steps
+    failed: bool = False
+    cpu: float = 0.0  # the worker thread's CPU seconds since its previous result
 
 
 class DecodeScheduler:
@@ -100,22 +135,35 @@ class DecodeScheduler:
         max_batch: int = 256,
         on_step: StepHook | None = None,
         on_admit: QueueHook | None = None,
+        max_stride: int = 8,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.on_step = on_step
         self.on_admit = on_admit
+        self.max_stride = max_stride
+        self._stride = 1  # see _coalesce
+        self._loop_share = 0.0
+        self._loop_cpu_at = 0.0
+        self._until_adjust = COALESCE_EVERY
         layers, hidden = engine.num_layers, engine.hidden_size
         self._h = np.zeros((layers, max_batch, hidden), np.float32)
         self._c = np.zeros((layers, max_batch, hidden), np.float32)
+        self._next = np.zeros(max_batch, np.int64)  # each slot's next token to feed
         self._free = list(range(max_batch - 1, -1, -1))
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simmer-engine")
-        self._task: asyncio.Task[None] | None = None
+        self._inbox: deque[Sequence] = deque()  # submitted, not yet seen by the worker
+        self._waiting: deque[Sequence] = deque()  # seen by the worker, no slot yet
+        self._running: list[Sequence] = []  # worker-owned
+        self._fresh = 0  # running sequences not stepped yet: their prompts need feeding
+        self._params: dict[int, RowParams] = {}  # slot -> its row's sampling parameters
+        self._batch: _Batch | None = None  # the running batch's arrays; None when it changed
+        self._work = threading.Event()  # set when the worker may have something to do
+        self._in_flight = threading.Semaphore(1)  # one step's results on their way to the loop
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._ids = itertools.count(1)
+        self._head = _make_head(engine)
         self.steps = 0
         self.engine_calls = 0
 
@@ -127,10 +175,13 @@ class DecodeScheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._inbox) + len(self._waiting)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="simmer-scheduler")
+        self._loop = asyncio.get_running_loop()
+        self._loop_cpu_at = time.thread_time()
+        self._thread = threading.Thread(target=self._work_loop, name="simmer-engine", daemon=True)
+        self._thread.start()
 
     def submit(self, seq: Sequence) -> Sequence:
         if self._closed:
@@ -139,127 +190,280 @@ class DecodeScheduler:
             raise ValueError("a sequence needs at least one token to feed")
         seq.seq_id = next(self._ids)
         seq.enqueued_at = time.perf_counter()
-        self._waiting.append(seq)
-        self._wakeup.set()
+        self._inbox.append(seq)
+        self._work.set()
         return seq
 
     async def close(self) -> None:
         self._closed = True
-        for seq in [*self._waiting, *self._running]:
+        self._work.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        for seq in [*self._inbox, *self._waiting, *self._running]:
             self._finish(seq, "shutdown")
+        self._inbox.clear()
         self._waiting.clear()
         self._running.clear()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=True)
 
     def state_of(self, seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """The state a finished sequence left: (L, H) copies."""
         return seq.h, seq.c
 
-    # --- the loop -------------------------------------------------------------------
-
-    def _admit(self) -> None:
-        while self._waiting and self._free:
-            seq = self._waiting.popleft()
-            if seq.cancelled:
-                self._finish(seq, "cancelled")
-                continue
-            seq.slot = self._free.pop()
-            self._h[:, seq.slot] = seq.h
-            self._c[:, seq.slot] = seq.c
-            seq.started_at = time.perf_counter()
-            if self.on_admit is not None:
-                self.on_admit(seq.started_at - seq.enqueued_at)
-            self._running.append(seq)
+    # --- the event loop's side ------------------------------------------------------
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.finish_reason is None:
-            seq.finish_reason = reason
-        if seq.slot >= 0:
-            seq.h = self._h[:, seq.slot].copy()
-            seq.c = self._c[:, seq.slot].copy()
-            self._free.append(seq.slot)
-            seq.slot = -1
+        if seq.finish_reason is not None:
+            return
+        if seq._state is not None:
+            h, c, row = seq._state
+            seq.h, seq.c = h[:, row].copy(), c[:, row].copy()
+            seq._state = None
+        seq.finish_reason = reason
         seq.event.set()
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._admit()
-            for seq in [s for s in self._running if s.cancelled]:
+    def _deliver(self, result: _StepResult) -> None:
+        """Apply one step's tokens to their sequences (in the event loop)."""
+        try:
+            self._apply(result)
+        finally:
+            self._in_flight.release()
+
+    def _apply(self, result: _StepResult) -> None:
+        for seq in result.dropped:
+            self._finish(seq, "cancelled")
+        if self.on_admit is not None:
+            for waited in result.admitted:
+                self.on_admit(waited)
+        if not result.batch:
+            return
+        if result.failed:
+            for seq in result.batch:
+                self._finish(seq, "error")
+            return
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(StepStats(len(result.batch), result.seconds))
+        stride = self._coalesce(len(result.batch), result.cpu)
+        tokens = result.tokens.tolist()
+        top = result.top
+        h, c = result.h, result.c
+        assert h is not None and c is not None
+        for row, seq in enumerate(result.batch):
+            if seq.finish_reason is not None:
+                continue  # stopped by the loop after the worker took this step
+            seq.steps_run += 1
+            seq._state = (h, c, row)
+            token = tokens[row]
+            if token == PAD_ID:
+                seq.feed = []
+                self._finish(seq, "eos")
+                continue
+            if top and row in top:
+                seq.top.append(top[row])
+            seq.tokens.append(token)
+            seq.feed = [token]
+            reason = seq.check(token) if seq.check is not None else None
+            if reason is not None:
+                self._finish(seq, reason)
+            elif seq.cancelled:
                 self._finish(seq, "cancelled")
-            self._running = [s for s in self._running if not s.done]
+            elif len(seq.tokens) >= seq.max_new_tokens:
+                self._finish(seq, "length")
+            elif stride == 1 or len(seq.tokens) % stride == 1:
+                seq.event.set()  # else its consumer is woken with the next tokens
+
+    def _coalesce(self, batch: int, worker_cpu: float) -> int:
+        """The stride for this step: wake each stream's consumer every `stride` tokens.
+
+        Every token is sent as soon as it is sampled while the event loop keeps up
+        easily. When the loop's CPU time per step (waking consumers, encoding and
+        writing messages) passes `COALESCE_HIGH` of the engine thread's, the stride
+        grows, so each message carries several tokens; it shrinks again below
+        `COALESCE_LOW`. Small batches always get every token at once.
+        """
+        now = time.thread_time()
+        loop_cpu, self._loop_cpu_at = now - self._loop_cpu_at, now
+        if batch < COALESCE_MIN_BATCH or self.max_stride <= 1:
+            self._stride = 1
+            return 1
+        share = min(loop_cpu / max(worker_cpu, 1e-6), 4.0)
+        self._loop_share += 0.2 * (share - self._loop_share)
+        self._until_adjust -= 1
+        if self._until_adjust <= 0:
+            self._until_adjust = COALESCE_EVERY
+            if self._loop_share > COALESCE_HIGH:
+                self._stride = min(self._stride + 1, self.max_stride)
+            elif self._loop_share < COALESCE_LOW:
+                self._stride = max(self._stride - 1, 1)
+        return self._stride
+
+    # --- the worker thread ----------------------------------------------------------
+
+    def _post(self, result: _StepResult) -> bool:
+        """Hand a result to the loop once the previous one has been applied."""
+        self._in_flight.acquire()
+        loop = self._loop
+        try:
+            assert loop is not None
+            loop.call_soon_threadsafe(self._deliver, result)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._in_flight.release()
+            return False
+        return True
+
+    def _work_loop(self) -> None:
+        cpu_at = time.thread_time()
+        while not self._closed:
+            admitted, dropped = self._admit()
             if not self._running:
-                self._wakeup.clear()
-                if not self._waiting:
-                    await self._wakeup.wait()
+                if dropped or admitted:
+                    self._post(_empty_result(admitted, dropped))
+                self._work.clear()
+                if self._inbox or self._closed:
+                    continue
+                self._work.wait()
                 continue
             batch = list(self._running)
             try:
-                result = await loop.run_in_executor(self._executor, self._step, batch)
+                result = self._step(batch)
             except Exception:
                 logger.exception("engine step failed; ending %d sequences", len(batch))
+                result = _empty_result([], [])
+                result.batch, result.failed = batch, True
                 for seq in batch:
-                    self._finish(seq, "error")
+                    self._retire(seq)
+            result.admitted, result.dropped = admitted, dropped
+            now = time.thread_time()
+            result.cpu, cpu_at = now - cpu_at, now
+            if not self._post(result):
+                return
+
+    def _admit(self) -> tuple[list[float], list[Sequence]]:
+        """Drop stopped sequences, take new ones into free slots (worker thread)."""
+        dropped: list[Sequence] = []
+        for seq in [s for s in self._running if s.cancelled or s.finish_reason is not None]:
+            self._retire(seq)
+            if seq.finish_reason is None:
+                dropped.append(seq)
+        while self._inbox:
+            self._waiting.append(self._inbox.popleft())
+        admitted: list[float] = []
+        while self._waiting and self._free:
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                dropped.append(seq)
                 continue
-            self.steps += 1
-            if self.on_step is not None:
-                self.on_step(StepStats(len(batch), result.seconds))
-            for row, seq in enumerate(batch):
-                if seq.done:
-                    continue
-                seq.steps_run += 1
-                token = int(result.tokens[row])
-                if token == PAD_ID:
-                    seq.feed = []
-                    self._finish(seq, "eos")
-                    continue
-                if row in result.top:
-                    seq.top.append(result.top[row])
-                seq.tokens.append(token)
-                seq.feed = [token]
-                reason = seq.check(token) if seq.check is not None else None
-                if reason is not None:
-                    self._finish(seq, reason)
-                elif seq.cancelled:
-                    self._finish(seq, "cancelled")
-                elif len(seq.tokens) >= seq.max_new_tokens:
-                    self._finish(seq, "length")
-                else:
-                    seq.event.set()
+            seq.slot = slot = self._free.pop()
+            self._h[:, slot] = seq.h
+            self._c[:, slot] = seq.c
+            self._params[slot] = RowParams.of([seq.params])
+            self._batch = None
+            seq._sampled = 0
+            self._fresh += 1
+            seq.started_at = time.perf_counter()
+            admitted.append(seq.started_at - seq.enqueued_at)
+            self._running.append(seq)
+        return admitted, dropped
+
+    def _retire(self, seq: Sequence) -> None:
+        """Give a sequence's slot back (worker thread)."""
+        if seq.slot >= 0:
+            self._free.append(seq.slot)
+            seq.slot = -1
+        self._running.remove(seq)
+        self._batch = None
+
+    def _batch_of(self, batch: list[Sequence]) -> _Batch:
+        """Slots and sampling parameters of the running batch, rebuilt when it changes."""
+        if self._batch is None:
+            slots = [seq.slot for seq in batch]
+            self._batch = _Batch(
+                slots=np.array(slots, np.int64),
+                rows=RowParams.concat([self._params[slot] for slot in slots]),
+                logprobs=[row for row, seq in enumerate(batch) if seq.params.logprobs],
+            )
+        return self._batch
 
     def _step(self, batch: list[Sequence]) -> _StepResult:
-        """Worker thread: feed every sequence, sample every row. Touches only slot arrays."""
+        """Feed every sequence, sample every row, retire the finished (worker thread)."""
         started = time.perf_counter()
-        vocab = self.engine.vocab_size
-        logits = np.empty((len(batch), vocab), np.float32)
-        by_length: dict[int, list[int]] = {}
-        for row, seq in enumerate(batch):
-            by_length.setdefault(len(seq.feed), []).append(row)
-        for length, rows in by_length.items():
-            slots = np.array([batch[r].slot for r in rows])
-            tokens = np.array([batch[r].feed for r in rows], dtype=np.int64).reshape(len(rows), length)
+        arrays = self._batch_of(batch)
+        slots = arrays.slots
+        if not self._fresh:
+            # every row feeds the one token sampled for it last step: one engine call
             out = self.engine.run(
-                tokens, np.ascontiguousarray(self._h[:, slots]), np.ascontiguousarray(self._c[:, slots])
+                self._next[slots].reshape(-1, 1),
+                np.ascontiguousarray(self._h[:, slots]),
+                np.ascontiguousarray(self._c[:, slots]),
             )
             self.engine_calls += 1
-            self._h[:, slots] = out.h
-            self._c[:, slots] = out.c
-            if len(rows) == len(batch):
-                logits = out.logits
-            else:
-                logits[rows] = out.logits
-        wanted = [row for row, seq in enumerate(batch) if seq.params.logprobs]
+            logits, h, c = out.logits, out.h, out.c
+            self._h[:, slots] = h
+            self._c[:, slots] = c
+        else:
+            prefill = [row for row, seq in enumerate(batch) if seq._sampled == 0]
+            logits, h, c = self._run_grouped(batch, slots, prefill)
+            self._fresh = 0
+        wanted = arrays.logprobs
         rows_logp = {row: log_softmax(logits[row], batch[row].params.temperature) for row in wanted}
-        tokens = sample_batch(logits, [s.params for s in batch], [s.rng for s in batch])
+        u = np.array([seq.rng.random() for seq in batch], dtype=np.float64)
+        tokens = sample_rows(logits, arrays.rows, u, self._head)
         top: dict[int, TopLogprobs] = {}
         for row in wanted:
             logp = rows_logp[row]
             ids = top_ids(logp, batch[row].params.logprobs)
             top[row] = TopLogprobs(float(logp[tokens[row]]), ids, logp[ids])
-        return _StepResult(tokens, top, time.perf_counter() - started)
+        self._next[slots] = tokens
+        for seq, token in zip(batch, tokens.tolist(), strict=True):
+            seq._sampled += 1
+            if token == PAD_ID or seq._sampled >= seq.max_new_tokens:
+                self._retire(seq)  # the loop finishes it from this step's result
+        return _StepResult(
+            batch, tokens, h, c, top, time.perf_counter() - started, [], []
+        )
+
+    def _run_grouped(
+        self, batch: list[Sequence], slots: np.ndarray, prefill: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One engine call per distinct feed length; new prompts are fed whole."""
+        by_length: dict[int, list[int]] = {}
+        new = set(prefill)
+        for row, seq in enumerate(batch):
+            length = len(seq.feed) if row in new else 1
+            by_length.setdefault(length, []).append(row)
+        logits = np.empty((len(batch), self.engine.vocab_size), np.float32)
+        for length, rows in by_length.items():
+            group = slots[rows]
+            if length == 1 and not new.intersection(rows):
+                tokens = self._next[group].reshape(-1, 1)
+            else:
+                feeds = [batch[r].feed if r in new else [int(self._next[slots[r]])] for r in rows]
+                tokens = np.array(feeds, dtype=np.int64).reshape(len(rows), length)
+            out = self.engine.run(
+                tokens, np.ascontiguousarray(self._h[:, group]), np.ascontiguousarray(self._c[:, group])
+            )
+            self.engine_calls += 1
+            self._h[:, group] = out.h
+            self._c[:, group] = out.c
+            logits[rows] = out.logits
+        return logits, self._h[:, slots], self._c[:, slots]
+
+
+@dataclass
+class _Batch:
+    slots: np.ndarray  # (B,) int64
+    rows: RowParams
+    logprobs: list[int]  # rows that report top words
+
+
+def _empty_result(admitted: list[float], dropped: list[Sequence]) -> _StepResult:
+    return _StepResult([], np.zeros(0, np.int64), None, None, {}, 0.0, admitted, dropped)
+
+
+def _make_head(engine: Engine) -> SamplingHead | None:
+    """The onnxruntime sampling head, or None (numpy sampling) where it cannot load."""
+    try:
+        return SamplingHead(engine.vocab_size, max(1, engine.intra_op_threads))
+    except Exception:  # onnxruntime raises its own types; numpy sampling still works
+        logger.warning("sampling head unavailable; sampling in numpy", exc_info=True)
+        return None

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     # observability
     metrics_enabled: bool = Field(True, description="Record Prometheus metrics and serve /metrics.")
 
+    # streaming under load
+    max_coalesce_steps: int = Field(
+        8, ge=1,
+        description="Under load, send each stream its tokens every few engine steps, at most "
+        "this many, so one message carries several tokens; 1 sends every token as it comes.",
+    )
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:

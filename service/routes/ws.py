@@ -33,6 +33,7 @@ class _Connection:
         self.session_id: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.cancel_requested = False
+        self.generating = False  # turns false before the done event is sent
         self.owner = str(socket.scope.get("simmer_owner", ""))
 
     async def send(self, obj: dict[str, Any]) -> None:
@@ -43,6 +44,13 @@ class _Connection:
             await self.send(error_json(code, message, param))
 
     async def run_generation(self, message: WSGenerate) -> None:
+        try:
+            await self._generate(message)
+        except BaseException:
+            self.generating = False
+            raise
+
+    async def _generate(self, message: WSGenerate) -> None:
         runtime = self.runtime
         try:
             if self.session_id is not None:
@@ -65,10 +73,17 @@ class _Connection:
                     elif isinstance(event, TokenEvent):
                         await self.send(token_json(event))
                     elif isinstance(event, DoneEvent):
+                        # release the session and the connection first: the client may
+                        # send its next generate as soon as it reads this event
+                        await events.aclose()
+                        self.generating = False
                         await self.send(done_json(event))
+                        return
             finally:
                 await events.aclose()
+            self.generating = False
         except APIError as exc:
+            self.generating = False
             await self.error(exc.code, exc.message, exc.param)
 
     def cancel(self) -> None:
@@ -124,10 +139,11 @@ async def stream(socket: WebSocket[Any, Any, Any], state: State) -> None:
                 if conn.task is not None and not conn.task.done():
                     conn.cancel_requested = True
                     conn.cancel()
-            elif conn.task is not None and not conn.task.done():
+            elif conn.generating:
                 await conn.error("session_busy", "a generation is already running on this connection")
             else:
                 conn.cancel_requested = False
+                conn.generating = True
                 conn.task = asyncio.create_task(conn.run_generation(payload))
     finally:
         runtime.metrics.websocket_connections.dec()
