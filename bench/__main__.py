@@ -81,12 +81,28 @@ class BenchConfig:
     @classmethod
     def smoke(cls) -> BenchConfig:
         return cls(
-            vocab_size=300, embedding_dim=16, hidden_size=32,
-            batches=(1, 4), thread_settings=(), engine_seconds=0.05,
-            ws_streams={1: 2, 4: 2}, tokens=8, sse_streams=4, sse_requests=1,
-            long_tokens=16, long_single_requests=1, long_concurrent=4, book_requests=1,
-            history_long=100, history_short=10, history_new=8, history_repeats=2,
-            sessions=1000, metrics_streams=4, metrics_requests=1, metrics_rounds=1,
+            vocab_size=300,
+            embedding_dim=16,
+            hidden_size=32,
+            batches=(1, 4),
+            thread_settings=(),
+            engine_seconds=0.05,
+            ws_streams={1: 2, 4: 2},
+            tokens=8,
+            sse_streams=4,
+            sse_requests=1,
+            long_tokens=16,
+            long_single_requests=1,
+            long_concurrent=4,
+            book_requests=1,
+            history_long=100,
+            history_short=10,
+            history_new=8,
+            history_repeats=2,
+            sessions=1000,
+            metrics_streams=4,
+            metrics_requests=1,
+            metrics_rounds=1,
         )
 
 
@@ -169,10 +185,15 @@ def _history_cost(server: Server, config: BenchConfig, vocab: list[str]) -> dict
             for kind, first in made.items():
                 at = time.perf_counter()
                 out = generate(
-                    {"session_id": first["session_id"], "prompt": "and",
-                     "max_tokens": config.history_new}
+                    {
+                        "session_id": first["session_id"],
+                        "prompt": "and",
+                        "max_tokens": config.history_new,
+                    }
                 )
-                latency[kind].append((time.perf_counter() - at) / max(1, out["usage"]["completion_tokens"]))
+                latency[kind].append(
+                    (time.perf_counter() - at) / max(1, out["usage"]["completion_tokens"])
+                )
     long = statistics.median(latency["long"][1:])
     short = statistics.median(latency["short"][1:])
     return {
@@ -188,11 +209,16 @@ def _metrics_overhead(
     bundle: Path, config: BenchConfig, on: Server, workdir: Path, settings: dict[str, str]
 ) -> dict[str, Any]:
     spec_of = lambda s: LoadSpec(  # noqa: E731 - a small local factory
-        url=s.ws_url, streams=config.metrics_streams, requests=config.metrics_requests,
-        max_tokens=config.tokens, prompt=config.prompt,
+        url=s.ws_url,
+        streams=config.metrics_streams,
+        requests=config.metrics_requests,
+        max_tokens=config.tokens,
+        prompt=config.prompt,
     )
     runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
-    with Server(bundle, workdir / "server-metrics-off.log", **settings, metrics_enabled="false") as off:
+    with Server(
+        bundle, workdir / "server-metrics-off.log", **settings, metrics_enabled="false"
+    ) as off:
         _check(run_load(off, spec_of(off)), "metrics off warm-up")
         for round_ in range(config.metrics_rounds):
             order = [("on", on), ("off", off)] if round_ % 2 == 0 else [("off", off), ("on", on)]
@@ -200,7 +226,9 @@ def _metrics_overhead(
                 runs[name].append(_check(run_load(server, spec_of(server)), f"metrics {name}"))
     best = {k: max(r["tokens_per_s"] for r in v) for k, v in runs.items()}
     median = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
-    cpu = {k: statistics.median(r["server_cpu_per_token_s"] for r in v) * 1e6 for k, v in runs.items()}
+    cpu = {
+        k: statistics.median(r["server_cpu_per_token_s"] for r in v) * 1e6 for k, v in runs.items()
+    }
     return {
         "streams": config.metrics_streams,
         "rounds": config.metrics_rounds,
@@ -212,7 +240,9 @@ def _metrics_overhead(
     }
 
 
-def run(config: BenchConfig, bundle: Path, out: Path, redis_url: str | None, threads: int | None) -> dict[str, Any]:
+def run(
+    config: BenchConfig, bundle: Path, out: Path, redis_url: str | None, threads: int | None
+) -> dict[str, Any]:
     from service.engine import Engine
     from service.settings import Settings
     from simmer.bundle import load_bundle
@@ -253,8 +283,10 @@ def run(config: BenchConfig, bundle: Path, out: Path, redis_url: str | None, thr
         fastest = max(rows, key=lambda f: f.tokens_per_s)
         cheapest = min(rows, key=lambda f: f.cpu_per_token_s)
         best[str(batch)] = {
-            "tokens_per_s": fastest.tokens_per_s, "tokens_per_s_threads": fastest.threads,
-            "cpu_per_token_us": cheapest.cpu_per_token_s * 1e6, "cpu_threads": cheapest.threads,
+            "tokens_per_s": fastest.tokens_per_s,
+            "tokens_per_s_threads": fastest.threads,
+            "cpu_per_token_us": cheapest.cpu_per_token_s * 1e6,
+            "cpu_threads": cheapest.threads,
         }
     result["engine"] = {
         "server_threads": server_threads,
@@ -285,19 +317,41 @@ def run(config: BenchConfig, bundle: Path, out: Path, redis_url: str | None, thr
             if streams in (small, large):
                 adjacent(streams)
             log(f"server: {streams} WebSocket stream(s) x {requests} x {config.tokens} tokens")
-            spec = LoadSpec(url=server.ws_url, streams=streams, requests=requests,
-                            max_tokens=config.tokens, prompt=config.prompt)
-            result["server"][f"ws-{streams}"] = _server_figures(_check(run_load(server, spec), f"ws {streams}"))
+            spec = LoadSpec(
+                url=server.ws_url,
+                streams=streams,
+                requests=requests,
+                max_tokens=config.tokens,
+                prompt=config.prompt,
+            )
+            result["server"][f"ws-{streams}"] = _server_figures(
+                _check(run_load(server, spec), f"ws {streams}")
+            )
         log(f"server: {config.sse_streams} SSE streams")
-        spec = LoadSpec(url=server.base_url, protocol="sse", streams=config.sse_streams,
-                        requests=config.sse_requests, max_tokens=config.tokens, prompt=config.prompt)
-        result["server"][f"sse-{config.sse_streams}"] = _server_figures(_check(run_load(server, spec), "sse"))
+        spec = LoadSpec(
+            url=server.base_url,
+            protocol="sse",
+            streams=config.sse_streams,
+            requests=config.sse_requests,
+            max_tokens=config.tokens,
+            prompt=config.prompt,
+        )
+        result["server"][f"sse-{config.sse_streams}"] = _server_figures(
+            _check(run_load(server, spec), "sse")
+        )
 
-        log(f"simmer, {config.long_tokens}-token generations: 1 and {config.long_concurrent} streams")
+        log(
+            f"simmer, {config.long_tokens}-token generations: 1 and {config.long_concurrent} streams"
+        )
         long_runs = {}
         for streams, requests in ((1, config.long_single_requests), (config.long_concurrent, 1)):
-            spec = LoadSpec(url=server.ws_url, streams=streams, requests=requests,
-                            max_tokens=config.long_tokens, prompt=config.prompt)
+            spec = LoadSpec(
+                url=server.ws_url,
+                streams=streams,
+                requests=requests,
+                max_tokens=config.long_tokens,
+                prompt=config.prompt,
+            )
             long_runs[str(streams)] = _server_figures(_check(run_load(server, spec), "long"))
         result["simmer_long"] = long_runs
 
@@ -309,7 +363,9 @@ def run(config: BenchConfig, bundle: Path, out: Path, redis_url: str | None, thr
 
     # 4. memory per session
     log(f"memory per session: {config.sessions:,} sessions")
-    result["sessions"] = {"memory": sessions.memory_store(config.sessions, loaded.num_layers, loaded.hidden_size)}
+    result["sessions"] = {
+        "memory": sessions.memory_store(config.sessions, loaded.num_layers, loaded.hidden_size)
+    }
     if redis_url:
         try:
             result["sessions"]["redis"] = sessions.redis_store(
@@ -324,49 +380,76 @@ def run(config: BenchConfig, bundle: Path, out: Path, redis_url: str | None, thr
     return result
 
 
-def ratios(result: dict[str, Any], small: int, large: int, config: BenchConfig) -> list[dict[str, Any]]:
+def ratios(
+    result: dict[str, Any], small: int, large: int, config: BenchConfig
+) -> list[dict[str, Any]]:
     adjacent = result["engine"]["adjacent"]
     ws_large, ws_small = result["server"][f"ws-{large}"], result["server"][f"ws-{small}"]
     book = result["book"]["tokens_per_s"]
     redis = result["sessions"].get("redis", {})
     return [
         report.ratio(
-            f"CPU efficiency at {large} streams", adjacent[str(large)]["cpu_per_token_us"]
-            / ws_large["server_cpu_per_token_us"], 0.5, ">=",
+            f"CPU efficiency at {large} streams",
+            adjacent[str(large)]["cpu_per_token_us"] / ws_large["server_cpu_per_token_us"],
+            0.5,
+            ">=",
             f"raw engine CPU/token at batch {large} / server CPU/token at {large} streams",
         ),
         report.ratio(
-            f"throughput at {large} streams", ws_large["tokens_per_s"] / adjacent[str(large)]["tokens_per_s"],
-            None, "", f"server tokens/s at {large} streams / raw engine tokens/s at batch {large}",
+            f"throughput at {large} streams",
+            ws_large["tokens_per_s"] / adjacent[str(large)]["tokens_per_s"],
+            None,
+            "",
+            f"server tokens/s at {large} streams / raw engine tokens/s at batch {large}",
         ),
         report.ratio(
-            f"inter-token latency at {small} stream", ws_small["itl_ms"]["p50"] / adjacent[str(small)]["step_ms"],
-            2.0, "<=", f"median ITL at {small} stream / raw batch-{small} step time",
+            f"inter-token latency at {small} stream",
+            ws_small["itl_ms"]["p50"] / adjacent[str(small)]["step_ms"],
+            2.0,
+            "<=",
+            f"median ITL at {small} stream / raw batch-{small} step time",
         ),
         report.ratio(
-            "long history cost", result["history"]["ratio"], 1.2, "<=",
+            "long history cost",
+            result["history"]["ratio"],
+            1.2,
+            "<=",
             f"seconds per token continuing {config.history_long} vs {config.history_short} tokens "
             f"of history, {config.history_new} new tokens",
         ),
         report.ratio(
-            "simmer / book, 1 stream", result["simmer_long"]["1"]["tokens_per_s"] / book, 3.0, ">=",
+            "simmer / book, 1 stream",
+            result["simmer_long"]["1"]["tokens_per_s"] / book,
+            3.0,
+            ">=",
             f"tokens/s of {config.long_tokens}-token generations, book-style re-runs the prefix",
         ),
         report.ratio(
             f"simmer / book, {config.long_concurrent} concurrent",
-            result["simmer_long"][str(config.long_concurrent)]["tokens_per_s"] / book, 10.0, ">=",
+            result["simmer_long"][str(config.long_concurrent)]["tokens_per_s"] / book,
+            10.0,
+            ">=",
             "book-style serves requests one after another",
         ),
         report.ratio(
-            "memory store bytes/session", result["sessions"]["memory"]["bytes_per_session"], 2048, "<=",
+            "memory store bytes/session",
+            result["sessions"]["memory"]["bytes_per_session"],
+            2048,
+            "<=",
             f"tracemalloc over {config.sessions:,} sessions",
         ),
         report.ratio(
-            "Redis bytes/session", redis.get("bytes_per_session"), 2048, "<=",
+            "Redis bytes/session",
+            redis.get("bytes_per_session"),
+            2048,
+            "<=",
             f"used_memory delta over {config.sessions:,} sessions",
         ),
         report.ratio(
-            "metrics on / off throughput", result["metrics_overhead"]["ratio"], 0.95, ">=",
+            "metrics on / off throughput",
+            result["metrics_overhead"]["ratio"],
+            0.95,
+            ">=",
             f"best of {config.metrics_rounds} rounds each, {config.metrics_streams} streams",
         ),
     ]
@@ -386,17 +469,33 @@ def _finite(value: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
-    parser.add_argument("--bundle", type=Path, default=None, help="bundle to serve (default: random book-size)")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "simmer", help="where the random bundle is kept")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="'' skips the Redis figure")
-    parser.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: its setting)")
+    parser.add_argument(
+        "--bundle", type=Path, default=None, help="bundle to serve (default: random book-size)"
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "simmer",
+        help="where the random bundle is kept",
+    )
+    parser.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/15", help="'' skips the Redis figure"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="server intra-op threads (default: its setting)"
+    )
     parser.add_argument("--smoke", action="store_true", help="every part at tiny sizes")
     args = parser.parse_args(argv)
     config = BenchConfig.smoke() if args.smoke else BenchConfig()
     bundle = args.bundle
     if bundle is None:
         log(f"building or reusing a random bundle under {args.cache}")
-        bundle = cached_bundle(args.cache / "bench-bundles", config.vocab_size, config.embedding_dim, config.hidden_size)
+        bundle = cached_bundle(
+            args.cache / "bench-bundles",
+            config.vocab_size,
+            config.embedding_dim,
+            config.hidden_size,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = run(config, bundle, args.out, args.redis_url or None, args.threads)
     args.out.write_text(json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")

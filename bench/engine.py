@@ -63,7 +63,9 @@ def measure_engine(engine: Engine, batch: int, seconds: float, rounds: int = 3) 
         wall += time.perf_counter() - wall_at
         cpu += time.process_time() - cpu_at
     count = batch * per_round * rounds
-    return EngineFigure(engine.intra_op_threads, batch, statistics.median(steps), count / wall, cpu / count)
+    return EngineFigure(
+        engine.intra_op_threads, batch, statistics.median(steps), count / wall, cpu / count
+    )
 
 
 def engine_table(
@@ -83,7 +85,11 @@ def engine_table(
 
 
 def book_generate(
-    engine: Engine, prompt_ids: list[int], max_new: int, temperature: float, rng: np.random.Generator
+    engine: Engine,
+    prompt_ids: list[int],
+    max_new: int,
+    temperature: float,
+    rng: np.random.Generator,
 ) -> int:
     """The book's loop: re-run the whole prefix for every token. Returns tokens generated."""
     tokens = list(prompt_ids)

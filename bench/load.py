@@ -99,7 +99,9 @@ def _request_body(spec: LoadSpec, session_id: str | None) -> dict[str, Any]:
     return body
 
 
-async def _ws_stream(spec: LoadSpec, index: int, go: asyncio.Event, ready: asyncio.Queue[int]) -> StreamRecord:
+async def _ws_stream(
+    spec: LoadSpec, index: int, go: asyncio.Event, ready: asyncio.Queue[int]
+) -> StreamRecord:
     from websockets.asyncio.client import connect
 
     record = StreamRecord()
@@ -170,7 +172,8 @@ async def run_load(spec: LoadSpec, wait_for_go: bool) -> dict[str, Any]:
         limits = httpx.Limits(max_connections=spec.streams, max_keepalive_connections=spec.streams)
         client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0))
         tasks = [
-            asyncio.create_task(_sse_stream(spec, i, go, ready, client)) for i in range(spec.streams)
+            asyncio.create_task(_sse_stream(spec, i, go, ready, client))
+            for i in range(spec.streams)
         ]
     else:
         tasks = [asyncio.create_task(_ws_stream(spec, i, go, ready)) for i in range(spec.streams)]

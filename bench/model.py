@@ -38,7 +38,11 @@ def book_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def build_random_bundle(
-    out: Path, vocab_size: int = 10_000, embedding_dim: int = 100, hidden_size: int = 128, seed: int = 0
+    out: Path,
+    vocab_size: int = 10_000,
+    embedding_dim: int = 100,
+    hidden_size: int = 128,
+    seed: int = 0,
 ) -> Path:
     """Export a randomly initialised model of the given size to a bundle at `out`."""
     import torch
@@ -71,7 +75,9 @@ def build_random_bundle(
     return out
 
 
-def cached_bundle(cache: Path, vocab_size: int = 10_000, embedding_dim: int = 100, hidden_size: int = 128) -> Path:
+def cached_bundle(
+    cache: Path, vocab_size: int = 10_000, embedding_dim: int = 100, hidden_size: int = 128
+) -> Path:
     """The random bundle of this size under `cache`, built once."""
     out = cache / f"random-v{vocab_size}-e{embedding_dim}-h{hidden_size}"
     if not is_bundle(out):

@@ -7,12 +7,21 @@ from pathlib import Path
 from typing import Any
 
 
-def ratio(name: str, value: float | None, target: float | None, better: str, how: str) -> dict[str, Any]:
+def ratio(
+    name: str, value: float | None, target: float | None, better: str, how: str
+) -> dict[str, Any]:
     """One headline figure; `better` is ">=" or "<=" (the target's side), or "" for none."""
     met = None
     if target is not None and value is not None and math.isfinite(value):
         met = value >= target if better == ">=" else value <= target
-    return {"name": name, "value": value, "target": target, "better": better, "met": met, "how": how}
+    return {
+        "name": name,
+        "value": value,
+        "target": target,
+        "better": better,
+        "met": met,
+        "how": how,
+    }
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -23,8 +32,10 @@ def summary(result: dict[str, Any]) -> str:
     """A readable summary of one run."""
     lines = [f"simmer benchmark: {result['bundle']['description']}"]
     lines.append(f"  machine: {result['machine']['cpus']} CPUs, {result['machine']['cpu_model']}")
-    lines.append(f"  server: intra-op threads {result['server_settings']['intra_op_threads']}, "
-                 f"max batch {result['server_settings']['max_batch']}")
+    lines.append(
+        f"  server: intra-op threads {result['server_settings']['intra_op_threads']}, "
+        f"max batch {result['server_settings']['max_batch']}"
+    )
     lines.append("")
     lines.append("raw engine (threads, batch: tokens/s, step ms, CPU us/token)")
     for row in result["engine"]["table"]:
@@ -33,7 +44,9 @@ def summary(result: dict[str, Any]) -> str:
             f"{row['step_ms']:7.3f} ms  {row['cpu_per_token_us']:7.1f} us"
         )
     lines.append("")
-    lines.append("server (streams: tokens/s, CPU us/token, TTFT p50/p99 ms, ITL p50/p99 ms, tok/msg)")
+    lines.append(
+        "server (streams: tokens/s, CPU us/token, TTFT p50/p99 ms, ITL p50/p99 ms, tok/msg)"
+    )
     for label, run in result["server"].items():
         lines.append(
             f"  {label:>7}: {run['tokens_per_s']:>9,.0f} tok/s  "
@@ -66,8 +79,12 @@ def chart(result: dict[str, Any], path: Path) -> None:
     ax = axes[0][0]
     for threads in sorted({row["threads"] for row in table}):
         rows = [row for row in table if row["threads"] == threads]
-        ax.plot([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], "o-",
-                label=f"raw engine, {threads} thread(s)")
+        ax.plot(
+            [r["batch"] for r in rows],
+            [r["tokens_per_s"] for r in rows],
+            "o-",
+            label=f"raw engine, {threads} thread(s)",
+        )
     ax.plot(streams, [v["tokens_per_s"] for v in server.values()], "s-", label="server (WebSocket)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size / concurrent streams")
@@ -78,10 +95,18 @@ def chart(result: dict[str, Any], path: Path) -> None:
     ax = axes[0][1]
     for threads in sorted({row["threads"] for row in table}):
         rows = [row for row in table if row["threads"] == threads]
-        ax.plot([r["batch"] for r in rows], [r["cpu_per_token_us"] for r in rows], "o-",
-                label=f"raw engine, {threads} thread(s)")
-    ax.plot(streams, [v["server_cpu_per_token_us"] for v in server.values()], "s-",
-            label="server process")
+        ax.plot(
+            [r["batch"] for r in rows],
+            [r["cpu_per_token_us"] for r in rows],
+            "o-",
+            label=f"raw engine, {threads} thread(s)",
+        )
+    ax.plot(
+        streams,
+        [v["server_cpu_per_token_us"] for v in server.values()],
+        "s-",
+        label="server process",
+    )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size / concurrent streams")
@@ -92,8 +117,13 @@ def chart(result: dict[str, Any], path: Path) -> None:
     ax = axes[1][0]
     for key, style in (("ttft_ms", "o-"), ("itl_ms", "s-")):
         for pct in ("p50", "p99"):
-            ax.plot(streams, [v[key][pct] for v in server.values()], style,
-                    label=f"{key.split('_')[0].upper()} {pct}", alpha=1.0 if pct == "p50" else 0.5)
+            ax.plot(
+                streams,
+                [v[key][pct] for v in server.values()],
+                style,
+                label=f"{key.split('_')[0].upper()} {pct}",
+                alpha=1.0 if pct == "p50" else 0.5,
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("concurrent streams")
@@ -106,7 +136,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
     names = [r["name"] for r in items]
     # each bar is value / target, flipped for "<=" targets, so 1.0 is the line to clear
     scores = [
-        (r["value"] / r["target"]) if r["better"] == ">=" else (r["target"] / max(r["value"], 1e-12))
+        (r["value"] / r["target"])
+        if r["better"] == ">="
+        else (r["target"] / max(r["value"], 1e-12))
         for r in items
     ]
     colors = ["tab:green" if r["met"] else "tab:red" for r in items]

@@ -44,7 +44,10 @@ class Server:
         }
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=self._log,
+            [sys.executable, "-m", "service"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
         )
 
@@ -97,7 +100,10 @@ def run_load(server: Server, spec: LoadSpec, timeout: float = 600) -> dict[str, 
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.load", json.dumps(spec.__dict__)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdin is not None and proc.stdout is not None
     try:

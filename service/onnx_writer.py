@@ -89,9 +89,7 @@ def tensor(name: str, array: np.ndarray) -> bytes:
 
 def value_info(name: str, elem_type: int, dims: Sequence[Dim]) -> bytes:
     """A ValueInfoProto: a named tensor of `elem_type` with fixed or symbolic dims."""
-    shape = b"".join(
-        _bytes(1, _int(1, d) if isinstance(d, int) else _str(2, d)) for d in dims
-    )
+    shape = b"".join(_bytes(1, _int(1, d) if isinstance(d, int) else _str(2, d)) for d in dims)
     tensor_type = _int(1, elem_type) + _bytes(2, shape)
     return _str(1, name) + _bytes(2, _bytes(1, tensor_type))
 

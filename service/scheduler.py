@@ -1,20 +1,24 @@
 """Continuous batching: every sequence waiting for its next token, in one engine call.
 
 A worker thread owns the engine. Each running sequence owns a slot in preallocated
-state arrays (layers, slots, hidden). A step gathers the slots of every active
-sequence, runs the engine once per distinct feed length (decode steps all have length
-1, so they share one call; a new prompt is prefilled in one call over its tokens),
-samples the whole batch at once and scatters the new state back. Sequences join and
-leave between steps.
+state arrays (layers, slots, hidden). A step runs the engine once per distinct feed
+length (decode steps all have length 1, so they share one call; a new prompt is
+prefilled in one call over its tokens) and samples the whole batch at once. While the
+batch stays the same, each step feeds the previous step's state and tokens straight
+back in; the slot arrays are written only when sequences join or leave.
 
 The worker does not wait for the event loop between steps. It hands each step's tokens
-to the loop (`call_soon_threadsafe`) and goes straight on to the next step, so the
-loop streams step N while the engine computes step N + 1. The loop applies the tokens
-to their sequences: stop strings, cancellation and events happen there. The worker
-runs at most one step ahead of what the loop has applied; a sequence the loop stops
-(a stop string, a cancel) may therefore be stepped once more, and that step's token is
+to the loop (`call_soon_threadsafe`) and goes straight on to the next step, so the loop
+streams step N while the engine computes step N + 1. The loop applies the tokens to
+their sequences: stop strings, cancellation and waking consumers happen there. The
+worker may run up to `PIPELINE_DEPTH` steps ahead of what the loop has applied, so a
+busy or descheduled loop does not stall the engine; a sequence the loop stops (a stop
+string, a cancel) may therefore be stepped a few more times, and those tokens are
 dropped. A sequence keeps the state of the last step whose token it kept, plus that
 token as its pending feed, so its session is exactly what the kept tokens imply.
+
+Under load, waking every stream's consumer for every token costs the loop more than
+the tokens are worth: see `DecodeScheduler._coalesce`.
 
 Nothing here knows about HTTP.
 """
@@ -37,6 +41,7 @@ from service.sampling import (
     RowParams,
     SamplingHead,
     SamplingParams,
+    Uniforms,
     log_softmax,
     make_rng,
     sample_rows,
@@ -46,7 +51,8 @@ from simmer.tokenizer import PAD_ID
 
 logger = logging.getLogger(__name__)
 
-# Coalescing under load (see DecodeScheduler._coalesce)
+PIPELINE_DEPTH = 16  # steps the worker may run ahead of the event loop
+# coalescing under load (see DecodeScheduler._coalesce)
 COALESCE_MIN_BATCH = 8  # smaller batches always stream every token at once
 COALESCE_HIGH = 0.25  # the loop's CPU per step, as a share of the engine thread's
 COALESCE_LOW = 0.1
@@ -61,7 +67,7 @@ class SchedulerClosed(RuntimeError):
 class Sequence:
     """One generation in flight. The scheduler appends to `tokens` and sets `event`."""
 
-    feed: list[int]  # tokens to feed at the next step; after a step, the pending token
+    feed: list[int]  # tokens to feed at the next step; once done, the pending token
     h: np.ndarray  # (L, H) initial state; the final state once done
     c: np.ndarray
     params: SamplingParams
@@ -77,13 +83,13 @@ class Sequence:
     started_at: float | None = None
     slot: int = -1
     seq_id: int = 0
-    # the state after the last applied step: (h, c) arrays of that step and the row
+    # loop side: the state after the last applied step, as (h, c, row) of that step
     _state: tuple[np.ndarray, np.ndarray, int] | None = field(default=None, repr=False)
-    # worker-side: tokens sampled so far (whatever the loop has applied yet)
+    # worker side: tokens sampled so far, applied or not
     _sampled: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
-        self.rng = make_rng(self.params.seed)
+        self.rng = Uniforms(make_rng(self.params.seed))
 
     @property
     def done(self) -> bool:
@@ -114,18 +120,28 @@ QueueHook = Callable[[float], None]
 
 @dataclass
 class _StepResult:
-    """What the worker hands the loop after a step (or with nothing but news)."""
+    """What the worker hands the loop after a step, or with nothing but news."""
 
     batch: list[Sequence]
     tokens: np.ndarray  # (B,) int64
-    h: np.ndarray | None  # (L, B, H): the state of each row after the step
+    h: np.ndarray | None  # (L, B, H): each row's state after the step; never written again
     c: np.ndarray | None
     top: dict[int, TopLogprobs]
-    seconds: float
-    admitted: list[float]  # queue times of the sequences admitted for this step
-    dropped: list[Sequence]  # cancelled before or between steps
+    seconds: float  # wall time of the step
+    admitted: list[float] = field(default_factory=list)  # queue times of new sequences
+    dropped: list[Sequence] = field(default_factory=list)  # cancelled before or between steps
     failed: bool = False
     cpu: float = 0.0  # the worker thread's CPU seconds since its previous result
+
+
+@dataclass
+class _Batch:
+    """The running batch as arrays, and the state its last step left (until it changes)."""
+
+    slots: np.ndarray  # (B,) int64
+    rows: RowParams
+    logprobs: list[int]  # rows that report top words
+    carry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (tokens (B, 1), h, c)
 
 
 class DecodeScheduler:
@@ -142,28 +158,31 @@ class DecodeScheduler:
         self.on_step = on_step
         self.on_admit = on_admit
         self.max_stride = max_stride
-        self._stride = 1  # see _coalesce
-        self._loop_share = 0.0
-        self._loop_cpu_at = 0.0
-        self._until_adjust = COALESCE_EVERY
         layers, hidden = engine.num_layers, engine.hidden_size
         self._h = np.zeros((layers, max_batch, hidden), np.float32)
         self._c = np.zeros((layers, max_batch, hidden), np.float32)
         self._next = np.zeros(max_batch, np.int64)  # each slot's next token to feed
+        self._params: dict[int, RowParams] = {}  # each slot's sampling parameters
         self._free = list(range(max_batch - 1, -1, -1))
         self._inbox: deque[Sequence] = deque()  # submitted, not yet seen by the worker
-        self._waiting: deque[Sequence] = deque()  # seen by the worker, no slot yet
-        self._running: list[Sequence] = []  # worker-owned
-        self._fresh = 0  # running sequences not stepped yet: their prompts need feeding
-        self._params: dict[int, RowParams] = {}  # slot -> its row's sampling parameters
-        self._batch: _Batch | None = None  # the running batch's arrays; None when it changed
+        # worker-owned:
+        self._waiting: deque[Sequence] = deque()  # seen, no slot yet
+        self._running: list[Sequence] = []
+        self._batch: _Batch | None = None  # None when the running set changed
+        self._fresh = 0  # running sequences whose prompt is not fed yet
+        self._head = _make_head(engine)
+        # between the threads:
         self._work = threading.Event()  # set when the worker may have something to do
-        self._in_flight = threading.Semaphore(1)  # one step's results on their way to the loop
+        self._in_flight = threading.Semaphore(PIPELINE_DEPTH)  # results not yet applied
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # loop-owned: coalescing
+        self._stride = 1
+        self._loop_share = 0.0
+        self._loop_cpu_at = 0.0
+        self._until_adjust = COALESCE_EVERY
         self._ids = itertools.count(1)
-        self._head = _make_head(engine)
         self.steps = 0
         self.engine_calls = 0
 
@@ -176,6 +195,11 @@ class DecodeScheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._inbox) + len(self._waiting)
+
+    @property
+    def stride(self) -> int:
+        """Tokens per consumer wake-up right now (1 unless the loop is busy)."""
+        return self._stride
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -247,7 +271,8 @@ class DecodeScheduler:
         tokens = result.tokens.tolist()
         top = result.top
         h, c = result.h, result.c
-        assert h is not None and c is not None
+        assert h is not None
+        assert c is not None
         for row, seq in enumerate(result.batch):
             if seq.finish_reason is not None:
                 continue  # stopped by the loop after the worker took this step
@@ -276,10 +301,12 @@ class DecodeScheduler:
         """The stride for this step: wake each stream's consumer every `stride` tokens.
 
         Every token is sent as soon as it is sampled while the event loop keeps up
-        easily. When the loop's CPU time per step (waking consumers, encoding and
-        writing messages) passes `COALESCE_HIGH` of the engine thread's, the stride
-        grows, so each message carries several tokens; it shrinks again below
-        `COALESCE_LOW`. Small batches always get every token at once.
+        easily. When the loop's CPU time per step (applying tokens, waking consumers,
+        encoding and writing messages) passes `COALESCE_HIGH` of the engine thread's,
+        the stride grows, so that one message carries several tokens; it shrinks
+        again below `COALESCE_LOW`. Batches under `COALESCE_MIN_BATCH` always get
+        every token at once; the first token, the last and any stop always go out at
+        once too.
         """
         now = time.thread_time()
         loop_cpu, self._loop_cpu_at = now - self._loop_cpu_at, now
@@ -300,7 +327,7 @@ class DecodeScheduler:
     # --- the worker thread ----------------------------------------------------------
 
     def _post(self, result: _StepResult) -> bool:
-        """Hand a result to the loop once the previous one has been applied."""
+        """Hand a result to the loop, waiting while PIPELINE_DEPTH are unapplied."""
         self._in_flight.acquire()
         loop = self._loop
         try:
@@ -316,8 +343,10 @@ class DecodeScheduler:
         while not self._closed:
             admitted, dropped = self._admit()
             if not self._running:
-                if dropped or admitted:
-                    self._post(_empty_result(admitted, dropped))
+                if dropped:
+                    self._post(
+                        _StepResult([], np.zeros(0, np.int64), None, None, {}, 0.0, [], dropped)
+                    )
                 self._work.clear()
                 if self._inbox or self._closed:
                     continue
@@ -328,8 +357,7 @@ class DecodeScheduler:
                 result = self._step(batch)
             except Exception:
                 logger.exception("engine step failed; ending %d sequences", len(batch))
-                result = _empty_result([], [])
-                result.batch, result.failed = batch, True
+                result = _StepResult(batch, np.zeros(0, np.int64), None, None, {}, 0.0, failed=True)
                 for seq in batch:
                     self._retire(seq)
             result.admitted, result.dropped = admitted, dropped
@@ -353,11 +381,11 @@ class DecodeScheduler:
             if seq.cancelled:
                 dropped.append(seq)
                 continue
+            self._unbatch()
             seq.slot = slot = self._free.pop()
             self._h[:, slot] = seq.h
             self._c[:, slot] = seq.c
             self._params[slot] = RowParams.of([seq.params])
-            self._batch = None
             seq._sampled = 0
             self._fresh += 1
             seq.started_at = time.perf_counter()
@@ -367,14 +395,24 @@ class DecodeScheduler:
 
     def _retire(self, seq: Sequence) -> None:
         """Give a sequence's slot back (worker thread)."""
+        self._unbatch()
         if seq.slot >= 0:
             self._free.append(seq.slot)
             seq.slot = -1
         self._running.remove(seq)
+
+    def _unbatch(self) -> None:
+        """Before the running set changes: write the carried state back to the slots."""
+        if self._batch is not None and self._batch.carry is not None:
+            tokens, h, c = self._batch.carry
+            slots = self._batch.slots
+            self._h[:, slots] = h
+            self._c[:, slots] = c
+            self._next[slots] = tokens[:, 0]
         self._batch = None
 
     def _batch_of(self, batch: list[Sequence]) -> _Batch:
-        """Slots and sampling parameters of the running batch, rebuilt when it changes."""
+        """The running batch's arrays, rebuilt when the running set has changed."""
         if self._batch is None:
             slots = [seq.slot for seq in batch]
             self._batch = _Batch(
@@ -389,38 +427,33 @@ class DecodeScheduler:
         started = time.perf_counter()
         arrays = self._batch_of(batch)
         slots = arrays.slots
-        if not self._fresh:
-            # every row feeds the one token sampled for it last step: one engine call
-            out = self.engine.run(
-                self._next[slots].reshape(-1, 1),
-                np.ascontiguousarray(self._h[:, slots]),
-                np.ascontiguousarray(self._c[:, slots]),
-            )
-            self.engine_calls += 1
-            logits, h, c = out.logits, out.h, out.c
-            self._h[:, slots] = h
-            self._c[:, slots] = c
-        else:
+        if self._fresh:
             prefill = [row for row, seq in enumerate(batch) if seq._sampled == 0]
             logits, h, c = self._run_grouped(batch, slots, prefill)
             self._fresh = 0
+        else:
+            # every row feeds the token sampled for it last step: one engine call
+            if arrays.carry is not None:
+                feed, h_in, c_in = arrays.carry
+            else:
+                feed = self._next[slots].reshape(-1, 1)
+                h_in, c_in = self._h[:, slots], self._c[:, slots]
+            out = self.engine.run(feed, h_in, c_in)
+            self.engine_calls += 1
+            logits, h, c = out.logits, out.h, out.c
         wanted = arrays.logprobs
-        rows_logp = {row: log_softmax(logits[row], batch[row].params.temperature) for row in wanted}
-        u = np.array([seq.rng.random() for seq in batch], dtype=np.float64)
-        tokens = sample_rows(logits, arrays.rows, u, self._head)
+        logps = {row: log_softmax(logits[row], batch[row].params.temperature) for row in wanted}
+        tokens = sample_rows(logits, arrays.rows, [seq.rng for seq in batch], self._head)
         top: dict[int, TopLogprobs] = {}
-        for row in wanted:
-            logp = rows_logp[row]
+        for row, logp in logps.items():
             ids = top_ids(logp, batch[row].params.logprobs)
             top[row] = TopLogprobs(float(logp[tokens[row]]), ids, logp[ids])
-        self._next[slots] = tokens
+        arrays.carry = (tokens.reshape(-1, 1), h, c)
         for seq, token in zip(batch, tokens.tolist(), strict=True):
             seq._sampled += 1
             if token == PAD_ID or seq._sampled >= seq.max_new_tokens:
                 self._retire(seq)  # the loop finishes it from this step's result
-        return _StepResult(
-            batch, tokens, h, c, top, time.perf_counter() - started, [], []
-        )
+        return _StepResult(batch, tokens, h, c, top, time.perf_counter() - started)
 
     def _run_grouped(
         self, batch: list[Sequence], slots: np.ndarray, prefill: list[int]
@@ -429,35 +462,21 @@ class DecodeScheduler:
         by_length: dict[int, list[int]] = {}
         new = set(prefill)
         for row, seq in enumerate(batch):
-            length = len(seq.feed) if row in new else 1
-            by_length.setdefault(length, []).append(row)
+            by_length.setdefault(len(seq.feed) if row in new else 1, []).append(row)
         logits = np.empty((len(batch), self.engine.vocab_size), np.float32)
         for length, rows in by_length.items():
             group = slots[rows]
-            if length == 1 and not new.intersection(rows):
-                tokens = self._next[group].reshape(-1, 1)
-            else:
-                feeds = [batch[r].feed if r in new else [int(self._next[slots[r]])] for r in rows]
-                tokens = np.array(feeds, dtype=np.int64).reshape(len(rows), length)
+            feeds = [batch[r].feed if r in new else [int(self._next[slots[r]])] for r in rows]
             out = self.engine.run(
-                tokens, np.ascontiguousarray(self._h[:, group]), np.ascontiguousarray(self._c[:, group])
+                np.array(feeds, dtype=np.int64).reshape(len(rows), length),
+                self._h[:, group],
+                self._c[:, group],
             )
             self.engine_calls += 1
             self._h[:, group] = out.h
             self._c[:, group] = out.c
             logits[rows] = out.logits
         return logits, self._h[:, slots], self._c[:, slots]
-
-
-@dataclass
-class _Batch:
-    slots: np.ndarray  # (B,) int64
-    rows: RowParams
-    logprobs: list[int]  # rows that report top words
-
-
-def _empty_result(admitted: list[float], dropped: list[Sequence]) -> _StepResult:
-    return _StepResult([], np.zeros(0, np.int64), None, None, {}, 0.0, admitted, dropped)
 
 
 def _make_head(engine: Engine) -> SamplingHead | None:
