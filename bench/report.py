@@ -55,6 +55,22 @@ def summary(result: dict[str, Any]) -> str:
             f"ITL {_fmt(run['itl_ms']['p50'], 3)}/{_fmt(run['itl_ms']['p99'], 3)}  "
             f"{run['tokens_per_message']:.2f}"
         )
+    rounds = result.get("headline_rounds", [])
+    if rounds:
+        lines.append("")
+        lines.append("headline rounds (raw engine and server side by side; ratios use the median)")
+        for i, r in enumerate(rounds, 1):
+            raw_cpu, server_cpu = (
+                r["raw_cpu_per_token_us_large"],
+                r["server_cpu_per_token_us_large"],
+            )
+            lines.append(
+                f"  {i}: ITL {_fmt(r['itl_ms_p50_small'], 3)} ms / raw step "
+                f"{_fmt(r['raw_step_ms_small'], 3)} ms = {_fmt(r['itl_ratio'])};  CPU "
+                f"{_fmt(raw_cpu, 1)} / {_fmt(server_cpu, 1)} us = {_fmt(r['cpu_efficiency'], 3)};"
+                f"  simmer/book 1 stream {_fmt(r['simmer_single_tokens_per_s'], 0)} / "
+                f"{_fmt(r['book_tokens_per_s'], 0)} = {_fmt(r['simmer_book_single'])}"
+            )
     lines.append("")
     lines.append("ratios")
     for item in result["ratios"]:

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +104,8 @@ def run_load(server: Server, spec: LoadSpec, timeout: float = 600) -> dict[str, 
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     try:
         line = proc.stdout.readline()
         if not line or not json.loads(line).get("ready"):

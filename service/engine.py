@@ -43,6 +43,12 @@ class StepOutput:
     c: np.ndarray  # (L, B, H) float32
 
 
+@dataclass(frozen=True)
+class WeightedStep(StepOutput):
+    weights: np.ndarray  # (B, nb * width) softmax(logits * inv_t), see sampling.direct_extension
+    sums: np.ndarray  # (B, nb) block sums of the weights
+
+
 class Engine:
     def __init__(
         self, bundle: ModelBundle, providers: list[str], intra_op_threads: int = 0
@@ -52,13 +58,16 @@ class Engine:
         if not chosen:
             raise BundleError(f"none of the providers {providers} is available (have {available})")
         try:
+            self.model = bundle.model_path.read_bytes()
             self.session = ort.InferenceSession(
-                str(bundle.model_path), session_options(intra_op_threads), providers=chosen
+                self.model, session_options(intra_op_threads), providers=chosen
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {exc}") from exc
         self.bundle = bundle
+        self.providers = chosen
         self.provider = self.session.get_providers()[0]
+        self._weighted: ort.InferenceSession | None = None
         self.intra_op_threads = intra_op_threads
         self.num_layers = bundle.num_layers
         self.hidden_size = bundle.hidden_size
@@ -97,6 +106,27 @@ class Engine:
     def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> StepOutput:
         logits, hn, cn = self.session.run(None, {"tokens": tokens, "h0": h, "c0": c})
         return StepOutput(logits, hn, cn)
+
+    def run_weighted(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
+    ) -> WeightedStep:
+        """`run`, plus softmax(logits * inv_t) weights and block sums for direct sampling,
+        in the same onnxruntime call (the model's graph with `direct_extension` added)."""
+        if self._weighted is None:
+            from service import onnx_writer
+            from service.sampling import block_width, direct_extension
+
+            extension = direct_extension(self.vocab_size, block_width(self.vocab_size))
+            self._weighted = ort.InferenceSession(
+                onnx_writer.extend(self.model, extension),
+                session_options(self.intra_op_threads),
+                providers=self.providers,
+            )
+        feeds = {"tokens": tokens, "h0": h, "c0": c, "inv_t": inv_t.reshape(-1, 1)}
+        logits, hn, cn, weights, sums = self._weighted.run(
+            ["logits", "hn", "cn", "weights", "sums"], feeds
+        )
+        return WeightedStep(logits, hn, cn, weights, sums)
 
     def warm_up(self, batches: tuple[int, ...] = (1, 8)) -> float:
         """Run a few steps so the first real request does not pay for allocation."""

@@ -94,6 +94,34 @@ def value_info(name: str, elem_type: int, dims: Sequence[Dim]) -> bytes:
     return _str(1, name) + _bytes(2, _bytes(1, tensor_type))
 
 
+@dataclass(frozen=True)
+class Graph:
+    """Nodes with the inputs, outputs and initializers they add to a graph."""
+
+    nodes: Sequence[Node]
+    inputs: Sequence[bytes]  # value_info()
+    outputs: Sequence[bytes]
+    initializers: Sequence[bytes] = ()
+
+    def encode(self) -> bytes:
+        """The GraphProto fields (not a whole GraphProto: no name)."""
+        out = b"".join(_bytes(1, node.encode()) for node in self.nodes)
+        out += b"".join(_bytes(5, init) for init in self.initializers)
+        out += b"".join(_bytes(11, vi) for vi in self.inputs)
+        return out + b"".join(_bytes(12, vi) for vi in self.outputs)
+
+
+def extend(model_bytes: bytes, graph: Graph) -> bytes:
+    """`model_bytes` (a serialized ModelProto) with `graph`'s nodes, inputs, outputs and
+    initializers added to its graph.
+
+    Protobuf merges a message field that occurs twice, appending repeated fields, so a
+    second `graph` field after the model's own adds to it without parsing the model.
+    The added nodes must be valid at the model's opset.
+    """
+    return model_bytes + _bytes(7, graph.encode())
+
+
 def model(
     nodes: Sequence[Node],
     inputs: Sequence[bytes],
@@ -103,10 +131,6 @@ def model(
     name: str = "graph",
 ) -> bytes:
     """A serialized ModelProto with one graph in the default ONNX domain."""
-    graph = b"".join(_bytes(1, node.encode()) for node in nodes)
-    graph += _str(2, name)
-    graph += b"".join(_bytes(5, init) for init in initializers)
-    graph += b"".join(_bytes(11, vi) for vi in inputs)
-    graph += b"".join(_bytes(12, vi) for vi in outputs)
+    graph = _str(2, name) + Graph(nodes, inputs, outputs, initializers).encode()
     opset_import = _str(1, "") + _int(2, opset)
     return _int(1, IR_VERSION) + _str(2, "simmer") + _bytes(7, graph) + _bytes(8, opset_import)

@@ -139,7 +139,7 @@ def _pick_in_blocks(weights: np.ndarray, sums: np.ndarray, width: int, u: np.nda
     # running sums from `before`, added in the same order as `_pick_row` adds them
     running = np.cumsum(np.concatenate([before[:, None], inner], axis=1), axis=1)[:, 1:]
     offset = np.minimum((running <= target[:, None]).sum(axis=1), width - 1)
-    index = np.minimum(block * width + offset, vocab - 1)
+    index: np.ndarray = np.minimum(block * width + offset, vocab - 1)
     # rounding at the very end of a row or a block must not land on a zero weight
     bad = weights[r, index] <= 0
     if bad.any():
@@ -231,40 +231,59 @@ def envelope_graph(vocab: int, width: int, exact_blocks: int) -> bytes:
     )
 
 
-def direct_graph(vocab: int, width: int) -> bytes:
-    """logits (B, V), inv_t (B, 1) -> weights (B, nb * width) = softmax(logits * inv_t),
-    zero past the vocabulary, and their block sums (B, nb): direct sampling's heavy part."""
+def direct_extension(vocab: int, width: int, logits: str = "logits") -> ox.Graph:
+    """Nodes from `logits` (B, V) and a new input inv_t (B, 1) to weights (B, nb * width)
+    = softmax(logits * inv_t), zero past the vocabulary, and their block sums (B, nb):
+    direct sampling's heavy part. Valid at opset 13 and later."""
     blocks = -(-vocab // width)
     pad = blocks * width - vocab
     initializers = [
-        ox.tensor("block_shape", np.array([0, blocks, width], np.int64)),
-        ox.tensor("axis2", np.array([2], np.int64)),
+        ox.tensor("sampling_block_shape", np.array([0, blocks, width], np.int64)),
+        ox.tensor("sampling_axis2", np.array([2], np.int64)),
     ]
-    nodes = [ox.Node("Mul", ["logits", "inv_t"], ["scaled"])]
-    source = "scaled"
+    nodes = [ox.Node("Mul", [logits, "inv_t"], ["sampling_scaled"])]
+    source = "sampling_scaled"
     if pad:
-        nodes.append(ox.Node("Pad", ["scaled", "pads", "neg_inf"], ["padded"]))
-        initializers.append(ox.tensor("pads", np.array([0, 0, 0, pad], np.int64)))
-        initializers.append(ox.tensor("neg_inf", np.array(-np.inf, np.float32)))
-        source = "padded"
+        nodes.append(
+            ox.Node("Pad", [source, "sampling_pads", "sampling_neg_inf"], ["sampling_padded"])
+        )
+        initializers.append(ox.tensor("sampling_pads", np.array([0, 0, 0, pad], np.int64)))
+        initializers.append(ox.tensor("sampling_neg_inf", np.array(-np.inf, np.float32)))
+        source = "sampling_padded"
     nodes += [
         ox.Node("Softmax", [source], ["weights"], {"axis": 1}),
-        ox.Node("Reshape", ["weights", "block_shape"], ["blocked"]),
-        ox.Node("ReduceSum", ["blocked", "axis2"], ["sums"], {"keepdims": 0}),
+        ox.Node("Reshape", ["weights", "sampling_block_shape"], ["sampling_blocked"]),
+        ox.Node("ReduceSum", ["sampling_blocked", "sampling_axis2"], ["sums"], {"keepdims": 0}),
     ]
-    return ox.model(
+    return ox.Graph(
         nodes,
-        inputs=[
-            ox.value_info("logits", ox.FLOAT, ["batch", vocab]),
-            ox.value_info("inv_t", ox.FLOAT, ["batch", 1]),
-        ],
+        inputs=[ox.value_info("inv_t", ox.FLOAT, ["batch", 1])],
         outputs=[
             ox.value_info("weights", ox.FLOAT, ["batch", blocks * width]),
             ox.value_info("sums", ox.FLOAT, ["batch", blocks]),
         ],
         initializers=initializers,
+    )
+
+
+def direct_graph(vocab: int, width: int) -> bytes:
+    """logits (B, V), inv_t (B, 1) -> weights and block sums (see `direct_extension`)."""
+    part = direct_extension(vocab, width)
+    return ox.model(
+        part.nodes,
+        inputs=[ox.value_info("logits", ox.FLOAT, ["batch", vocab]), *part.inputs],
+        outputs=part.outputs,
+        initializers=part.initializers,
         name="simmer_sampling_direct",
     )
+
+
+def pick_weighted(
+    weights: np.ndarray, sums: np.ndarray, rngs: Sequence[UniformSource]
+) -> np.ndarray:
+    """One token per row from `direct_extension`'s weights and block sums."""
+    width = weights.shape[1] // sums.shape[1]
+    return _pick_in_blocks(weights, sums, width, _draw(rngs))
 
 
 class SamplingHead:
@@ -319,7 +338,7 @@ class SamplingHead:
         if direct or rows <= self.small_batch:
             # directly: softmax and block sums in one onnxruntime call, then the lookup
             weights, sums = self.direct.run(None, feeds)
-            return _pick_in_blocks(weights, sums, self.width, _draw(rngs))
+            return pick_weighted(weights, sums, rngs)
         block_max, bound, exact, weights, mass = self.envelope.run(None, feeds)
         r = np.arange(rows)[:, None]
         envelope = bound * self.sizes  # (R, nb) float64: each block's mass or its bound
@@ -443,7 +462,8 @@ def _pick_nucleus(
     keep = (cumulative - probs) < top_p[:, None]
     keep[:, 0] = True
     choice = _pick(np.where(keep, probs, 0.0), u)
-    return cand[np.arange(len(cand)), choice]
+    chosen: np.ndarray = cand[np.arange(len(cand)), choice]
+    return chosen
 
 
 # --- whole batches -------------------------------------------------------------------------
@@ -469,6 +489,7 @@ class RowParams:
         self.full_rows = np.flatnonzero(full & ~self.seeded)
         self.seeded_full_rows = np.flatnonzero(full & self.seeded)
         self.all_full = bool((full & ~self.seeded).all())
+        self.all_whole = bool(full.all())  # every row samples the whole distribution
         self.all_greedy = bool(self.greedy.all())
 
     @classmethod
@@ -519,7 +540,8 @@ def sample_rows(
     if rows.all_full:
         return _sample_full(logits, rows.inv_t, rngs, head)
     if rows.all_greedy:
-        return np.argmax(logits, axis=1)
+        greedy: np.ndarray = np.argmax(logits, axis=1)
+        return greedy
     tokens = np.empty(logits.shape[0], dtype=np.int64)
     idx = rows.greedy_rows
     if len(idx):

@@ -38,12 +38,14 @@ import numpy as np
 
 from service.engine import Engine
 from service.sampling import (
+    SMALL_BATCH,
     RowParams,
     SamplingHead,
     SamplingParams,
     Uniforms,
     log_softmax,
     make_rng,
+    pick_weighted,
     sample_rows,
     top_ids,
 )
@@ -56,7 +58,7 @@ PIPELINE_DEPTH = 16  # steps the worker may run ahead of the event loop
 COALESCE_MIN_BATCH = 8  # smaller batches always stream every token at once
 COALESCE_HIGH = 0.25  # the loop's CPU per step, as a share of the engine thread's
 COALESCE_LOW = 0.1
-COALESCE_EVERY = 8  # steps between stride adjustments
+COALESCE_EVERY = 4  # steps between stride adjustments (doubling or halving)
 
 
 class SchedulerClosed(RuntimeError):
@@ -151,7 +153,8 @@ class DecodeScheduler:
         max_batch: int = 256,
         on_step: StepHook | None = None,
         on_admit: QueueHook | None = None,
-        max_stride: int = 8,
+        max_stride: int = 16,
+        fuse_sampling: bool = True,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
@@ -162,7 +165,13 @@ class DecodeScheduler:
         self._h = np.zeros((layers, max_batch, hidden), np.float32)
         self._c = np.zeros((layers, max_batch, hidden), np.float32)
         self._next = np.zeros(max_batch, np.int64)  # each slot's next token to feed
-        self._params: dict[int, RowParams] = {}  # each slot's sampling parameters
+        # each slot's sampling parameters, gathered into a RowParams per batch
+        self._inv_t = np.ones(max_batch, np.float32)
+        self._top_k = np.zeros(max_batch, np.int64)
+        self._top_p = np.ones(max_batch, np.float64)
+        self._greedy = np.zeros(max_batch, bool)
+        self._seeded = np.zeros(max_batch, bool)
+        self._logprobs = np.zeros(max_batch, bool)
         self._free = list(range(max_batch - 1, -1, -1))
         self._inbox: deque[Sequence] = deque()  # submitted, not yet seen by the worker
         # worker-owned:
@@ -171,6 +180,7 @@ class DecodeScheduler:
         self._batch: _Batch | None = None  # None when the running set changed
         self._fresh = 0  # running sequences whose prompt is not fed yet
         self._head = _make_head(engine)
+        self._fuse = self._head is not None and fuse_sampling
         # between the threads:
         self._work = threading.Event()  # set when the worker may have something to do
         self._in_flight = threading.Semaphore(PIPELINE_DEPTH)  # results not yet applied
@@ -303,7 +313,7 @@ class DecodeScheduler:
         Every token is sent as soon as it is sampled while the event loop keeps up
         easily. When the loop's CPU time per step (applying tokens, waking consumers,
         encoding and writing messages) passes `COALESCE_HIGH` of the engine thread's,
-        the stride grows, so that one message carries several tokens; it shrinks
+        the stride doubles, so that one message carries several tokens; it halves
         again below `COALESCE_LOW`. Batches under `COALESCE_MIN_BATCH` always get
         every token at once; the first token, the last and any stop always go out at
         once too.
@@ -314,14 +324,14 @@ class DecodeScheduler:
             self._stride = 1
             return 1
         share = min(loop_cpu / max(worker_cpu, 1e-6), 4.0)
-        self._loop_share += 0.2 * (share - self._loop_share)
+        self._loop_share += 0.3 * (share - self._loop_share)
         self._until_adjust -= 1
         if self._until_adjust <= 0:
             self._until_adjust = COALESCE_EVERY
             if self._loop_share > COALESCE_HIGH:
-                self._stride = min(self._stride + 1, self.max_stride)
+                self._stride = min(self._stride * 2, self.max_stride)
             elif self._loop_share < COALESCE_LOW:
-                self._stride = max(self._stride - 1, 1)
+                self._stride = max(self._stride // 2, 1)
         return self._stride
 
     # --- the worker thread ----------------------------------------------------------
@@ -385,7 +395,13 @@ class DecodeScheduler:
             seq.slot = slot = self._free.pop()
             self._h[:, slot] = seq.h
             self._c[:, slot] = seq.c
-            self._params[slot] = RowParams.of([seq.params])
+            params = seq.params
+            self._greedy[slot] = params.greedy
+            self._inv_t[slot] = 1.0 if params.greedy else 1.0 / params.temperature
+            self._top_k[slot] = params.top_k
+            self._top_p[slot] = params.top_p
+            self._seeded[slot] = params.seed is not None
+            self._logprobs[slot] = params.logprobs > 0
             seq._sampled = 0
             self._fresh += 1
             seq.started_at = time.perf_counter()
@@ -414,12 +430,16 @@ class DecodeScheduler:
     def _batch_of(self, batch: list[Sequence]) -> _Batch:
         """The running batch's arrays, rebuilt when the running set has changed."""
         if self._batch is None:
-            slots = [seq.slot for seq in batch]
-            self._batch = _Batch(
-                slots=np.array(slots, np.int64),
-                rows=RowParams.concat([self._params[slot] for slot in slots]),
-                logprobs=[row for row, seq in enumerate(batch) if seq.params.logprobs],
+            slots = np.array([seq.slot for seq in batch], np.int64)
+            rows = RowParams(
+                self._inv_t[slots],
+                self._top_k[slots],
+                self._top_p[slots],
+                self._greedy[slots],
+                self._seeded[slots],
             )
+            logprobs = np.flatnonzero(self._logprobs[slots]).tolist()
+            self._batch = _Batch(slots, rows, logprobs)
         return self._batch
 
     def _step(self, batch: list[Sequence]) -> _StepResult:
@@ -427,6 +447,7 @@ class DecodeScheduler:
         started = time.perf_counter()
         arrays = self._batch_of(batch)
         slots = arrays.slots
+        sampled: np.ndarray | None = None
         if self._fresh:
             prefill = [row for row, seq in enumerate(batch) if seq._sampled == 0]
             logits, h, c = self._run_grouped(batch, slots, prefill)
@@ -438,12 +459,22 @@ class DecodeScheduler:
             else:
                 feed = self._next[slots].reshape(-1, 1)
                 h_in, c_in = self._h[:, slots], self._c[:, slots]
-            out = self.engine.run(feed, h_in, c_in)
-            self.engine_calls += 1
-            logits, h, c = out.logits, out.h, out.c
+            if self._fuse and arrays.rows.all_whole and len(batch) <= SMALL_BATCH:
+                # a small batch sampling whole distributions: the softmax for direct
+                # sampling runs in the engine's own call (one onnxruntime call per step)
+                weighted = self.engine.run_weighted(feed, h_in, c_in, arrays.rows.inv_t)
+                self.engine_calls += 1
+                logits, h, c = weighted.logits, weighted.h, weighted.c
+                sampled = pick_weighted(weighted.weights, weighted.sums, [s.rng for s in batch])
+            else:
+                out = self.engine.run(feed, h_in, c_in)
+                self.engine_calls += 1
+                logits, h, c = out.logits, out.h, out.c
         wanted = arrays.logprobs
         logps = {row: log_softmax(logits[row], batch[row].params.temperature) for row in wanted}
-        tokens = sample_rows(logits, arrays.rows, [seq.rng for seq in batch], self._head)
+        if sampled is None:
+            sampled = sample_rows(logits, arrays.rows, [seq.rng for seq in batch], self._head)
+        tokens = sampled
         top: dict[int, TopLogprobs] = {}
         for row, logp in logps.items():
             ids = top_ids(logp, batch[row].params.logprobs)
@@ -460,17 +491,27 @@ class DecodeScheduler:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One engine call per distinct feed length; new prompts are fed whole."""
         by_length: dict[int, list[int]] = {}
-        new = set(prefill)
-        for row, seq in enumerate(batch):
-            by_length.setdefault(len(seq.feed) if row in new else 1, []).append(row)
+        for row in prefill:
+            by_length.setdefault(len(batch[row].feed), []).append(row)
+        fresh_singles = by_length.pop(1, [])
+        singles = np.ones(len(batch), bool)
+        singles[prefill] = False
+        singles[fresh_singles] = True
         logits = np.empty((len(batch), self.engine.vocab_size), np.float32)
-        for length, rows in by_length.items():
+        groups = [(1, np.flatnonzero(singles)), *((n, np.array(r)) for n, r in by_length.items())]
+        for length, rows in groups:
+            if not len(rows):
+                continue
             group = slots[rows]
-            feeds = [batch[r].feed if r in new else [int(self._next[slots[r]])] for r in rows]
+            if length == 1:
+                tokens = self._next[group]  # a copy (fancy indexing): the tokens sampled last
+                if fresh_singles:
+                    at = np.searchsorted(rows, fresh_singles)
+                    tokens[at] = [batch[row].feed[0] for row in fresh_singles]
+            else:
+                tokens = np.array([batch[row].feed for row in rows], dtype=np.int64)
             out = self.engine.run(
-                np.array(feeds, dtype=np.int64).reshape(len(rows), length),
-                self._h[:, group],
-                self._c[:, group],
+                tokens.reshape(len(rows), length), self._h[:, group], self._c[:, group]
             )
             self.engine_calls += 1
             self._h[:, group] = out.h

@@ -18,7 +18,10 @@ def _run(graph: bytes, **feeds: np.ndarray) -> list[np.ndarray]:
 
 def test_a_written_model_passes_the_onnx_checker() -> None:
     graph = ox.model(
-        [ox.Node("Mul", ["x", "two"], ["y"]), ox.Node("ReduceSum", ["y", "axes"], ["s"], {"keepdims": 0})],
+        [
+            ox.Node("Mul", ["x", "two"], ["y"]),
+            ox.Node("ReduceSum", ["y", "axes"], ["s"], {"keepdims": 0}),
+        ],
         inputs=[ox.value_info("x", ox.FLOAT, ["batch", 3])],
         outputs=[ox.value_info("s", ox.FLOAT, ["batch"])],
         initializers=[
@@ -59,7 +62,9 @@ def test_envelope_graph_gives_block_maxima_bounds_and_exact_blocks(vocab: int, w
     top = logits.max(axis=1, keepdims=True)
     assert np.array_equal(block_max, blocks.max(axis=2))
     assert np.allclose(bound, np.exp((block_max - top) * inv_t), atol=1e-6)
-    assert np.array_equal(np.sort(exact, axis=1), np.sort(np.argsort(-block_max, axis=1)[:, :3], axis=1))
+    assert np.array_equal(
+        np.sort(exact, axis=1), np.sort(np.argsort(-block_max, axis=1)[:, :3], axis=1)
+    )
     rows = np.arange(4)[:, None]
     expected = np.exp((blocks[rows, exact] - top[:, :, None]) * inv_t[:, :, None])
     assert np.allclose(weights, expected, atol=1e-6)

@@ -33,14 +33,17 @@ def _softmax(x: np.ndarray, t: float = 1.0) -> np.ndarray:
 def _frequencies(params: SamplingParams, logits: np.ndarray) -> np.ndarray:
     batch = np.tile(logits, (DRAWS, 1))
     tokens = sample_batch(batch, [params] * DRAWS, [make_rng(i) for i in range(DRAWS)])
-    return np.bincount(tokens, minlength=VOCAB) / DRAWS  # type: ignore[no-any-return]
+    return np.bincount(tokens, minlength=VOCAB) / DRAWS
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 def test_temperature_follows_softmax_of_logits_over_t(temperature: float) -> None:
     logits = _logits()
     expected = _softmax(logits, temperature)
-    assert np.abs(_frequencies(SamplingParams(temperature=temperature), logits) - expected).max() < 0.012
+    assert (
+        np.abs(_frequencies(SamplingParams(temperature=temperature), logits) - expected).max()
+        < 0.012
+    )
 
 
 def test_top_k_keeps_only_the_k_most_likely_renormalised() -> None:
@@ -71,7 +74,9 @@ def test_top_p_wider_than_the_candidate_set_still_exact() -> None:
     vocab = 2000
     logits = np.zeros(vocab, np.float32)  # flat: the nucleus at 0.9 holds 1800 words
     tokens = sample_batch(
-        np.tile(logits, (4000, 1)), [SamplingParams(top_p=0.9)] * 4000, [make_rng(i) for i in range(4000)]
+        np.tile(logits, (4000, 1)),
+        [SamplingParams(top_p=0.9)] * 4000,
+        [make_rng(i) for i in range(4000)],
     )
     assert len(np.unique(tokens)) > 1000
 
@@ -87,7 +92,12 @@ def test_greedy_is_argmax(params: SamplingParams) -> None:
 def test_same_seed_same_tokens_whatever_shares_the_batch() -> None:
     logits = np.random.default_rng(4).standard_normal((8, VOCAB)).astype(np.float32)
     seeded = SamplingParams(seed=123)
-    mixed = [seeded, SamplingParams(top_k=3), SamplingParams(temperature=0.0), SamplingParams(top_p=0.5)]
+    mixed = [
+        seeded,
+        SamplingParams(top_k=3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_p=0.5),
+    ]
     alone = [sample_batch(logits[:1].copy(), [seeded], [make_rng(123)])[0] for _ in range(1)]
     rngs = [make_rng(123), make_rng(None), make_rng(None), make_rng(None)]
     together = sample_batch(np.vstack([logits[:1]] * 4).copy(), mixed, rngs)
