@@ -76,7 +76,7 @@ class BenchConfig:
     history_new: int = 32
     history_repeats: int = 10
     # the headline ratios: rounds of raw engine and server side by side (median reported)
-    headline_rounds: int = 3
+    headline_rounds: int = 5
     # memory per session
     sessions: int = 100_000
     # metrics on / off
