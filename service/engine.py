@@ -3,6 +3,10 @@
 `run(tokens, h, c)` feeds `tokens` [batch, seq] from state (h, c) [layers, batch,
 hidden] and returns the logits after the last position and the new state. Prefill
 and decode are the same call with a different `seq`.
+
+`run_weighted` is `run` with the softmax that direct sampling needs computed in the
+same onnxruntime call (the model's graph with a few nodes added), which spares a small
+batch a second call per step.
 """
 
 from __future__ import annotations
@@ -107,21 +111,32 @@ class Engine:
         logits, hn, cn = self.session.run(None, {"tokens": tokens, "h0": h, "c0": c})
         return StepOutput(logits, hn, cn)
 
-    def run_weighted(
-        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
-    ) -> WeightedStep:
-        """`run`, plus softmax(logits * inv_t) weights and block sums for direct sampling,
-        in the same onnxruntime call (the model's graph with `direct_extension` added)."""
+    def enable_weights(self) -> bool:
+        """Build the session `run_weighted` uses: the model's graph with sampling's
+        `direct_extension` added. False (and `run_weighted` unusable) where it fails."""
         if self._weighted is None:
             from service import onnx_writer
             from service.sampling import block_width, direct_extension
 
             extension = direct_extension(self.vocab_size, block_width(self.vocab_size))
-            self._weighted = ort.InferenceSession(
-                onnx_writer.extend(self.model, extension),
-                session_options(self.intra_op_threads),
-                providers=self.providers,
-            )
+            try:
+                self._weighted = ort.InferenceSession(
+                    onnx_writer.extend(self.model, extension),
+                    session_options(self.intra_op_threads),
+                    providers=self.providers,
+                )
+            except Exception:  # e.g. a graph older than opset 13; plain `run` still works
+                logger.warning("cannot fuse sampling into the model graph", exc_info=True)
+                return False
+        return True
+
+    def run_weighted(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
+    ) -> WeightedStep:
+        """`run`, plus softmax(logits * inv_t) weights and block sums for direct sampling,
+        in the same onnxruntime call. Needs `enable_weights()` first."""
+        if self._weighted is None:
+            raise RuntimeError("call enable_weights() first")
         feeds = {"tokens": tokens, "h0": h, "c0": c, "inv_t": inv_t.reshape(-1, 1)}
         logits, hn, cn, weights, sums = self._weighted.run(
             ["logits", "hn", "cn", "weights", "sums"], feeds
@@ -133,4 +148,7 @@ class Engine:
         started = time.perf_counter()
         for batch in batches:
             self.run(np.ones((batch, 1), np.int64), *self.zero_state(batch))
+            if self._weighted is not None:
+                inv_t = np.ones(batch, np.float32)
+                self.run_weighted(np.ones((batch, 1), np.int64), *self.zero_state(batch), inv_t)
         return time.perf_counter() - started

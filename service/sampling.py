@@ -32,9 +32,11 @@ random ones every block is flat, so most rows succeed at the first trial; a row 
 fails `MAX_TRIALS` times is sampled directly, which keeps the result exact.
 
 Direct sampling, used for up to `SMALL_BATCH` rows (where the envelope's fixed costs
-outweigh what it saves) and where the head is not available: weights for the whole
-row (softmax in onnxruntime, or numpy without the head), then an inverse-CDF lookup
-first over block sums and then inside one block.
+outweigh what it saves), for seeded rows, and where the head is not available: weights
+for the whole row (softmax in onnxruntime, or numpy without the head), then an
+inverse-CDF lookup first over block sums and then inside one block. For a small decode
+batch the scheduler has the engine compute those weights in its own onnxruntime call
+(`direct_extension` added to the model's graph) and only the lookup runs here.
 """
 
 from __future__ import annotations
@@ -324,6 +326,12 @@ class SamplingHead:
         )
         self.trials = 0  # trials run, over all rows (for measurements)
         self.fallbacks = 0  # rows that fell back to direct sampling
+
+    def warm_up(self) -> None:
+        """One call of each graph, so the first request does not pay for their set-up."""
+        for rows in (1, self.small_batch + 1):
+            logits = np.zeros((rows, self.vocab), np.float32)
+            self.sample(logits, np.ones(rows, np.float32), [Uniforms(make_rng(0))] * rows)
 
     def sample(
         self,

@@ -180,7 +180,7 @@ class DecodeScheduler:
         self._batch: _Batch | None = None  # None when the running set changed
         self._fresh = 0  # running sequences whose prompt is not fed yet
         self._head = _make_head(engine)
-        self._fuse = self._head is not None and fuse_sampling
+        self._fuse = fuse_sampling and self._head is not None and engine.enable_weights()
         # between the threads:
         self._work = threading.Event()  # set when the worker may have something to do
         self._in_flight = threading.Semaphore(PIPELINE_DEPTH)  # results not yet applied
@@ -521,9 +521,11 @@ class DecodeScheduler:
 
 
 def _make_head(engine: Engine) -> SamplingHead | None:
-    """The onnxruntime sampling head, or None (numpy sampling) where it cannot load."""
+    """The onnxruntime sampling head, warmed up, or None (numpy sampling) where it fails."""
     try:
-        return SamplingHead(engine.vocab_size, max(1, engine.intra_op_threads))
+        head = SamplingHead(engine.vocab_size, max(1, engine.intra_op_threads))
+        head.warm_up()
+        return head
     except Exception:  # onnxruntime raises its own types; numpy sampling still works
         logger.warning("sampling head unavailable; sampling in numpy", exc_info=True)
         return None
