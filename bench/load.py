@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
+
+_decode = msgspec.json.Decoder().decode  # several times faster than json.loads
 
 
 @dataclass
@@ -114,7 +117,7 @@ async def _ws_stream(
             request = _Request(record)
             await ws.send(json.dumps(body))
             while True:
-                msg = json.loads(await ws.recv())
+                msg = _decode(await ws.recv(decode=False))
                 if msg.get("type") == "session":
                     session_id = None  # the connection continues its own session
                     continue
@@ -141,7 +144,7 @@ async def _sse_stream(
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
-                msg = json.loads(line[6:])
+                msg = _decode(line[6:])
                 if msg.get("type") == "session":
                     session_id = msg["session_id"]  # continue it with the next request
                     continue
