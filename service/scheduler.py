@@ -143,6 +143,7 @@ class _Batch:
     slots: np.ndarray  # (B,) int64
     rows: RowParams
     logprobs: list[int]  # rows that report top words
+    rngs: list[Uniforms]  # each row's generator
     carry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (tokens (B, 1), h, c)
 
 
@@ -249,8 +250,10 @@ class DecodeScheduler:
         if seq.finish_reason is not None:
             return
         if seq._state is not None:
+            # the state after the last applied step; its token is pending (unless eos)
             h, c, row = seq._state
             seq.h, seq.c = h[:, row].copy(), c[:, row].copy()
+            seq.feed = [seq.tokens[-1]] if reason != "eos" and seq.tokens else []
             seq._state = None
         seq.finish_reason = reason
         seq.event.set()
@@ -290,13 +293,11 @@ class DecodeScheduler:
             seq._state = (h, c, row)
             token = tokens[row]
             if token == PAD_ID:
-                seq.feed = []
                 self._finish(seq, "eos")
                 continue
             if top and row in top:
                 seq.top.append(top[row])
             seq.tokens.append(token)
-            seq.feed = [token]
             reason = seq.check(token) if seq.check is not None else None
             if reason is not None:
                 self._finish(seq, reason)
@@ -439,7 +440,7 @@ class DecodeScheduler:
                 self._seeded[slots],
             )
             logprobs = np.flatnonzero(self._logprobs[slots]).tolist()
-            self._batch = _Batch(slots, rows, logprobs)
+            self._batch = _Batch(slots, rows, logprobs, [seq.rng for seq in batch])
         return self._batch
 
     def _step(self, batch: list[Sequence]) -> _StepResult:
@@ -465,7 +466,7 @@ class DecodeScheduler:
                 weighted = self.engine.run_weighted(feed, h_in, c_in, arrays.rows.inv_t)
                 self.engine_calls += 1
                 logits, h, c = weighted.logits, weighted.h, weighted.c
-                sampled = pick_weighted(weighted.weights, weighted.sums, [s.rng for s in batch])
+                sampled = pick_weighted(weighted.weights, weighted.sums, arrays.rngs)
             else:
                 out = self.engine.run(feed, h_in, c_in)
                 self.engine_calls += 1
@@ -473,7 +474,7 @@ class DecodeScheduler:
         wanted = arrays.logprobs
         logps = {row: log_softmax(logits[row], batch[row].params.temperature) for row in wanted}
         if sampled is None:
-            sampled = sample_rows(logits, arrays.rows, [seq.rng for seq in batch], self._head)
+            sampled = sample_rows(logits, arrays.rows, arrays.rngs, self._head)
         tokens = sampled
         top: dict[int, TopLogprobs] = {}
         for row, logp in logps.items():
