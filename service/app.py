@@ -203,6 +203,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             max_batch=settings.max_batch,
             on_step=on_step,
             on_admit=metrics.queue_time.observe,
+            max_stride=settings.max_coalesce_steps,
         )
         runtime.bundle, runtime.engine, runtime.store, runtime.scheduler = (
             loaded,

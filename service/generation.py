@@ -273,7 +273,11 @@ class GenerationService:
         self.draining = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
-        ended = self.scheduler.finish_all("shutdown") if self.active else 0
+        ended = 0
+        for seq in list(self._running.values()):
+            if not seq.done:
+                seq.stop("shutdown")
+                ended += 1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), 5.0)
         return ended

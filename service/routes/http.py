@@ -71,6 +71,7 @@ async def sse_stream(
             if isinstance(event, TokenEvent):
                 yield b"data: " + encode(token_json(event)) + b"\n\n"
             elif isinstance(event, DoneEvent):
+                await events.aclose()  # unlock the session before the client can reuse it
                 yield b"data: " + encode(done_json(event)) + b"\n\n"
     except APIError as exc:
         yield b"data: " + encode(error_json(exc.code, exc.message, exc.param)) + b"\n\n"

@@ -32,7 +32,7 @@ class _Connection:
         self.runtime = runtime
         self.session_id: str | None = None
         self.task: asyncio.Task[None] | None = None
-        self.generating = False
+        self.generating = False  # turns false before the done event is sent
         self.cancel_requested = False
         self.owner = str(socket.scope.get("simmer_owner", ""))
 
@@ -70,9 +70,11 @@ class _Connection:
                     elif isinstance(event, DoneEvent):
                         self.generating = False  # the next message may continue at once
                         await self.send(done_json(event))
+                        return
             finally:
                 await events.aclose()
         except APIError as exc:
+            self.generating = False
             await self.error(exc.code, exc.message, exc.param)
         finally:
             self.generating = False

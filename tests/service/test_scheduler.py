@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.engine import Engine, StepOutput
+from service.engine import Engine, StepOutput, WeightedStep
 from service.sampling import SamplingParams
-from service.scheduler import DecodeScheduler, Sequence
+from service.scheduler import PIPELINE_DEPTH, DecodeScheduler, Sequence, _StepResult
 from simmer.bundle import load_bundle
 
 
@@ -23,6 +24,13 @@ class CountingEngine(Engine):
         if hasattr(self, "calls"):
             self.calls.append(tokens.shape)
         return super().run(tokens, h, c)
+
+    def run_weighted(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
+    ) -> WeightedStep:
+        if hasattr(self, "calls"):
+            self.calls.append(tokens.shape)
+        return super().run_weighted(tokens, h, c, inv_t)
 
 
 @pytest.fixture
@@ -108,17 +116,17 @@ def test_sessions_join_and_leave_between_steps(engine: CountingEngine) -> None:
         long = scheduler.submit(_seq(engine, [5], max_new=30))
         await long.event.wait()
         short = scheduler.submit(_seq(engine, [6], max_new=3))
-        for seq in (long, short):
-            while not seq.done:
-                seq.event.clear()
-                await seq.event.wait()
+        await _run_all(scheduler, [])
+        while not (long.done and short.done):  # noqa: ASYNC110 - either may finish first
+            await asyncio.sleep(0.001)
         await scheduler.close()
         return long, short
 
     _, short = asyncio.run(main())
     assert len(short.tokens) <= 3
     sizes = [shape[0] for shape in engine.calls]
-    assert 2 in sizes and sizes[-1] == 1  # the short one joined, then left
+    assert 2 in sizes  # the short one joined,
+    assert sizes[-1] == 1  # then left
 
 
 def test_cancel_stops_within_one_step(engine: CountingEngine) -> None:
@@ -139,3 +147,118 @@ def test_cancel_stops_within_one_step(engine: CountingEngine) -> None:
     seq = asyncio.run(main())
     assert seq.finish_reason == "cancelled"
     assert len(seq.tokens) < 1000
+
+
+def test_a_stop_decided_by_the_loop_keeps_the_state_of_the_kept_tokens(
+    engine: CountingEngine,
+) -> None:
+    prompt = [3, 4, 5]
+
+    async def main() -> Sequence:
+        scheduler = DecodeScheduler(engine, max_batch=32)
+        scheduler.start()
+        # busy batch-mates, so the worker is stepping ahead of the loop when it stops
+        others = [scheduler.submit(_seq(engine, [6 + i], max_new=200)) for i in range(20)]
+        seq = _seq(engine, prompt, max_new=100)
+        seq.check = lambda token: "stop" if len(seq.tokens) == 5 else None
+        await _run_all(scheduler, [seq])
+        for other in others:
+            other.cancel()
+        await _run_all(scheduler, others)
+        await scheduler.close()
+        return seq
+
+    seq = asyncio.run(main())
+    assert seq.finish_reason == "stop"
+    assert len(seq.tokens) == 5
+    assert seq.steps_run == 5
+    assert seq.feed == [seq.tokens[-1]]  # the last kept token is pending, not fed
+    h, c = engine.zero_state(1)
+    fed = engine.run(np.array([prompt + seq.tokens[:-1]], np.int64), h, c)
+    assert np.allclose(seq.h, fed.h[:, 0], atol=1e-5)
+    assert np.allclose(seq.c, fed.c[:, 0], atol=1e-5)
+
+
+def test_consumers_wake_every_stride_tokens_and_keep_every_token(engine: CountingEngine) -> None:
+    async def main() -> list[list[int]]:
+        scheduler = DecodeScheduler(engine, max_batch=8)
+        scheduler._coalesce = lambda batch, worker_cpu: 4  # type: ignore[method-assign]  # a busy loop
+        seqs = [_seq(engine, [5], max_new=10) for _ in range(3)]
+        h = np.zeros((engine.num_layers, 3, engine.hidden_size), np.float32)
+        wakes: list[list[int]] = [[] for _ in seqs]
+        for _ in range(10):
+            scheduler._apply(_StepResult(seqs, np.full(3, 7), h, h, {}, 0.0))
+            for seq, woken in zip(seqs, wakes, strict=True):
+                if seq.event.is_set():
+                    woken.append(len(seq.tokens))
+                    seq.event.clear()
+        assert all(seq.tokens == [7] * 10 for seq in seqs)
+        assert all(seq.finish_reason == "length" for seq in seqs)
+        return wakes
+
+    assert asyncio.run(main()) == [[1, 5, 9, 10]] * 3
+
+
+def test_coalescing_starts_only_for_large_batches_on_a_busy_loop(engine: CountingEngine) -> None:
+    scheduler = DecodeScheduler(engine, max_batch=64, max_stride=4)
+
+    def step(batch: int, loop_cpu: float, worker_cpu: float) -> int:
+        scheduler._loop_cpu_at = time.thread_time() - loop_cpu
+        return scheduler._coalesce(batch, worker_cpu)
+
+    assert max(step(1, 0.01, 0.001) for _ in range(100)) == 1  # one stream: every token at once
+    assert [step(64, 0.01, 0.001) for _ in range(100)][-1] == 4  # busy loop: up to max_stride
+    assert [step(64, 0.0, 0.01) for _ in range(100)][-1] == 1  # idle loop: back to every token
+
+
+def _block_the_loop(scheduler: DecodeScheduler, steps: int) -> int:
+    """Hold the event loop (so nothing is applied) until the worker has run `steps`."""
+    start = scheduler.engine_calls
+    deadline = time.monotonic() + 30
+    while scheduler.engine_calls < start + steps and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.2)  # time to run further, had it no bound
+    return scheduler.engine_calls - start
+
+
+def test_the_worker_runs_ahead_of_a_blocked_loop_by_at_most_the_pipeline_depth(
+    engine: CountingEngine,
+) -> None:
+    async def main() -> int:
+        scheduler = DecodeScheduler(engine, max_batch=8)
+        scheduler.start()
+        seq = scheduler.submit(_seq(engine, [5], max_new=1000))
+        await seq.event.wait()
+        ran = _block_the_loop(scheduler, 3)
+        seq.cancel()
+        await _run_all(scheduler, [])
+        while not seq.done:
+            seq.event.clear()
+            await seq.event.wait()
+        await scheduler.close()
+        return ran
+
+    ran = asyncio.run(main())
+    assert ran >= 3
+    assert ran <= PIPELINE_DEPTH + 2
+
+
+def test_sampling_fused_into_the_engine_call_draws_the_same_tokens(engine: CountingEngine) -> None:
+    def generate(fuse: bool) -> list[int]:
+        async def main() -> list[int]:
+            scheduler = DecodeScheduler(engine, max_batch=8, fuse_sampling=fuse)
+            scheduler.start()
+            h, c = engine.zero_state(1)
+            seq = Sequence(
+                feed=[3, 4], h=h[:, 0], c=c[:, 0], params=SamplingParams(seed=7), max_new_tokens=30
+            )
+            await _run_all(scheduler, [seq])
+            await scheduler.close()
+            return seq.tokens
+
+        return asyncio.run(main())
+
+    engine.calls = []
+    fused = generate(True)
+    assert len(engine.calls) == len(fused)
+    assert fused == generate(False)

@@ -1,0 +1,555 @@
+"""Benchmark simmer against the raw engine and against book-style generation.
+
+    python -m bench --out bench-results/bench.json [--bundle DIR] [--smoke]
+
+Without --bundle a randomly initialised model of the book's size (vocab 10,000,
+embedding 100, LSTM 128) is exported once into --cache; speed does not depend on
+training. Everything is measured in one run, so ratios compare figures taken side by
+side on the same machine:
+
+1. the raw engine (onnxruntime decode steps, no server) at batch 1 to 256, under the
+   server's thread setting and others;
+2. the book's generation loop on the same model (the whole prefix re-run per token);
+3. a real server process (`python -m service`) driven by a load generator in a process
+   of its own: 1, 16, 64 and 256 concurrent WebSocket streams of 64 tokens, 64 SSE
+   streams, 200-token generations, continuing a long session, and metrics on and off;
+   server CPU is read from /proc before and after each run;
+4. memory per stored session, in the memory store and in Redis.
+
+The headline ratios compare the server with the raw engine measured right before it,
+in `headline_rounds` rounds; each ratio is the median over rounds, so one burst of
+load from elsewhere on the machine does not decide it.
+
+It writes the JSON to --out, a PNG chart beside it, and prints a summary. --smoke runs
+every part at tiny sizes (the test suite uses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench import engine as raw
+from bench import report, sessions
+from bench.load import LoadSpec
+from bench.model import cached_bundle
+from bench.server import Server, run_load
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    # the model built when no --bundle is given (the book's sizes)
+    vocab_size: int = 10_000
+    embedding_dim: int = 100
+    hidden_size: int = 128
+    # raw engine
+    batches: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
+    thread_settings: tuple[int, ...] = (1, 2)  # besides the server's own
+    engine_seconds: float = 1.5  # per batch size and thread setting
+    # server: concurrent WebSocket streams -> requests per stream, one after another
+    ws_streams: dict[int, int] = field(default_factory=lambda: {1: 16, 16: 4, 64: 4, 256: 4})
+    tokens: int = 64
+    sse_streams: int = 64
+    sse_requests: int = 2
+    prompt: str = "recipe for chicken soup | heat the oil in a large pan"
+    # simmer against the book's loop: 200-token generations
+    long_tokens: int = 200
+    long_single_requests: int = 4
+    long_concurrent: int = 64
+    book_requests: int = 6
+    # continuing a long session
+    history_long: int = 2000
+    history_short: int = 10
+    history_new: int = 32
+    history_repeats: int = 10
+    # the headline ratios: rounds of raw engine and server side by side (median reported)
+    headline_rounds: int = 5
+    # memory per session
+    sessions: int = 100_000
+    # metrics on / off
+    metrics_streams: int = 64
+    metrics_requests: int = 2
+    metrics_rounds: int = 5
+
+    @classmethod
+    def smoke(cls) -> BenchConfig:
+        return cls(
+            vocab_size=300,
+            embedding_dim=16,
+            hidden_size=32,
+            batches=(1, 4),
+            thread_settings=(),
+            engine_seconds=0.05,
+            ws_streams={1: 2, 4: 2},
+            tokens=16,
+            sse_streams=4,
+            sse_requests=1,
+            long_tokens=16,
+            long_single_requests=1,
+            long_concurrent=4,
+            book_requests=1,
+            history_long=100,
+            history_short=10,
+            history_new=8,
+            history_repeats=2,
+            headline_rounds=2,
+            sessions=1000,
+            metrics_streams=4,
+            metrics_requests=1,
+            metrics_rounds=1,
+        )
+
+    @property
+    def small(self) -> int:
+        return min(self.ws_streams)
+
+    @property
+    def large(self) -> int:
+        return max(self.ws_streams)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _machine() -> dict[str, Any]:
+    import onnxruntime
+
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def _ms(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v * 1e3 if isinstance(v, float) else v) for k, v in stats.items()}
+
+
+def _figures(run: dict[str, Any]) -> dict[str, Any]:
+    """A load run in the units of the report."""
+    return {
+        "protocol": run["protocol"],
+        "streams": run["streams"],
+        "requests": run["requests"],
+        "max_tokens": run["max_tokens"],
+        "tokens": run["tokens"],
+        "wall_s": run["wall_s"],
+        "tokens_per_s": run["tokens_per_s"],
+        "server_cpu_s": run["server_cpu_s"],
+        "server_cpu_per_token_us": (run["server_cpu_per_token_s"] or math.nan) * 1e6,
+        "server_cpu_utilisation": run["server_cpu_utilisation"],
+        "ttft_ms": _ms(run["ttft_s"]),
+        "itl_ms": _ms(run["itl_s"]),
+        "request_latency_ms": _ms(run["request_latency_s"]),
+        "tokens_per_message": run["tokens_per_message"],
+        "finish_reasons": run["finish_reasons"],
+        "errors": run["error_count"],
+        "error_examples": run["errors"],
+    }
+
+
+def _load(
+    server: Server, config: BenchConfig, streams: int, requests: int, tokens: int, sse: bool = False
+) -> dict[str, Any]:
+    """One load run against `server`; any error fails the benchmark."""
+    spec = LoadSpec(
+        url=server.base_url if sse else server.ws_url,
+        protocol="sse" if sse else "ws",
+        streams=streams,
+        requests=requests,
+        max_tokens=tokens,
+        prompt=config.prompt,
+    )
+    run = run_load(server, spec)
+    if run["error_count"]:
+        raise RuntimeError(f"{run['error_count']} errors at {streams} streams: {run['errors'][:3]}")
+    return _figures(run)
+
+
+def _history_cost(server: Server, config: BenchConfig, vocab: list[str]) -> dict[str, Any]:
+    """Seconds per token of `history_new` tokens continuing a long or a short session."""
+    words = [w for w in vocab[2:] if w.isalnum()]
+
+    def prompt(n: int) -> str:
+        return " ".join(words[i % len(words)] for i in range(n))
+
+    per_token: dict[str, list[float]] = {"long": [], "short": []}
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+
+        def generate(body: dict[str, Any]) -> dict[str, Any]:
+            response = client.post("/v1/generate", json=body)
+            response.raise_for_status()
+            out: dict[str, Any] = response.json()
+            return out
+
+        for _ in range(config.history_repeats + 1):  # the first round warms up
+            sessions = {
+                "long": generate({"prompt": prompt(config.history_long), "max_tokens": 1}),
+                "short": generate({"prompt": prompt(config.history_short), "max_tokens": 1}),
+            }
+            for kind, first in sessions.items():
+                started = time.perf_counter()
+                body = {"session_id": first["session_id"], "prompt": "and"}
+                out = generate({**body, "max_tokens": config.history_new})
+                seconds = time.perf_counter() - started
+                per_token[kind].append(seconds / max(1, out["usage"]["completion_tokens"]))
+    long = statistics.median(per_token["long"][1:])
+    short = statistics.median(per_token["short"][1:])
+    return {
+        "history_tokens": {"long": config.history_long, "short": config.history_short},
+        "new_tokens": config.history_new,
+        "repeats": config.history_repeats,
+        "seconds_per_token_median": {"long": long, "short": short},
+        "ratio": long / short,
+    }
+
+
+def _metrics_overhead(
+    bundle: Path, config: BenchConfig, on: Server, workdir: Path, settings: dict[str, str]
+) -> dict[str, Any]:
+    """Throughput with metrics on (`on`) and off (a second server), rounds alternating."""
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    streams, requests = config.metrics_streams, config.metrics_requests
+    with Server(
+        bundle, workdir / "server-metrics-off.log", **settings, metrics_enabled="false"
+    ) as off:
+        _load(off, config, streams, 1, config.tokens)  # warm-up
+        for round_ in range(config.metrics_rounds):
+            order = [("on", on), ("off", off)] if round_ % 2 == 0 else [("off", off), ("on", on)]
+            for name, server in order:
+                runs[name].append(_load(server, config, streams, requests, config.tokens))
+    best = {k: max(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    median = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(r["server_cpu_per_token_us"] for r in v) for k, v in runs.items()}
+    return {
+        "streams": streams,
+        "rounds": config.metrics_rounds,
+        "tokens_per_s_best": best,
+        "tokens_per_s_median": median,
+        "server_cpu_per_token_us_median": cpu,
+        "ratio": best["on"] / best["off"],
+        "cpu_ratio": cpu["off"] / cpu["on"],
+    }
+
+
+def _round(
+    raw_small: dict[str, Any],
+    server_small: dict[str, Any],
+    raw_large: dict[str, Any],
+    server_large: dict[str, Any],
+    book: dict[str, Any],
+    simmer_single: dict[str, Any],
+) -> dict[str, float]:
+    """One round of the headline ratios, from figures taken one right after the other."""
+    itl = server_small["itl_ms"]["p50"]  # None when every token came in one message
+    return {
+        "raw_step_ms_small": raw_small["step_ms"],
+        "itl_ms_p50_small": itl,
+        "itl_ratio": math.nan if itl is None else itl / raw_small["step_ms"],
+        "raw_cpu_per_token_us_large": raw_large["cpu_per_token_us"],
+        "server_cpu_per_token_us_large": server_large["server_cpu_per_token_us"],
+        "cpu_efficiency": raw_large["cpu_per_token_us"] / server_large["server_cpu_per_token_us"],
+        "throughput_ratio": server_large["tokens_per_s"] / raw_large["tokens_per_s"],
+        "book_tokens_per_s": book["tokens_per_s"],
+        "simmer_single_tokens_per_s": simmer_single["tokens_per_s"],
+        "simmer_book_single": simmer_single["tokens_per_s"] / book["tokens_per_s"],
+    }
+
+
+def run(
+    config: BenchConfig, bundle: Path, out: Path, redis_url: str | None, threads: int | None
+) -> dict[str, Any]:
+    from service.engine import Engine
+    from service.settings import Settings
+    from simmer.bundle import load_bundle
+
+    started = time.perf_counter()
+    loaded = load_bundle(bundle)
+    defaults = Settings()
+    server_threads = defaults.intra_op_threads if threads is None else threads
+    settings = {"intra_op_threads": str(server_threads), "max_batch": str(defaults.max_batch)}
+    workdir = out.parent
+    embedding = loaded.manifest["model"].get("embedding_dim")
+    result: dict[str, Any] = {
+        "simmer_bench": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "machine": _machine(),
+        "bundle": {
+            "path": str(bundle),
+            "version": loaded.version,
+            "vocab_size": loaded.vocab_size,
+            "embedding_dim": embedding,
+            "hidden_size": loaded.hidden_size,
+            "num_layers": loaded.num_layers,
+            "description": f"vocab {loaded.vocab_size}, embedding {embedding}, "
+            f"LSTM {loaded.hidden_size} x {loaded.num_layers} ({loaded.version})",
+        },
+        "server_settings": {"intra_op_threads": server_threads, "max_batch": defaults.max_batch},
+    }
+    small, large = config.small, config.large
+
+    # 1. the raw engine
+    thread_list = [server_threads, *[t for t in config.thread_settings if t != server_threads]]
+    log(f"raw engine: threads {thread_list}, batches {list(config.batches)}")
+    table = raw.engine_table(bundle, thread_list, list(config.batches), config.engine_seconds)
+    best = {}
+    for batch in config.batches:
+        rows = [f for f in table if f.batch == batch]
+        fastest = max(rows, key=lambda f: f.tokens_per_s)
+        cheapest = min(rows, key=lambda f: f.cpu_per_token_s)
+        best[str(batch)] = {
+            "tokens_per_s": fastest.tokens_per_s,
+            "tokens_per_s_threads": fastest.threads,
+            "cpu_per_token_us": cheapest.cpu_per_token_s * 1e6,
+            "cpu_threads": cheapest.threads,
+        }
+    result["engine"] = {
+        "server_threads": server_threads,
+        "table": [f.as_dict() for f in table],
+        "best_over_threads": best,
+    }
+    engine = Engine(loaded, ["CPUExecutionProvider"], server_threads)
+
+    def adjacent(batch: int) -> dict[str, Any]:
+        """The raw engine again, right before the server run it is compared with."""
+        return raw.measure_engine(engine, batch, config.engine_seconds).as_dict()
+
+    def book() -> dict[str, Any]:
+        return raw.book_baseline(
+            bundle, server_threads, config.prompt, config.book_requests, config.long_tokens
+        )
+
+    # 2. book-style generation
+    log(f"book-style baseline: {config.book_requests} x {config.long_tokens} tokens")
+    result["book"] = book()
+
+    # 3. the server
+    result["server"] = {}
+    rounds = []
+    with Server(bundle, workdir / "server.log", **settings) as server:
+        _load(server, config, 4, 1, 8)  # warm-up
+        raw_at: dict[int, dict[str, Any]] = {}
+        for streams, requests in sorted(config.ws_streams.items()):
+            if streams in (small, large):
+                raw_at[streams] = adjacent(streams)
+            log(f"server: {streams} WebSocket stream(s) x {requests} x {config.tokens} tokens")
+            result["server"][f"ws-{streams}"] = _load(
+                server, config, streams, requests, config.tokens
+            )
+        log(f"server: {config.sse_streams} SSE streams")
+        result["server"][f"sse-{config.sse_streams}"] = _load(
+            server, config, config.sse_streams, config.sse_requests, config.tokens, sse=True
+        )
+        log(f"simmer, {config.long_tokens} tokens: 1 and {config.long_concurrent} streams")
+        result["simmer_long"] = {
+            "1": _load(server, config, 1, config.long_single_requests, config.long_tokens),
+            str(config.long_concurrent): _load(
+                server, config, config.long_concurrent, 1, config.long_tokens
+            ),
+        }
+        log("continuing a long session")
+        result["history"] = _history_cost(server, config, loaded.tokenizer.vocab)
+        log(f"metrics on / off: {config.metrics_rounds} rounds of {config.metrics_streams} streams")
+        result["metrics_overhead"] = _metrics_overhead(bundle, config, server, workdir, settings)
+
+        # the headline ratios: the runs above are round 1
+        rounds.append(
+            _round(
+                raw_at[small],
+                result["server"][f"ws-{small}"],
+                raw_at[large],
+                result["server"][f"ws-{large}"],
+                result["book"],
+                result["simmer_long"]["1"],
+            )
+        )
+        for number in range(2, config.headline_rounds + 1):
+            log(f"headline round {number}/{config.headline_rounds}")
+            raw_small = adjacent(small)
+            server_small = _load(server, config, small, config.ws_streams[small], config.tokens)
+            raw_large = adjacent(large)
+            server_large = _load(server, config, large, config.ws_streams[large], config.tokens)
+            book_round = book()
+            single = _load(server, config, 1, config.long_single_requests, config.long_tokens)
+            rounds.append(
+                _round(raw_small, server_small, raw_large, server_large, book_round, single)
+            )
+    result["headline_rounds"] = rounds
+
+    # 4. memory per session
+    log(f"memory per session: {config.sessions:,} sessions")
+    layers, hidden = loaded.num_layers, loaded.hidden_size
+    result["sessions"] = {"memory": sessions.memory_store(config.sessions, layers, hidden)}
+    if redis_url:
+        try:
+            result["sessions"]["redis"] = sessions.redis_store(
+                redis_url, config.sessions, layers, hidden
+            )
+        except Exception as exc:  # no Redis: the figure is missing, the run goes on
+            result["sessions"]["redis"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    result["ratios"] = ratios(result, config)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
+    """The issue's ratios, each against its target."""
+    rounds = result["headline_rounds"]
+    small, large, count = config.small, config.large, len(rounds)
+
+    def median(key: str) -> float:
+        values = [r[key] for r in rounds if r[key] is not None and math.isfinite(r[key])]
+        return float(statistics.median(values)) if values else math.nan
+
+    book = median("book_tokens_per_s")
+    redis = result["sessions"].get("redis", {})
+    concurrent = result["simmer_long"][str(config.long_concurrent)]["tokens_per_s"]
+    return [
+        report.ratio(
+            f"CPU efficiency at {large} streams",
+            median("cpu_efficiency"),
+            0.5,
+            ">=",
+            f"raw engine CPU/token at batch {large} / server CPU/token at {large} streams, "
+            f"median of {count} rounds",
+        ),
+        report.ratio(
+            f"throughput at {large} streams",
+            median("throughput_ratio"),
+            None,
+            "",
+            f"server tokens/s at {large} streams / raw engine tokens/s at batch {large}, "
+            f"median of {count} rounds",
+        ),
+        report.ratio(
+            f"inter-token latency at {small} stream",
+            median("itl_ratio"),
+            2.0,
+            "<=",
+            f"median ITL at {small} stream / raw batch-{small} step time, median of {count} rounds",
+        ),
+        report.ratio(
+            "long history cost",
+            result["history"]["ratio"],
+            1.2,
+            "<=",
+            f"seconds per token continuing {config.history_long} vs {config.history_short} "
+            f"tokens of history, {config.history_new} new tokens",
+        ),
+        report.ratio(
+            "simmer / book, 1 stream",
+            median("simmer_book_single"),
+            3.0,
+            ">=",
+            f"tokens/s of {config.long_tokens}-token generations (the book re-runs the prefix), "
+            f"median of {count} rounds",
+        ),
+        report.ratio(
+            f"simmer / book, {config.long_concurrent} concurrent",
+            concurrent / book,
+            10.0,
+            ">=",
+            "the book serves requests one after another",
+        ),
+        report.ratio(
+            "memory store bytes/session",
+            result["sessions"]["memory"]["bytes_per_session"],
+            2048,
+            "<=",
+            f"tracemalloc over {config.sessions:,} sessions",
+        ),
+        report.ratio(
+            "Redis bytes/session",
+            redis.get("bytes_per_session"),
+            2048,
+            "<=",
+            f"used_memory delta over {config.sessions:,} sessions",
+        ),
+        report.ratio(
+            "metrics on / off throughput",
+            result["metrics_overhead"]["ratio"],
+            0.95,
+            ">=",
+            f"best of {config.metrics_rounds} rounds each, {config.metrics_streams} streams",
+        ),
+    ]
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by None, so the JSON is standard."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
+    parser.add_argument("--bundle", type=Path, help="bundle to serve (default: random book-size)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "simmer",
+        help="where the random bundle is kept",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/15",
+        help="Redis for the memory figure; '' skips it",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="server intra-op threads (default: its setting)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="every part at tiny sizes")
+    args = parser.parse_args(argv)
+    config = BenchConfig.smoke() if args.smoke else BenchConfig()
+    bundle = args.bundle
+    if bundle is None:
+        log(f"building or reusing a random bundle under {args.cache}")
+        bundle = cached_bundle(
+            args.cache / "bench-bundles",
+            config.vocab_size,
+            config.embedding_dim,
+            config.hidden_size,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = run(config, bundle, args.out, args.redis_url or None, args.threads)
+    args.out.write_text(json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
+    png = args.out.with_suffix(".png")
+    report.chart(result, png)
+    print(report.summary(result))
+    print(f"\nwrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

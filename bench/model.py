@@ -1,0 +1,144 @@
+"""A book-size bundle for the benchmark: random weights, the book's shapes.
+
+Speed does not depend on training, so the benchmark serves a randomly initialised
+`RecipeLSTM(LSTMConfig())` (vocab 10,000, embedding 100, LSTM 128) exported through
+the same path as a trained checkpoint: `export.bundle_writer.build_bundle`.
+"""
+
+from __future__ import annotations
+
+import string
+import tempfile
+from pathlib import Path
+
+from simmer.bundle import is_bundle
+from simmer.tokenizer import PAD, UNK, Tokenizer
+
+# A few real words so prompts encode to something other than [UNK].
+COMMON_WORDS = (
+    "recipe",
+    "for",
+    "the",
+    "a",
+    "and",
+    "of",
+    "to",
+    "in",
+    "with",
+    "salt",
+    "pepper",
+    "oil",
+    "butter",
+    "sugar",
+    "flour",
+    "water",
+    "add",
+    "stir",
+    "heat",
+    "pan",
+    "bowl",
+    "minutes",
+    "until",
+    "mix",
+    "cook",
+    "bake",
+    "oven",
+    "serve",
+    "chicken",
+    "onion",
+    "garlic",
+    "cream",
+    "cheese",
+    "egg",
+    "eggs",
+    "cup",
+    "cups",
+    "teaspoon",
+    "tablespoon",
+    "large",
+    "small",
+    "medium",
+    "over",
+    "into",
+    "on",
+    "at",
+    "from",
+    "about",
+    "then",
+    "place",
+    "cut",
+    "chop",
+    "slice",
+    "boil",
+    "simmer",
+    "season",
+    "taste",
+    "top",
+    "remove",
+    "let",
+    "cool",
+    "lemon",
+    "juice",
+)
+
+
+def book_tokenizer(vocab_size: int) -> Tokenizer:
+    """`vocab_size` words: padding, [UNK], punctuation, common words, then filler words."""
+    words = [PAD, UNK, *string.punctuation, *COMMON_WORDS]
+    seen = set(words)
+    words = list(dict.fromkeys(words))
+    n = 0
+    while len(words) < vocab_size:
+        word = f"w{n}"
+        n += 1
+        if word not in seen:
+            words.append(word)
+    return Tokenizer(words[:vocab_size])
+
+
+def build_random_bundle(
+    out: Path,
+    vocab_size: int = 10_000,
+    embedding_dim: int = 100,
+    hidden_size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Export a randomly initialised model of the given size to a bundle at `out`."""
+    import torch
+
+    from export.bundle_writer import build_bundle
+    from training.model import LSTMConfig, RecipeLSTM
+    from training.train import CHECKPOINT_FORMAT, TOKENIZER, save_checkpoint
+
+    torch.manual_seed(seed)
+    config = LSTMConfig(vocab_size=vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size)
+    model = RecipeLSTM(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        run.mkdir()
+        book_tokenizer(vocab_size).save(run / TOKENIZER)
+        save_checkpoint(
+            run / "best.pt",
+            {
+                "format": CHECKPOINT_FORMAT,
+                "format_version": 1,
+                "model_config": config.to_dict(),
+                "model_state": model.state_dict(),
+                "tokenizer_file": TOKENIZER,
+                "history": [],
+            },
+        )
+        work = Path(tmp) / "work"
+        work.mkdir()
+        build_bundle(run / "best.pt", out, work)
+    return out
+
+
+def cached_bundle(
+    cache: Path, vocab_size: int = 10_000, embedding_dim: int = 100, hidden_size: int = 128
+) -> Path:
+    """The random bundle of this size under `cache`, built once."""
+    out = cache / f"random-v{vocab_size}-e{embedding_dim}-h{hidden_size}"
+    if not is_bundle(out):
+        build_random_bundle(out, vocab_size, embedding_dim, hidden_size)
+    return out

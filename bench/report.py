@@ -1,0 +1,168 @@
+"""The benchmark's outputs: the ratios against their targets, a chart and a summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def ratio(
+    name: str, value: float | None, target: float | None, better: str, how: str
+) -> dict[str, Any]:
+    """One headline figure; `better` is ">=" or "<=" (the target's side), or "" for none."""
+    met = None
+    if target is not None and value is not None and math.isfinite(value):
+        met = value >= target if better == ">=" else value <= target
+    return {
+        "name": name,
+        "value": value,
+        "target": target,
+        "better": better,
+        "met": met,
+        "how": how,
+    }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A readable summary of one run."""
+    lines = [f"simmer benchmark: {result['bundle']['description']}"]
+    lines.append(f"  machine: {result['machine']['cpus']} CPUs, {result['machine']['cpu_model']}")
+    lines.append(
+        f"  server: intra-op threads {result['server_settings']['intra_op_threads']}, "
+        f"max batch {result['server_settings']['max_batch']}"
+    )
+    lines.append("")
+    lines.append("raw engine (threads, batch: tokens/s, step ms, CPU us/token)")
+    for row in result["engine"]["table"]:
+        lines.append(
+            f"  {row['threads']} x {row['batch']:>3}: {row['tokens_per_s']:>9,.0f} tok/s  "
+            f"{row['step_ms']:7.3f} ms  {row['cpu_per_token_us']:7.1f} us"
+        )
+    lines.append("")
+    lines.append(
+        "server (streams: tokens/s, CPU us/token, TTFT p50/p99 ms, ITL p50/p99 ms, tok/msg)"
+    )
+    for label, run in result["server"].items():
+        lines.append(
+            f"  {label:>7}: {run['tokens_per_s']:>9,.0f} tok/s  "
+            f"{_fmt(run['server_cpu_per_token_us'], 1):>7} us  "
+            f"TTFT {_fmt(run['ttft_ms']['p50'])}/{_fmt(run['ttft_ms']['p99'])}  "
+            f"ITL {_fmt(run['itl_ms']['p50'], 3)}/{_fmt(run['itl_ms']['p99'], 3)}  "
+            f"{run['tokens_per_message']:.2f}"
+        )
+    rounds = result.get("headline_rounds", [])
+    if rounds:
+        lines.append("")
+        lines.append("headline rounds (raw engine and server side by side; ratios use the median)")
+        for i, r in enumerate(rounds, 1):
+            raw_cpu, server_cpu = (
+                r["raw_cpu_per_token_us_large"],
+                r["server_cpu_per_token_us_large"],
+            )
+            lines.append(
+                f"  {i}: ITL {_fmt(r['itl_ms_p50_small'], 3)} ms / raw step "
+                f"{_fmt(r['raw_step_ms_small'], 3)} ms = {_fmt(r['itl_ratio'])};  CPU "
+                f"{_fmt(raw_cpu, 1)} / {_fmt(server_cpu, 1)} us = {_fmt(r['cpu_efficiency'], 3)};"
+                f"  simmer/book 1 stream {_fmt(r['simmer_single_tokens_per_s'], 0)} / "
+                f"{_fmt(r['book_tokens_per_s'], 0)} = {_fmt(r['simmer_book_single'])}"
+            )
+    lines.append("")
+    lines.append("ratios")
+    for item in result["ratios"]:
+        mark = {True: "met", False: "MISSED", None: "-"}[item["met"]]
+        target = "" if item["target"] is None else f" (target {item['better']} {item['target']})"
+        lines.append(f"  {item['name']}: {_fmt(item['value'], 3)}{target}  {mark}")
+    return "\n".join(lines)
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """Four panels: throughput, CPU per token, latency, and the ratios against targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    table = result["engine"]["table"]
+    server = {k: v for k, v in result["server"].items() if k.startswith("ws-")}
+    streams = [int(k.split("-")[1]) for k in server]
+
+    ax = axes[0][0]
+    for threads in sorted({row["threads"] for row in table}):
+        rows = [row for row in table if row["threads"] == threads]
+        ax.plot(
+            [r["batch"] for r in rows],
+            [r["tokens_per_s"] for r in rows],
+            "o-",
+            label=f"raw engine, {threads} thread(s)",
+        )
+    ax.plot(streams, [v["tokens_per_s"] for v in server.values()], "s-", label="server (WebSocket)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size / concurrent streams")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("Throughput")
+    ax.legend()
+
+    ax = axes[0][1]
+    for threads in sorted({row["threads"] for row in table}):
+        rows = [row for row in table if row["threads"] == threads]
+        ax.plot(
+            [r["batch"] for r in rows],
+            [r["cpu_per_token_us"] for r in rows],
+            "o-",
+            label=f"raw engine, {threads} thread(s)",
+        )
+    ax.plot(
+        streams,
+        [v["server_cpu_per_token_us"] for v in server.values()],
+        "s-",
+        label="server process",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size / concurrent streams")
+    ax.set_ylabel("CPU us per token")
+    ax.set_title("CPU time per generated token")
+    ax.legend()
+
+    ax = axes[1][0]
+    for key, style in (("ttft_ms", "o-"), ("itl_ms", "s-")):
+        for pct in ("p50", "p99"):
+            ax.plot(
+                streams,
+                [v[key][pct] for v in server.values()],
+                style,
+                label=f"{key.split('_')[0].upper()} {pct}",
+                alpha=1.0 if pct == "p50" else 0.5,
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("ms")
+    ax.set_title("Latency (WebSocket)")
+    ax.legend()
+
+    ax = axes[1][1]
+    items = [r for r in result["ratios"] if r["target"] is not None and r["value"] is not None]
+    names = [r["name"] for r in items]
+    # each bar is value / target, flipped for "<=" targets, so 1.0 is the line to clear
+    scores = [
+        (r["value"] / r["target"])
+        if r["better"] == ">="
+        else (r["target"] / max(r["value"], 1e-12))
+        for r in items
+    ]
+    colors = ["tab:green" if r["met"] else "tab:red" for r in items]
+    ax.barh(names, scores, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("margin over target (>1 is met)")
+    ax.set_title("Targets")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
