@@ -107,8 +107,9 @@ def build_random_bundle(
     import torch
 
     from export.bundle_writer import build_bundle
+    from training.checkpoint import FORMAT as CHECKPOINT_FORMAT
+    from training.checkpoint import TOKENIZER, save_checkpoint
     from training.model import LSTMConfig, RecipeLSTM
-    from training.train import CHECKPOINT_FORMAT, TOKENIZER, save_checkpoint
 
     torch.manual_seed(seed)
     config = LSTMConfig(vocab_size=vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size)
