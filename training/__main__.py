@@ -14,6 +14,9 @@ Data-parallel on N processes (gloo on the CPU, NCCL on CUDA); only rank 0 writes
 
 Bad input (a missing or malformed corpus, nothing left after filtering, an unknown
 preset, an unusable checkpoint) prints one line, exits 2 and writes nothing.
+
+Related: `python -m training.fetch` (the default corpus), `python -m training.next_words`
+(the next-word table of a checkpoint), `python -m training.speed` (throughput check).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from training.data import CorpusError, load_corpus
 from training.malloc import reuse_freed_memory
@@ -35,10 +38,15 @@ DEFAULT_PRESET = "quick"
 FIXED_ON_RESUME = ("preset", "seed", "lr", "batch_size", "max_recipes")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors, like every other error here, are one line on stderr and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m training", description=(__doc__ or "").splitlines()[0]
-    )
+    parser = OneLineParser(prog="python -m training", description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--data", required=True, help="corpus: Epicurious or Wikibooks JSON, JSONL or text"
     )

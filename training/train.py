@@ -83,7 +83,7 @@ class Runtime:
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """ "auto" is CUDA when present, else the CPU."""
+    """The device a --device name means: "auto" is CUDA when present, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":

@@ -52,6 +52,7 @@ def bad_corpora(folder: Path) -> dict[str, list[str | Path]]:
         "empty after filtering": ["--data", empty],
         "unknown preset": ["--data", good, "--preset", "huge"],
         "zero epochs": ["--data", good, "--epochs", "0"],
+        "epochs not a number": ["--data", good, "--epochs", "two"],
         "resume changing the seed": ["--data", good, "--resume", "--seed", "3"],
         "resume on another corpus": ["--data", good, "--resume", "--epochs", "3"],
     }
