@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 import websockets
+
+from bench.server import Server
 
 
 @dataclass
@@ -41,19 +41,6 @@ class SoakResult:
     rss_end_mb: float = 0.0
     rss_growth: float = 0.0
     tokens_per_s: float = 0.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 async def _client(url: str, tokens: int, deadline: float, result: SoakResult) -> None:
@@ -90,20 +77,22 @@ async def _client(url: str, tokens: int, deadline: float, result: SoakResult) ->
             await asyncio.sleep(0.1)
 
 
-async def _sample_rss(pid: int, deadline: float, result: SoakResult) -> None:
+async def _sample_rss(server: Server, deadline: float, result: SoakResult) -> None:
     while time.monotonic() < deadline:
-        result.rss_samples_mb.append(round(rss_mb(pid), 2))
+        result.rss_samples_mb.append(round(server.rss() / 2**20, 2))
         await asyncio.sleep(1.0)
 
 
 async def soak(
-    url: str, pid: int, streams: int, seconds: float, tokens: int, warmup_s: float
+    server: Server, streams: int, seconds: float, tokens: int, warmup_s: float
 ) -> SoakResult:
     result = SoakResult(streams=streams, seconds=seconds, warmup_s=warmup_s)
     started = time.monotonic()
     deadline = started + seconds
-    sampler = asyncio.create_task(_sample_rss(pid, deadline, result))
-    await asyncio.gather(*[_client(url, tokens, deadline, result) for _ in range(streams)])
+    sampler = asyncio.create_task(_sample_rss(server, deadline, result))
+    await asyncio.gather(
+        *[_client(server.ws_url, tokens, deadline, result) for _ in range(streams)]
+    )
     await sampler
     elapsed = time.monotonic() - started
     result.tokens_per_s = result.tokens / elapsed
@@ -113,35 +102,6 @@ async def soak(
     result.rss_end_mb = samples[-1] if samples else 0.0
     result.rss_growth = (result.rss_end_mb - after) / after if after else 0.0
     return result
-
-
-def start_server(bundle: Path, port: int, max_batch: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "SIMMER_BUNDLE": str(bundle),
-        "SIMMER_PORT": str(port),
-        "SIMMER_HOST": "127.0.0.1",
-        "SIMMER_MAX_BATCH": str(max_batch),
-        "SIMMER_LOG_LEVEL": "warning",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,27 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else args.seconds * 0.2
-    port = _free_port()
-    try:
-        proc = start_server(args.bundle, port, max(args.streams, 1))
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = asyncio.run(
-            soak(
-                f"ws://127.0.0.1:{port}/v1/stream",
-                proc.pid,
-                args.streams,
-                args.seconds,
-                args.tokens,
-                warmup,
-            )
-        )
-        load = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json().get("load")
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(args.bundle, Path(tmp) / "server.log", max_batch=str(max(args.streams, 1)))
+        try:
+            server.wait_ready()
+            result = asyncio.run(soak(server, args.streams, args.seconds, args.tokens, warmup))
+            load = httpx.get(f"{server.base_url}/readyz", timeout=10).json().get("load")
+        except RuntimeError as exc:
+            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
+        finally:
+            server.stop()
     report = {**asdict(result), "load_after": load}
     text = json.dumps(report, indent=2)
     if args.out is not None:
