@@ -2,7 +2,7 @@
 
     python -m bench.soak --bundle models/default --streams 256 --seconds 60 --out soak.json
 
-Starts `python -m service` on a free port (or uses --url), runs `--streams` clients
+Starts `python -m service` on a free port, runs `--streams` clients
 that each generate fixed-length completions back to back (continuing their session,
 then starting a fresh one every few turns), and samples the server's resident memory
 every second. It reports the errors (any error event, refused or broken connection),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from simmer.bundle import BundleError, ModelBundle
+from simmer.bundle import BundleError, ModelBundle, check_graph
 
 logger = logging.getLogger(__name__)
 
@@ -79,22 +79,12 @@ class Engine:
         self._check_graph()
 
     def _check_graph(self) -> None:
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        for name in ("tokens", "h0", "c0"):
-            if name not in inputs:
-                raise BundleError(f"model.onnx has no input {name!r}")
-        for name in ("logits", "hn", "cn"):
-            if name not in outputs:
-                raise BundleError(f"model.onnx has no output {name!r}")
-        vocab = outputs["logits"].shape[-1]
-        if isinstance(vocab, int) and vocab != self.vocab_size:
-            raise BundleError(
-                f"vocabulary size disagrees: graph logits {vocab}, tokenizer {self.vocab_size}"
-            )
-        hidden = inputs["h0"].shape[-1]
-        if isinstance(hidden, int) and hidden != self.hidden_size:
-            raise BundleError(f"hidden size disagrees: graph {hidden}, manifest {self.hidden_size}")
+        """The bundle's graph contract (the same check as load_bundle), then a dry run."""
+        shapes = {
+            arg.name: tuple(arg.shape)
+            for arg in [*self.session.get_inputs(), *self.session.get_outputs()]
+        }
+        check_graph(shapes, self.vocab_size, self.hidden_size, self.num_layers)
         # a dry run catches graphs whose shapes only fail at run time
         out = self.run(np.ones((1, 1), np.int64), *self.zero_state(1))
         if out.logits.shape != (1, self.vocab_size):
