@@ -1,11 +1,14 @@
 """Benchmark simmer against the raw engine and against book-style generation.
 
     python -m bench --out bench-results/bench.json [--bundle DIR] [--smoke]
+    python -m bench --quantize int8 --data CORPUS --out bench-results/bench-int8.json
 
 Without --bundle a randomly initialised model of the book's size (vocab 10,000,
 embedding 100, LSTM 128) is exported once into --cache; speed does not depend on
-training. Everything is measured in one run, so ratios compare figures taken side by
-side on the same machine:
+training. --quantize int8 serves that model's int8 export instead (output layer and
+embedding in int8; the export checks it against the fp32 graph on --data). Everything
+is measured in one run, so ratios compare figures taken side by side on the same
+machine:
 
 1. the raw engine (onnxruntime decode steps, no server) at batch 1 to 256, under the
    server's thread setting and others;
@@ -289,9 +292,14 @@ def run(
     loaded = load_bundle(bundle)
     defaults = Settings()
     server_threads = defaults.intra_op_threads if threads is None else threads
-    settings = {"intra_op_threads": str(server_threads), "max_batch": str(defaults.max_batch)}
+    settings = {
+        "intra_op_threads": str(server_threads),
+        "max_batch": str(defaults.max_batch),
+        "log_level": "warning",
+    }
     workdir = out.parent
     embedding = loaded.manifest["model"].get("embedding_dim")
+    weights = "int8" if loaded.manifest.get("quantization") else "fp32"
     result: dict[str, Any] = {
         "simmer_bench": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -304,8 +312,9 @@ def run(
             "embedding_dim": embedding,
             "hidden_size": loaded.hidden_size,
             "num_layers": loaded.num_layers,
+            "weights": weights,
             "description": f"vocab {loaded.vocab_size}, embedding {embedding}, "
-            f"LSTM {loaded.hidden_size} x {loaded.num_layers} ({loaded.version})",
+            f"LSTM {loaded.hidden_size} x {loaded.num_layers}, {weights} ({loaded.version})",
         },
         "server_settings": {"intra_op_threads": server_threads, "max_batch": defaults.max_batch},
     }
@@ -529,8 +538,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, help="server intra-op threads (default: its setting)"
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="serve the random model's int8 export (needs --data for the export's loss check)",
+    )
+    parser.add_argument("--data", type=Path, help="corpus for --quantize int8's loss check")
     parser.add_argument("--smoke", action="store_true", help="every part at tiny sizes")
     args = parser.parse_args(argv)
+    if args.quantize and args.bundle is not None:
+        parser.error("--quantize builds its own bundle; leave out --bundle")
+    if args.quantize and (args.data is None or not args.data.exists()):
+        parser.error("--quantize int8 needs --data PATH, a recipe corpus the export can read")
     config = BenchConfig.smoke() if args.smoke else BenchConfig()
     bundle = args.bundle
     if bundle is None:
@@ -540,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             config.vocab_size,
             config.embedding_dim,
             config.hidden_size,
+            int8_data=args.data if args.quantize else None,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = run(config, bundle, args.out, args.redis_url or None, args.threads)

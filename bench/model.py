@@ -102,11 +102,14 @@ def build_random_bundle(
     embedding_dim: int = 100,
     hidden_size: int = 128,
     seed: int = 0,
+    int8_data: Path | None = None,
 ) -> Path:
-    """Export a randomly initialised model of the given size to a bundle at `out`."""
+    """Export a randomly initialised model of the given size to a bundle at `out`; with
+    `int8_data` (a corpus for the export's loss check), its int8 variant."""
     import torch
 
     from export.bundle_writer import build_bundle
+    from export.options import ExportOptions
     from training.checkpoint import FORMAT as CHECKPOINT_FORMAT
     from training.checkpoint import TOKENIZER, save_checkpoint
     from training.model import LSTMConfig, RecipeLSTM
@@ -131,15 +134,21 @@ def build_random_bundle(
         )
         work = Path(tmp) / "work"
         work.mkdir()
-        build_bundle(run / "best.pt", out, work)
+        options = ExportOptions(quantize="int8", data=int8_data) if int8_data else None
+        build_bundle(run / "best.pt", out, work, options)
     return out
 
 
 def cached_bundle(
-    cache: Path, vocab_size: int = 10_000, embedding_dim: int = 100, hidden_size: int = 128
+    cache: Path,
+    vocab_size: int = 10_000,
+    embedding_dim: int = 100,
+    hidden_size: int = 128,
+    int8_data: Path | None = None,
 ) -> Path:
-    """The random bundle of this size under `cache`, built once."""
-    out = cache / f"random-v{vocab_size}-e{embedding_dim}-h{hidden_size}"
+    """The random bundle of this size under `cache` (int8 with `int8_data`), built once."""
+    suffix = "-int8" if int8_data else ""
+    out = cache / f"random-v{vocab_size}-e{embedding_dim}-h{hidden_size}{suffix}"
     if not is_bundle(out):
-        build_random_bundle(out, vocab_size, embedding_dim, hidden_size)
+        build_random_bundle(out, vocab_size, embedding_dim, hidden_size, int8_data=int8_data)
     return out

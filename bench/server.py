@@ -26,7 +26,9 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m service` on a free port; `settings` are SIMMER_* values without the prefix."""
+    """`python -m service` on a free port, its output kept in `log_path` for failure
+    messages; `settings` are SIMMER_* values without the prefix. The benchmark, the
+    soak and the test suite all start their servers with it."""
 
     def __init__(self, bundle: Path, log_path: Path, **settings: str) -> None:
         self.port = free_port()
@@ -38,7 +40,6 @@ class Server:
             "SIMMER_BUNDLE": str(bundle),
             "SIMMER_HOST": "127.0.0.1",
             "SIMMER_PORT": str(self.port),
-            "SIMMER_LOG_LEVEL": "warning",
             **{f"SIMMER_{key.upper()}": value for key, value in settings.items()},
         }
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()

@@ -120,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else args.seconds * 0.2
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(args.bundle, Path(tmp) / "server.log", max_batch=str(max(args.streams, 1)))
+        server = Server(
+            args.bundle,
+            Path(tmp) / "server.log",
+            max_batch=str(max(args.streams, 1)),
+            log_level="warning",
+        )
         try:
             server.wait_ready()
             result = asyncio.run(soak(server, args.streams, args.seconds, args.tokens, warmup))

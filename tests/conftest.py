@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from bench.server import Server
+from bench.server import free_port as free_port  # the tests import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 EPICURIOUS = Path(
@@ -22,12 +22,6 @@ EPICURIOUS = Path(
     )
 )
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/15"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -142,55 +136,13 @@ def clean_redis(redis_url: str) -> Iterator[str]:
     client.close()
 
 
-class ServerProcess:
-    """`python -m service` on a free port, with its output kept for failure messages."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {**os.environ, **env, "SIMMER_HOST": "127.0.0.1", "SIMMER_PORT": str(self.port)}
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+# One class starts real servers for the benchmark, the soak and these tests.
+ServerProcess = Server
 
 
 def launch_server(bundle: Path, log_dir: Path, wait: bool = True, **settings: str) -> ServerProcess:
     """A real `python -m service` with SIMMER_<KEY>=value for each keyword."""
-    env = {"SIMMER_BUNDLE": str(bundle), **{f"SIMMER_{k.upper()}": v for k, v in settings.items()}}
-    server = ServerProcess(env, log_dir / f"server-{free_port()}.log")
+    server = Server(bundle, log_dir / f"server-{free_port()}.log", **settings)
     if wait:
         try:
             server.wait_ready()

@@ -92,7 +92,7 @@ def progress_bar() -> tuple[Progress, Any]:
     def progress(batch: int, total: int, stats: dict[str, float]) -> None:
         if batch == 1:
             close()
-            bars.append(tqdm(total=total, unit="batch", file=sys.stderr, leave=False))
+            bars.append(tqdm(total=total, unit="batch", file=sys.stderr, leave=False, disable=None))
         bars[-1].update(1)
         bars[-1].set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:,.0f}")
 

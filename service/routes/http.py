@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Any
 
 from litestar import Request, Response, delete, get, post
@@ -116,27 +118,81 @@ async def generate(
     if data.stream:
         return event_stream(sse_stream(first, events))
     assert isinstance(first, SessionEvent)
-    pieces: list[str] = []
-    logprobs: list[StepLogprobs] = []
-    done: DoneEvent | None = None
-    async for event in events:
-        if isinstance(event, TokenEvent):
-            pieces.append(event.text)
-            if event.logprobs:
-                logprobs.extend(event.logprobs)
-        elif isinstance(event, DoneEvent):
-            done = event
-    assert done is not None
+    result = await collect(events, request)
+    if result is None:
+        return client_gone()
     body = GenerateResponse.model_validate(
         {
             "session_id": first.session_id,
-            "text": "".join(pieces),
-            "finish_reason": done.finish_reason,
-            "usage": usage_json(done),
-            "logprobs": logprobs_json(logprobs) if params.sampling.logprobs else None,
+            "text": result.text,
+            "finish_reason": result.done.finish_reason,
+            "usage": usage_json(result.done),
+            "logprobs": logprobs_json(result.logprobs) if params.sampling.logprobs else None,
         }
     )
     return Response(body)
+
+
+def client_gone() -> Response[Any]:
+    """The answer to a request whose client has left: nobody reads it but the access log
+    (499, as nginx logs a client that closed its request)."""
+    error = APIError(499, "client_disconnected", "the client closed the request")
+    return Response(error.body(), status_code=error.status)
+
+
+@dataclass
+class Collected:
+    """A whole generation, for a JSON answer."""
+
+    done: DoneEvent
+    pieces: list[str] = field(default_factory=list)
+    logprobs: list[StepLogprobs] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+async def collect(
+    events: AsyncGenerator[Event, None], request: Request[Any, Any, Any]
+) -> Collected | None:
+    """The rest of a generation's events, gathered for one JSON answer.
+
+    A client that disconnects before the answer is ready stops the generation within a
+    step, as a streaming client does: what completed is saved to the session and the
+    slot is freed, instead of generating max_tokens for nobody. Returns None then.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        # the body is read already: the next message is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    pieces: list[str] = []
+    logprobs: list[StepLogprobs] = []
+    try:
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                pieces.append(event.text)
+                if event.logprobs:
+                    logprobs.extend(event.logprobs)
+            elif isinstance(event, DoneEvent):
+                return Collected(event, pieces, logprobs)
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        return None  # counted once, as client_disconnected, by the generation service
+    finally:
+        watcher.cancel()
+    raise RuntimeError("the generation ended without a done event")
 
 
 def _info(runtime: Runtime, session_id: str, state: Any) -> SessionInfo:

@@ -19,7 +19,15 @@ from service.errors import APIError
 from service.events import encode, error_json, usage_json
 from service.generation import DoneEvent, Event, SessionEvent, StepLogprobs, TokenEvent
 from service.protocol import CompletionRequest, now, openai_finish_reason
-from service.routes.http import V1_ERRORS, errors, event_stream, owner_of, runtime_of
+from service.routes.http import (
+    V1_ERRORS,
+    client_gone,
+    collect,
+    errors,
+    event_stream,
+    owner_of,
+    runtime_of,
+)
 
 
 def _logprobs(steps: list[StepLogprobs], offset: int) -> dict[str, Any]:
@@ -117,24 +125,17 @@ async def completions(
     if data.stream:
         return event_stream(_openai_stream(completion_id, model, first, events, want_logprobs))
     assert isinstance(first, SessionEvent)
-    pieces: list[str] = []
-    steps: list[StepLogprobs] = []
-    done: DoneEvent | None = None
-    async for event in events:
-        if isinstance(event, TokenEvent):
-            pieces.append(event.text)
-            steps.extend(event.logprobs or [])
-        elif isinstance(event, DoneEvent):
-            done = event
-    assert done is not None
+    result = await collect(events, request)
+    if result is None:
+        return client_gone()
     body = _chunk(
         completion_id,
         model,
-        "".join(pieces),
-        openai_finish_reason(done.finish_reason),
+        result.text,
+        openai_finish_reason(result.done.finish_reason),
         first.session_id,
-        _logprobs(steps, 0) if want_logprobs else None,
-        usage_json(done),
+        _logprobs(result.logprobs, 0) if want_logprobs else None,
+        usage_json(result.done),
     )
     return Response(body)
 

@@ -236,6 +236,25 @@ def test_hundreds_of_vanished_clients_leave_nothing_running(
     assert generate(server, prompt="recipe for", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions"])
+def test_a_json_request_whose_client_leaves_stops_generating(
+    start_server: Callable[..., ServerProcess], path: str
+) -> None:
+    server = start_server(max_new_tokens="1000000")
+    body = {"prompt": "recipe for", "max_tokens": 1_000_000, **GREEDY}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server.base_url}{path}", json=body, timeout=httpx.Timeout(10, read=1.0))
+    # a million tokens take minutes: the generation must stop soon after the disconnect
+    deadline = time.monotonic() + 10
+    while (load := httpx.get(f"{server.base_url}/readyz").json()["load"])["generations"]:
+        assert time.monotonic() < deadline, f"still generating for a client that left: {load}"
+        time.sleep(0.05)
+    assert load["running"] == 0
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert 'simmer_request_failure_total{code="client_disconnected"} 1.0' in metrics
+    assert generate(server, prompt="recipe for", max_tokens=3)["usage"]["completion_tokens"] == 3
+
+
 def test_a_tampered_bundle_is_refused_at_start(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
