@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -243,13 +244,19 @@ class GenerationService:
         """Sessions whose generation lock this server holds right now."""
         return list(self._running)
 
-    def cancel(self, session_id: str) -> bool:
-        """Ask the generation running on `session_id` to stop within one step."""
+    def cancel(self, session_id: str, client_gone: bool = False) -> bool:
+        """Ask the generation running on `session_id` to stop within one step; with
+        `client_gone` it is counted as a client that disconnected, not as a success."""
         seq = self._running.get(session_id)
         if seq is None:
             return False
+        seq.detached = seq.detached or client_gone
         seq.cancel()
         return True
+
+    def stopper(self, session_id: str) -> Callable[[], bool]:
+        """What stops `session_id`'s generation when its client has gone."""
+        return functools.partial(self.cancel, session_id, client_gone=True)
 
     def _admit(self) -> None:
         if self.draining:
@@ -401,7 +408,10 @@ class GenerationService:
             if finish_reason == "error":
                 metrics.request_failure.labels(code="engine_error").inc()
                 raise APIError(500, "engine_error", "the engine failed during this generation")
-            metrics.request_success.labels(finish_reason=finish_reason).inc()
+            if seq.detached:
+                metrics.request_failure.labels(code="client_disconnected").inc()
+            else:
+                metrics.request_success.labels(finish_reason=finish_reason).inc()
             await lock.release()  # the session is saved: the client may continue right away
             yield DoneEvent(session_id, finish_reason, len(prompt_ids), len(seq.tokens))
         finally:

@@ -81,6 +81,7 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     stop_reason: str | None = None  # the finish reason a stop() asked for
+    detached: bool = False  # nobody waits for the result any more (its client left)
     event: asyncio.Event = field(default_factory=asyncio.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None

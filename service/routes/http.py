@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +118,7 @@ async def generate(
     if data.stream:
         return event_stream(sse_stream(first, events))
     assert isinstance(first, SessionEvent)
-    result = await collect(events, request)
+    result = await collect(events, request, runtime.service().stopper(first.session_id))
     if result is None:
         return client_gone()
     body = GenerateResponse.model_validate(
@@ -154,16 +154,15 @@ class Collected:
 
 
 async def collect(
-    events: AsyncGenerator[Event, None], request: Request[Any, Any, Any]
+    events: AsyncGenerator[Event, None], request: Request[Any, Any, Any], stop: Callable[[], object]
 ) -> Collected | None:
     """The rest of a generation's events, gathered for one JSON answer.
 
     A client that disconnects before the answer is ready stops the generation within a
-    step, as a streaming client does: what completed is saved to the session and the
-    slot is freed, instead of generating max_tokens for nobody. Returns None then.
+    step (`stop`), as a streaming client does: what completed is saved to the session
+    and the slot is freed, instead of generating max_tokens for nobody. Returns None
+    then. The generation still ends on its own terms (saved, unlocked, counted once).
     """
-    task = asyncio.current_task()
-    assert task is not None
     gone = False
 
     async def watch() -> None:
@@ -172,27 +171,27 @@ async def collect(
         while (await request.receive())["type"] != "http.disconnect":
             pass
         gone = True
-        task.cancel()
+        stop()
 
     watcher = asyncio.create_task(watch())
     pieces: list[str] = []
     logprobs: list[StepLogprobs] = []
+    done: DoneEvent | None = None
     try:
-        async for event in events:
+        async for event in events:  # to the end, so the generation's own clean-up runs now
             if isinstance(event, TokenEvent):
                 pieces.append(event.text)
                 if event.logprobs:
                     logprobs.extend(event.logprobs)
             elif isinstance(event, DoneEvent):
-                return Collected(event, pieces, logprobs)
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        task.uncancel()
-        return None  # counted once, as client_disconnected, by the generation service
+                done = event
     finally:
         watcher.cancel()
-    raise RuntimeError("the generation ended without a done event")
+    if gone:
+        return None
+    if done is None:
+        raise RuntimeError("the generation ended without a done event")
+    return Collected(done, pieces, logprobs)
 
 
 def _info(runtime: Runtime, session_id: str, state: Any) -> SessionInfo:

@@ -125,7 +125,7 @@ async def completions(
     if data.stream:
         return event_stream(_openai_stream(completion_id, model, first, events, want_logprobs))
     assert isinstance(first, SessionEvent)
-    result = await collect(events, request)
+    result = await collect(events, request, runtime.service().stopper(first.session_id))
     if result is None:
         return client_gone()
     body = _chunk(

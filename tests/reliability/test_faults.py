@@ -252,6 +252,13 @@ def test_a_json_request_whose_client_leaves_stops_generating(
     assert load["running"] == 0
     metrics = httpx.get(f"{server.base_url}/metrics").text
     assert 'simmer_request_failure_total{code="client_disconnected"} 1.0' in metrics
+    # it ended through the normal path: what it generated before the disconnect is counted
+    generated = next(
+        float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("simmer_generation_tokens_total ")
+    )
+    assert 0 < generated < 1_000_000
     assert generate(server, prompt="recipe for", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 
