@@ -278,6 +278,7 @@ def _round(
         "book_tokens_per_s": book["tokens_per_s"],
         "simmer_single_tokens_per_s": simmer_single["tokens_per_s"],
         "simmer_book_single": simmer_single["tokens_per_s"] / book["tokens_per_s"],
+        "book_raw_steps": 1e3 / book["tokens_per_s"] / raw_small["step_ms"],
     }
 
 
@@ -477,6 +478,14 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             ">=",
             f"tokens/s of {config.long_tokens}-token generations (the book re-runs the prefix), "
             f"median of {count} rounds",
+        ),
+        report.ratio(
+            "book's cost per token, in raw batch-1 steps",
+            median("book_raw_steps"),
+            None,
+            "",
+            f"seconds per token of the book's loop / raw batch-{small} step, median of {count} "
+            "rounds: the most simmer / book at 1 stream could reach if serving cost nothing",
         ),
         report.ratio(
             f"simmer / book, {config.long_concurrent} concurrent",

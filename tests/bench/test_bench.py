@@ -53,7 +53,7 @@ def test_smoke_run_writes_json_chart_and_summary(tmp_path: Path, redis_url: str)
     assert result["sessions"]["redis"]["sessions"] == result["config"]["sessions"]
     assert result["sessions"]["redis"]["keys_deleted"] == result["config"]["sessions"] + 1
     ratios = {r["name"]: r for r in result["ratios"]}
-    assert len(ratios) == 9
+    assert len(ratios) == 10
     for item in ratios.values():
         assert isinstance(item["value"], float), item
         assert math.isfinite(item["value"]), item
