@@ -4,9 +4,11 @@ Temperature follows the book: p^(1/T) renormalised, which is softmax(logits / T)
 `top_k` keeps the k most likely words, then `top_p` keeps the smallest set of those
 whose probability reaches p. Temperature 0 or top_k 1 is greedy.
 
-Every row draws its uniform numbers from its own generator, and how many it draws
-depends only on its own logits, so a request with a seed gets the same tokens
-whatever else shares its batch.
+A row sampled directly draws its uniform numbers from its own generator, and how many
+it draws depends only on its own logits; rows with a seed are always sampled directly,
+so a request with a seed gets the same tokens whatever else shares its batch. Rows
+without one may go through the envelope, whose trials draw from one generator for the
+whole batch.
 
 Rows that sample from the whole distribution (no top_k, no top_p) are the common case
 and the expensive one. Sampling them directly needs a weight exp(l / T) for every
@@ -293,6 +295,12 @@ class SamplingHead:
     """Exact full-distribution sampling in onnxruntime and numpy: directly for up to
     `small_batch` rows, by rejection from the block envelope for more.
 
+    Direct sampling draws each row's number from that row's own generator (seeded rows
+    depend on it). The envelope's trials draw from the head's own generator, all rows
+    in one call: only rows without a seed come here (`sample_rows` sends seeded rows
+    directly), and for those it changes nothing which generator the numbers come from,
+    while a Python call per row and trial cost more than the trials' numpy work.
+
     Not thread-safe: one head per worker thread.
     """
 
@@ -302,6 +310,7 @@ class SamplingHead:
         intra_op_threads: int = 1,
         small_batch: int = SMALL_BATCH,
         max_trials: int = MAX_TRIALS,
+        seed: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -325,6 +334,7 @@ class SamplingHead:
             session_options(intra_op_threads),
             providers=["CPUExecutionProvider"],
         )
+        self.rng = make_rng(seed)  # the envelope's trials (see the class docstring)
         self.trials = 0  # trials run, over all rows (for measurements)
         self.fallbacks = 0  # rows that fell back to direct sampling
 
@@ -341,7 +351,8 @@ class SamplingHead:
         rngs: Sequence[UniformSource],
         direct: bool = False,
     ) -> np.ndarray:
-        """One exact sample of softmax(logits * inv_t) per row; `direct` always directly."""
+        """One exact sample of softmax(logits * inv_t) per row; `direct` always directly,
+        with the rows' own generators `rngs` (which the envelope does not use)."""
         rows = logits.shape[0]
         feeds = {"logits": logits, "inv_t": inv_t.reshape(rows, 1)}
         if direct or rows <= self.small_batch:
@@ -361,7 +372,7 @@ class SamplingHead:
         for _ in range(self.max_trials):
             self.trials += len(pending)
             row_cdf = cdf[pending]
-            target = _draw(rngs, pending) * row_cdf[:, -1]
+            target = self.rng.random(len(pending)) * row_cdf[:, -1]
             block = np.minimum((row_cdf <= target[:, None]).sum(axis=1), self.blocks - 1)
             block_mass = envelope[pending, block]
             before = row_cdf[np.arange(len(pending)), block] - block_mass
@@ -394,7 +405,9 @@ class SamplingHead:
             if not len(pending):
                 return out
         self.fallbacks += len(pending)
-        out[pending] = _sample_direct(logits[pending], inv_t[pending], _draw(rngs, pending))
+        out[pending] = _sample_direct(
+            logits[pending], inv_t[pending], self.rng.random(len(pending))
+        )
         return out
 
 
