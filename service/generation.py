@@ -354,7 +354,7 @@ class GenerationService:
         metrics = self.metrics
         self.active += 1
         self._idle.clear()
-        submitted = False
+        submitted = saved_later = False
         try:
             try:
                 self.scheduler.submit(seq)
@@ -399,7 +399,16 @@ class GenerationService:
                 if done:
                     break
             finish_reason = seq.finish_reason or "error"
-            await self._save(session_id, state, seq, prompt_ids)
+            saving = asyncio.ensure_future(self._save(session_id, state, seq, prompt_ids))
+            try:
+                await asyncio.shield(saving)
+            except asyncio.CancelledError:
+                # The consumer was cancelled while the session was being written (its client
+                # left): the write goes on in its own task, which unlocks the session only
+                # once the state is stored, so nobody continues from the state before it.
+                lock.handed_off = saved_later = True
+                self._track(asyncio.create_task(self._unlock_when_saved(session_id, saving, lock)))
+                raise
             metrics.prompt_tokens.inc(len(prompt_ids))
             metrics.generation_tokens.inc(len(seq.tokens))
             metrics.request_prompt_tokens.observe(len(prompt_ids))
@@ -421,12 +430,12 @@ class GenerationService:
                 # completed, then unlocks the session and frees the slot.
                 seq.cancel()
                 lock.handed_off = True
-                finisher = asyncio.create_task(
-                    self._finish_abandoned(session_id, state, seq, prompt_ids, lock)
+                self._track(
+                    asyncio.create_task(
+                        self._finish_abandoned(session_id, state, seq, prompt_ids, lock)
+                    )
                 )
-                self._finishers.add(finisher)
-                finisher.add_done_callback(self._finishers.discard)
-            else:
+            elif not saved_later:
                 self._retire(session_id)
 
     def _retire(self, session_id: str) -> None:
@@ -434,6 +443,23 @@ class GenerationService:
         self.active -= 1
         if self.active == 0:
             self._idle.set()
+
+    def _track(self, finisher: asyncio.Task[None]) -> None:
+        """Keep a clean-up task alive until it is done."""
+        self._finishers.add(finisher)
+        finisher.add_done_callback(self._finishers.discard)
+
+    async def _unlock_when_saved(
+        self, session_id: str, saving: asyncio.Future[None], lock: _Lock
+    ) -> None:
+        try:
+            await saving
+            self.metrics.request_failure.labels(code="client_disconnected").inc()
+        except Exception:
+            logger.exception("could not save session %s after its client left", session_id[:8])
+        finally:
+            self._retire(session_id)
+            await lock.release(final=True)
 
     async def _finish_abandoned(
         self,

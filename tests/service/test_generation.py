@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from service.metrics import Metrics
 from service.protocol import GenerationRequest
 from service.sampling import SamplingParams
 from service.scheduler import DecodeScheduler
-from service.sessions import MemorySessionStore
+from service.sessions import MemorySessionStore, SessionState
 from simmer.bundle import load_bundle
 
 
@@ -79,3 +80,69 @@ def test_a_seed_is_mixed_with_the_session_length() -> None:
     assert seeded_for(params, 12) == seeded_for(params, 12)  # same state, same draws
     assert seeded_for(params, 12).seed != seeded_for(params, 13).seed  # continuing moves on
     assert seeded_for(SamplingParams(), 12).seed is None
+
+
+class SlowStore(MemorySessionStore):
+    """A memory store whose writes take a while, like a network round trip."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(60, 10)
+        self.delay_s = delay_s
+        self.writing = asyncio.Event()
+
+    async def put(self, session_id: str, state: SessionState) -> None:
+        self.writing.set()
+        await asyncio.sleep(self.delay_s)
+        await super().put(session_id, state)
+
+
+def test_a_consumer_cancelled_while_its_session_is_written_loses_nothing(
+    tiny_bundle: Path,
+) -> None:
+    bundle = load_bundle(tiny_bundle)
+    engine = Engine(bundle, ["CPUExecutionProvider"])
+
+    async def main() -> tuple[bool, SessionState | None, int]:
+        scheduler = DecodeScheduler(engine, max_batch=4)
+        scheduler.start()
+        store = SlowStore(0.3)
+        service = GenerationService(
+            scheduler,
+            store,
+            bundle.tokenizer,
+            Metrics(),
+            model_version=bundle.version,
+            num_layers=engine.num_layers,
+            hidden_size=engine.hidden_size,
+            max_prompt_tokens=4096,
+            session_ttl_s=60,
+            max_batch=4,
+            max_waiting=4,
+        )
+        request = GenerationRequest(
+            "recipe for", None, max_tokens=6, sampling=SamplingParams(top_k=1, ignore_eos=True)
+        )
+        session_ids: list[str] = []
+
+        async def consume() -> None:
+            async for event in service.generate(request):
+                if isinstance(event, SessionEvent):
+                    session_ids.append(event.session_id)
+
+        consumer = asyncio.create_task(consume())
+        await store.writing.wait()  # every token is out; the session is being written
+        consumer.cancel()  # the client leaves (a cancelled WebSocket or SSE task)
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        session_id = session_ids[0]
+        locked_during_write = not await store.lock(session_id)
+        await asyncio.wait_for(service._idle.wait(), 5)  # the write is over
+        relocked = await store.lock(session_id)  # and the lock was given back after it
+        state = await store.get(session_id)
+        await scheduler.close()
+        return locked_during_write and relocked, state, len(bundle.tokenizer.encode("recipe for"))
+
+    locks_ok, state, prompt_tokens = asyncio.run(main())
+    assert locks_ok  # nobody could continue from the state before the write
+    assert state is not None  # the write was not cut short
+    assert state.n_tokens == prompt_tokens + 6
