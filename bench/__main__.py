@@ -563,13 +563,17 @@ def main(argv: list[str] | None = None) -> int:
     bundle = args.bundle
     if bundle is None:
         log(f"building or reusing a random bundle under {args.cache}")
-        bundle = cached_bundle(
-            args.cache / "bench-bundles",
-            config.vocab_size,
-            config.embedding_dim,
-            config.hidden_size,
-            int8_data=args.data if args.quantize else None,
-        )
+        try:
+            bundle = cached_bundle(
+                args.cache / "bench-bundles",
+                config.vocab_size,
+                config.embedding_dim,
+                config.hidden_size,
+                int8_data=args.data if args.quantize else None,
+            )
+        except ValueError as exc:  # export's ExportError: a corpus it cannot use, say
+            print(f"python -m bench: cannot build the bundle: {exc}", file=sys.stderr)
+            return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = run(config, bundle, args.out, args.redis_url or None, args.threads)
     args.out.write_text(json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
