@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -407,7 +407,7 @@ class GenerationService:
                 # left): the write goes on in its own task, which unlocks the session only
                 # once the state is stored, so nobody continues from the state before it.
                 lock.handed_off = saved_later = True
-                self._track(asyncio.create_task(self._unlock_when_saved(session_id, saving, lock)))
+                self._finish_for_gone_client(session_id, saving, lock)
                 raise
             metrics.prompt_tokens.inc(len(prompt_ids))
             metrics.generation_tokens.inc(len(seq.tokens))
@@ -430,10 +430,8 @@ class GenerationService:
                 # completed, then unlocks the session and frees the slot.
                 seq.cancel()
                 lock.handed_off = True
-                self._track(
-                    asyncio.create_task(
-                        self._finish_abandoned(session_id, state, seq, prompt_ids, lock)
-                    )
+                self._finish_for_gone_client(
+                    session_id, self._save_when_stopped(session_id, state, seq, prompt_ids), lock
                 )
             elif not saved_later:
                 self._retire(session_id)
@@ -444,42 +442,33 @@ class GenerationService:
         if self.active == 0:
             self._idle.set()
 
-    def _track(self, finisher: asyncio.Task[None]) -> None:
-        """Keep a clean-up task alive until it is done."""
-        self._finishers.add(finisher)
+    def _finish_for_gone_client(
+        self, session_id: str, saving: Awaitable[None], lock: _Lock
+    ) -> None:
+        """In a task of its own: wait for `saving` to store the session, count the
+        disconnect, then free the generation's place and unlock the session."""
+
+        async def finish() -> None:
+            try:
+                await saving
+                self.metrics.request_failure.labels(code="client_disconnected").inc()
+            except Exception:
+                logger.exception("could not save session %s after its client left", session_id[:8])
+            finally:
+                self._retire(session_id)
+                await lock.release(final=True)
+
+        finisher = asyncio.create_task(finish())
+        self._finishers.add(finisher)  # kept alive until done
         finisher.add_done_callback(self._finishers.discard)
 
-    async def _unlock_when_saved(
-        self, session_id: str, saving: asyncio.Future[None], lock: _Lock
+    async def _save_when_stopped(
+        self, session_id: str, state: SessionState, seq: Sequence, prompt_ids: list[int]
     ) -> None:
-        try:
-            await saving
-            self.metrics.request_failure.labels(code="client_disconnected").inc()
-        except Exception:
-            logger.exception("could not save session %s after its client left", session_id[:8])
-        finally:
-            self._retire(session_id)
-            await lock.release(final=True)
-
-    async def _finish_abandoned(
-        self,
-        session_id: str,
-        state: SessionState,
-        seq: Sequence,
-        prompt_ids: list[int],
-        lock: _Lock,
-    ) -> None:
-        try:
-            while not seq.done:
-                seq.event.clear()
-                await seq.event.wait()
-            await self._save(session_id, state, seq, prompt_ids)
-            self.metrics.request_failure.labels(code="client_disconnected").inc()
-        except Exception:
-            logger.exception("could not save session %s after its client left", session_id[:8])
-        finally:
-            self._retire(session_id)
-            await lock.release(final=True)
+        while not seq.done:
+            seq.event.clear()
+            await seq.event.wait()
+        await self._save(session_id, state, seq, prompt_ids)
 
     async def _save(
         self, session_id: str, state: SessionState, seq: Sequence, prompt_ids: list[int]
