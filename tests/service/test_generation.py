@@ -15,7 +15,7 @@ from service.protocol import GenerationRequest
 from service.sampling import SamplingParams
 from service.scheduler import DecodeScheduler
 from service.sessions import MemorySessionStore, SessionState
-from simmer.bundle import load_bundle
+from simmer.bundle import ModelBundle, load_bundle
 
 
 class RecordingEngine(Engine):
@@ -27,6 +27,25 @@ class RecordingEngine(Engine):
         return super().run(tokens, h, c)
 
 
+def _service(
+    scheduler: DecodeScheduler, store: MemorySessionStore, bundle: ModelBundle
+) -> GenerationService:
+    """A generation service over `scheduler` and `store`, as the app builds one."""
+    return GenerationService(
+        scheduler,
+        store,
+        bundle.tokenizer,
+        Metrics(),
+        model_version=bundle.version,
+        num_layers=scheduler.engine.num_layers,
+        hidden_size=scheduler.engine.hidden_size,
+        max_prompt_tokens=4096,
+        session_ttl_s=60,
+        max_batch=scheduler.max_batch,
+        max_waiting=scheduler.max_batch,
+    )
+
+
 def test_continuing_feeds_only_the_pending_token_and_the_new_prompt(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     engine = RecordingEngine(bundle, ["CPUExecutionProvider"])
@@ -36,19 +55,7 @@ def test_continuing_feeds_only_the_pending_token_and_the_new_prompt(tiny_bundle:
     async def main() -> list[list[int]]:
         scheduler = DecodeScheduler(engine, max_batch=8)
         scheduler.start()
-        service = GenerationService(
-            scheduler,
-            MemorySessionStore(60, 10),
-            tokenizer,
-            Metrics(),
-            model_version=bundle.version,
-            num_layers=engine.num_layers,
-            hidden_size=engine.hidden_size,
-            max_prompt_tokens=4096,
-            session_ttl_s=60,
-            max_batch=8,
-            max_waiting=8,
-        )
+        service = _service(scheduler, MemorySessionStore(60, 10), bundle)
         greedy = SamplingParams(temperature=0.0)
         long_prompt = " ".join(["recipe for", *tokenizer.vocab[2:200]])
         calls = []
@@ -106,19 +113,7 @@ def test_a_consumer_cancelled_while_its_session_is_written_loses_nothing(
         scheduler = DecodeScheduler(engine, max_batch=4)
         scheduler.start()
         store = SlowStore(0.3)
-        service = GenerationService(
-            scheduler,
-            store,
-            bundle.tokenizer,
-            Metrics(),
-            model_version=bundle.version,
-            num_layers=engine.num_layers,
-            hidden_size=engine.hidden_size,
-            max_prompt_tokens=4096,
-            session_ttl_s=60,
-            max_batch=4,
-            max_waiting=4,
-        )
+        service = _service(scheduler, store, bundle)
         request = GenerationRequest(
             "recipe for", None, max_tokens=6, sampling=SamplingParams(top_k=1, ignore_eos=True)
         )
