@@ -8,10 +8,13 @@ Keras keeps one, which is 512 parameters more than the book's summary.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from training.presets import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,17 @@ class LSTMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSTMConfig:
         return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+    @classmethod
+    def for_training(cls, config: TrainConfig, vocab_size: int) -> LSTMConfig:
+        """The model a training run builds: its config's sizes, its tokenizer's vocabulary."""
+        return cls(
+            vocab_size=vocab_size,
+            embedding_dim=config.embedding_dim,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            dropout=config.dropout,
+        )
 
 
 State = tuple[torch.Tensor, torch.Tensor]

@@ -96,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     train_idx, _ = split_train_val(len(texts), config.val_fraction, config.seed)
     tokenizer = Tokenizer.train((texts[i] for i in train_idx), config.vocab_size)
-    model_config = LSTMConfig(
-        vocab_size=tokenizer.vocab_size,
-        embedding_dim=config.embedding_dim,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        dropout=config.dropout,
-    )
+    model_config = LSTMConfig.for_training(config, tokenizer.vocab_size)
     raw = raw_batch_seconds(model_config, config, args.raw_batches // 2)
     trained, epochs = training_batch_seconds(subset, config, tokenizer)
     raw += raw_batch_seconds(model_config, config, args.raw_batches - args.raw_batches // 2)

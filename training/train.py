@@ -322,13 +322,7 @@ def train(
     train_windows = windows[train_idx].to(rt.device)  # (N, T + 1)
     val_windows = windows[val_idx].to(rt.device)
 
-    model_config = LSTMConfig(
-        vocab_size=tokenizer.vocab_size,
-        embedding_dim=config.embedding_dim,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        dropout=config.dropout,
-    )
+    model_config = LSTMConfig.for_training(config, tokenizer.vocab_size)
     if resume is not None and LSTMConfig.from_dict(resume["model_config"]) != model_config:
         raise CheckpointError("--resume: the model settings differ from the checkpoint's")
     model = RecipeLSTM(model_config)
