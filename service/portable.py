@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+from dataclasses import replace
 
 from service.errors import APIError
 from service.sessions import SessionState
@@ -30,18 +31,7 @@ def _mac(secret: bytes, body: bytes) -> bytes:
 
 
 def seal(state: SessionState, secret: bytes, model_version: str) -> str:
-    public = SessionState(
-        h=state.h,
-        c=state.c,
-        pending=state.pending,
-        prev=state.prev,
-        last=state.last,
-        n_tokens=state.n_tokens,
-        created=state.created,
-        last_used=state.last_used,
-        owner="",
-        model=model_version,
-    )
+    public = replace(state, owner="", model=model_version)  # the owner stays on this side
     version = model_version.encode()
     body = bytes((FORMAT, len(version))) + version + public.encode()
     return base64.urlsafe_b64encode(MAGIC + _mac(secret, body) + body).decode()
