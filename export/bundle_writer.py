@@ -1,4 +1,5 @@
-"""Checkpoint -> checked bundle: export, optimise, quantise, run the checks, write atomically."""
+"""Checkpoint -> checked bundle: export, optimise, quantise, run the checks, build the graphs
+the service runs besides the model (`export.graphs`), write atomically."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import ExportError, check_onnx, export_onnx, load_checkpoint, weights_hash
+from export.graphs import build_graphs, check_graphs, manifest_entries
+from export.onnx_export import ExportError, check_onnx, export_onnx, weights_hash
 from export.options import ExportOptions
 from export.parity import Reference, run_checks, run_graph, text_batch, zero_state
 from export.quantize import Int8Reference, Int8Weights, write_int8_graph
@@ -36,7 +38,7 @@ from simmer.bundle import (
     sha256_file,
     write_bundle,
 )
-from simmer.tokenizer import Tokenizer, TokenizerError
+from training.checkpoint import load_model, load_tokenizer
 from training.model import RecipeLSTM
 
 
@@ -51,16 +53,6 @@ class CheckedGraph:
 
 def log(message: str) -> None:
     print(f"export: {message}", file=sys.stderr, flush=True)
-
-
-def load_tokenizer(checkpoint: Path, payload: dict[str, Any]) -> Tokenizer:
-    """The checkpoint's own vocabulary when it carries one, else its tokenizer file."""
-    try:
-        if "tokenizer" in payload:
-            return Tokenizer.from_dict(payload["tokenizer"])
-        return Tokenizer.load(checkpoint.parent / str(payload.get("tokenizer_file", TOKENIZER)))
-    except TokenizerError as exc:
-        raise ExportError(str(exc)) from exc
 
 
 def training_summary(payload: dict[str, Any], metrics_path: Path) -> dict[str, Any]:
@@ -162,10 +154,15 @@ def build_int8(
 def build_bundle(
     checkpoint: Path, out: Path, work: Path, options: ExportOptions | None = None
 ) -> dict[str, Any]:
-    """Export `checkpoint`, check it, and write the bundle at `out`; returns the manifest."""
+    """Export `checkpoint`, check it, and write the bundle at `out`; returns the manifest.
+
+    Raises CheckpointError for a checkpoint (or its tokenizer) that cannot be loaded
+    safely, ExportError for an export that cannot go ahead (a failed check, say) and
+    BundleError for an `out` that may not be replaced; each message is one line.
+    """
     options = options or ExportOptions()
     check_replaceable(out)  # before any work, and again when the bundle is written
-    model, payload = load_checkpoint(checkpoint)
+    model, payload = load_model(checkpoint)
     config = model.config
     tokenizer = load_tokenizer(checkpoint, payload)
     if tokenizer.vocab_size != config.vocab_size:
@@ -200,6 +197,10 @@ def build_bundle(
         )
     if "loss" in validation:
         validation["perplexity"] = perplexity(validation["loss"])
+
+    graphs = build_graphs(shipped.path, config.vocab_size)
+    graph_checks = check_graphs(graphs, shipped.path, config)
+    log(f"sampling graphs passed their checks: {', '.join(graphs)}")
 
     digest = weights_hash(model)
     precision = options.quantize or "fp32"
@@ -247,13 +248,17 @@ def build_bundle(
             "text": sample.record["source"],
             "reference": "torch" if quantization is None else "torch int8 twin",
             **shipped.checks,
+            "graphs": graph_checks,
         },
         "runtime": shipped.runtime,
+        "graphs": manifest_entries(graphs),
     }
     if quantization is not None:
         manifest["parity_fp32"] = fp32.checks
         manifest["quantization"] = quantization
     tokenizer_json = json.dumps(tokenizer.to_dict(), indent=2) + "\n"
-    write_bundle(out, {MODEL: shipped.path, TOKENIZER: tokenizer_json.encode()}, manifest)
+    files: dict[str, Path | bytes] = {MODEL: shipped.path, TOKENIZER: tokenizer_json.encode()}
+    files.update({graph.file: graph.model for graph in graphs.values()})
+    write_bundle(out, files, manifest)
     written: dict[str, Any] = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     return written

@@ -1,4 +1,4 @@
-"""onnxruntime sessions as the service opens them, step timing, and where to optimise the graph.
+"""Sessions as the service opens them (`simmer.ort`), step timing, where to optimise the graph.
 
 onnxruntime can optimise a graph when a session is created ("online"), or once here,
 saving the optimised graph as the bundle's model.onnx ("offline"). Both are measured on
@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from export.onnx_export import ExportError
 from export.parity import random_state
+from simmer import ort as ort_sessions
 from training.model import LSTMConfig
 
 SESSION_LEVEL = "ORT_ENABLE_ALL"  # what the service uses
@@ -32,25 +33,20 @@ BENCH_ROUND_S = 0.05  # time per (graph, batch) in each round
 OFFLINE_MARGIN = 0.10
 
 
-def open_session(path: Path, level: str = SESSION_LEVEL) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+def open_session(model: Path | bytes, level: str = SESSION_LEVEL) -> ort.InferenceSession:
+    """A session as the service opens one (`simmer.ort`), at optimisation `level`."""
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ExportError(f"onnxruntime cannot load {path.name}: {reason}") from exc
+        return ort_sessions.open_session(model, THREADS, level=level)
+    except ort_sessions.GraphLoadError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def save_optimized(path: Path, out: Path) -> None:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OFFLINE_LEVEL)
-    options.optimized_model_filepath = str(out)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """The graph at `path` optimised offline (OFFLINE_LEVEL), saved at `out`."""
+    try:
+        ort_sessions.open_session(path, THREADS, level=OFFLINE_LEVEL, optimized_model=out)
+    except ort_sessions.GraphLoadError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def _decode_feeds(config: LSTMConfig, batch: int) -> dict[str, np.ndarray]:

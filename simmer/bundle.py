@@ -7,27 +7,44 @@ A bundle is a folder holding:
   position, and `hn`/`cn`, the state after the last position;
 - `tokenizer.json`: the word-level tokenizer (see `simmer.tokenizer`);
 - `manifest.json`: what the model is, how it was made and checked, and the sha256 of
-  every other file.
+  every other file;
+- optionally, the other graphs the service runs, built and checked at export (a bundle
+  without them still loads; the service then samples in numpy). Each cuts the
+  vocabulary into `blocks` blocks of `width` consecutive words (the last one padded):
+  - `step_softmax.onnx`: model.onnx plus an input `inv_t` float32 [batch, 1] and
+    outputs `weights` float32 [batch, blocks * width] = softmax(logits * inv_t), 0 past
+    the vocabulary, and `sums` float32 [batch, blocks], their block sums;
+  - `sampling_direct.onnx`: `logits` [batch, vocab], `inv_t` -> `weights`, `sums`, as
+    above, for logits computed elsewhere;
+  - `sampling_envelope.onnx`: `logits`, `inv_t` -> `block_max` [batch, blocks] (each
+    block's largest logit), `bound` [batch, blocks] = exp((block_max - max) * inv_t),
+    `exact` int64 [batch, exact_blocks] (the blocks with the largest block_max,
+    largest first), `weights` [batch, exact_blocks, width] = exp((logit - max) * inv_t)
+    of their words (0 past the vocabulary) and `mass` [batch, exact_blocks], their sums.
 
 `write_bundle` makes a bundle appear whole or not at all; `load_bundle` checks every
-hash, then the graph's inputs and outputs against the manifest and the tokenizer, before
+hash, then each graph's inputs and outputs against the manifest and the tokenizer, before
 anything is used, and refuses a bundle with a one-line reason.
 
 The manifest's keys: `name`, `version`, `model` (`vocab_size`, `embedding_dim`,
 `hidden_size`, `num_layers`), `graph` (`opset`, `precision`), `versions`, `training`,
 `parity`, `runtime` (`graph_optimization`, `session_graph_optimization_level`), for an
-int8 bundle `quantization`, and `files` (name -> sha256).
+int8 bundle `quantization`, `files` (name -> sha256 of model.onnx and tokenizer.json)
+and, when the bundle has the other graphs, `graphs`: graph name -> `file`, `sha256`,
+`inputs` and `outputs` (tensor name -> shape, a list of sizes and dynamic axis names
+such as "batch"), `params` (`width`, `blocks`, and for the envelope `exact_blocks`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +58,18 @@ FORMAT_VERSION = 1
 REQUIRED_FILES = (MODEL, TOKENIZER)
 GRAPH_INPUTS = ("tokens", "h0", "c0")
 GRAPH_OUTPUTS = ("logits", "hn", "cn")
+GRAPHS = "graphs"  # the manifest key of the other graphs
+STEP_SOFTMAX = "step_softmax"
+SAMPLING_DIRECT = "sampling_direct"
+SAMPLING_ENVELOPE = "sampling_envelope"
+GRAPH_PARAMS = {
+    STEP_SOFTMAX: ("width", "blocks"),
+    SAMPLING_DIRECT: ("width", "blocks"),
+    SAMPLING_ENVELOPE: ("width", "blocks", "exact_blocks"),
+}
 
 Shape = tuple[int | str | None, ...]
+Dims = tuple[int | None, ...]  # an expected shape; None: any size
 
 
 class BundleError(ValueError):
@@ -61,6 +88,46 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def block_width(vocab: int) -> int:
+    """Words per block of the sampling graphs: the square root of the vocabulary size,
+    rounded up."""
+    return max(1, math.isqrt(vocab - 1) + 1) if vocab > 1 else 1
+
+
+def block_count(vocab: int, width: int) -> int:
+    """Blocks of `width` words that cover `vocab` words (the last one padded)."""
+    return -(-vocab // width)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a graph input or output must be: an element type and sizes (None: any)."""
+
+    dtype: str  # "float32" or "int64"
+    dims: Dims
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """One of the bundle's other graphs, verified: its file, what it takes and gives, and
+    the parameters it was built with (see the module docstring)."""
+
+    name: str
+    path: Path
+    sha256: str
+    inputs: Mapping[str, Shape]
+    outputs: Mapping[str, Shape]
+    params: Mapping[str, int]
+
+    @property
+    def width(self) -> int:
+        return self.params["width"]
+
+    @property
+    def blocks(self) -> int:
+        return self.params["blocks"]
+
+
 @dataclass(frozen=True)
 class ModelBundle:
     """A verified bundle on disk."""
@@ -68,10 +135,16 @@ class ModelBundle:
     path: Path
     manifest: dict[str, Any]
     tokenizer: Tokenizer
+    graphs: Mapping[str, GraphInfo] = field(default_factory=dict)  # the other graphs, verified
 
     @property
     def model_path(self) -> Path:
         return self.path / MODEL
+
+    def graph(self, name: str) -> GraphInfo | None:
+        """The verified graph `name` (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE), or
+        None for a bundle exported without it."""
+        return self.graphs.get(name)
 
     @property
     def name(self) -> str:
@@ -103,52 +176,222 @@ class ModelBundle:
         return str(self.manifest.get("graph", {}).get("precision", "fp32"))
 
 
+_ELEMENT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """A graph's inputs and outputs as onnxruntime reads them: name -> (dtype, shape)."""
+
+    inputs: dict[str, tuple[str, Shape]]
+    outputs: dict[str, tuple[str, Shape]]
+
+    def shapes(self) -> dict[str, Shape]:
+        return {name: shape for name, (_, shape) in {**self.inputs, **self.outputs}.items()}
+
+
+def graph_io(model: str | Path | bytes) -> GraphIO:
+    """Inputs and outputs of an ONNX graph (a file or its bytes), read with onnxruntime (no
+    torch, no onnx). Dimensions are ints, names of dynamic axes ("batch"), or None."""
+    from simmer.ort import GraphLoadError, open_session
+
+    try:
+        session = open_session(
+            model if isinstance(model, bytes) else Path(model), level="ORT_DISABLE_ALL"
+        )
+    except GraphLoadError as exc:
+        raise BundleError(str(exc)) from exc
+
+    def read(args: list[Any]) -> dict[str, tuple[str, Shape]]:
+        return {
+            arg.name: (_ELEMENT_TYPES.get(arg.type, arg.type), tuple(arg.shape)) for arg in args
+        }
+
+    return GraphIO(read(session.get_inputs()), read(session.get_outputs()))
+
+
 def graph_shapes(model_path: str | Path) -> dict[str, Shape]:
     """Input and output shapes of an ONNX graph, read with onnxruntime (no torch, no onnx).
 
     Dimensions are ints, names of dynamic axes ("batch"), or None.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BundleError(f"onnxruntime cannot load {model_path}: {reason}") from exc
-    return {arg.name: tuple(arg.shape) for arg in [*session.get_inputs(), *session.get_outputs()]}
+    return graph_io(model_path).shapes()
 
 
-def check_graph(
-    shapes: Mapping[str, Shape], vocab_size: int, hidden_size: int, num_layers: int
-) -> None:
-    """Raise BundleError unless the graph has the bundle's inputs, outputs and sizes."""
-    for name in (*GRAPH_INPUTS, *GRAPH_OUTPUTS):
+def _show(dims: Shape) -> list[int | str]:
+    return [d if d is not None else "?" for d in dims]
+
+
+def _check_shapes(file: str, shapes: Mapping[str, Shape], expected: Mapping[str, Dims]) -> None:
+    """BundleError unless each expected tensor is in `shapes` with the expected sizes."""
+    for name in expected:
         if name not in shapes:
-            raise BundleError(f"{MODEL} has no {name!r}")
-    expected: dict[str, tuple[int | None, ...]] = {
-        "tokens": (None, None),
-        "logits": (None, vocab_size),
-        **{name: (num_layers, None, hidden_size) for name in ("h0", "c0", "hn", "cn")},
-    }
+            raise BundleError(f"{file} has no {name!r}")
     for name, dims in expected.items():
         shape = shapes[name]
         what = "vocabulary size" if name == "logits" else "shape"
         if len(shape) != len(dims):
-            raise BundleError(f"{MODEL} {name} has {len(shape)} dimensions, expected {len(dims)}")
+            raise BundleError(f"{file} {name} has {len(shape)} dimensions, expected {len(dims)}")
         for got, want in zip(shape, dims, strict=True):
             if want is not None and got != want:
                 raise BundleError(
-                    f"{what} disagrees: {MODEL} {name} is {list(shape)}, "
-                    f"the bundle says {[d if d is not None else '?' for d in dims]}"
+                    f"{what} disagrees: {file} {name} is {list(shape)}, "
+                    f"the bundle says {_show(dims)}"
                 )
 
 
+def model_contract(
+    vocab_size: int, hidden_size: int, num_layers: int
+) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """model.onnx's inputs and outputs."""
+    state = TensorSpec("float32", (num_layers, None, hidden_size))
+    inputs = {"tokens": TensorSpec("int64", (None, None)), "h0": state, "c0": state}
+    outputs = {"logits": TensorSpec("float32", (None, vocab_size)), "hn": state, "cn": state}
+    return inputs, outputs
+
+
+def graph_contract(
+    name: str, params: Mapping[str, int], vocab_size: int, hidden_size: int, num_layers: int
+) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """The inputs and outputs graph `name` must have, given its params and the model's
+    sizes (see the module docstring). KeyError for a graph name it does not know."""
+    width, blocks = params["width"], params["blocks"]
+    logits = TensorSpec("float32", (None, vocab_size))
+    inv_t = TensorSpec("float32", (None, 1))
+    direct = {
+        "weights": TensorSpec("float32", (None, blocks * width)),
+        "sums": TensorSpec("float32", (None, blocks)),
+    }
+    if name == STEP_SOFTMAX:
+        inputs, outputs = model_contract(vocab_size, hidden_size, num_layers)
+        return {**inputs, "inv_t": inv_t}, {**outputs, **direct}
+    if name == SAMPLING_DIRECT:
+        return {"logits": logits, "inv_t": inv_t}, direct
+    if name == SAMPLING_ENVELOPE:
+        k = params["exact_blocks"]
+        return {"logits": logits, "inv_t": inv_t}, {
+            "block_max": TensorSpec("float32", (None, blocks)),
+            "bound": TensorSpec("float32", (None, blocks)),
+            "exact": TensorSpec("int64", (None, k)),
+            "weights": TensorSpec("float32", (None, k, width)),
+            "mass": TensorSpec("float32", (None, k)),
+        }
+    raise KeyError(name)
+
+
+def check_graph(
+    shapes: Mapping[str, Shape],
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    file: str = MODEL,
+) -> None:
+    """Raise BundleError unless the graph has the bundle's inputs, outputs and sizes."""
+    inputs, outputs = model_contract(vocab_size, hidden_size, num_layers)
+    _check_shapes(file, shapes, {name: spec.dims for name, spec in {**inputs, **outputs}.items()})
+
+
+def check_io(
+    file: str,
+    io: GraphIO,
+    inputs: Mapping[str, TensorSpec],
+    outputs: Mapping[str, TensorSpec],
+) -> None:
+    """BundleError unless `io` has exactly these inputs and outputs, types and sizes."""
+    for kind, got, want in (("inputs", io.inputs, inputs), ("outputs", io.outputs, outputs)):
+        if set(got) != set(want):
+            raise BundleError(f"{file} {kind} are {sorted(got)}, expected {sorted(want)}")
+        for name, spec in want.items():
+            if got[name][0] != spec.dtype:
+                raise BundleError(f"{file} {name} is {got[name][0]}, expected {spec.dtype}")
+    _check_shapes(
+        file, io.shapes(), {name: spec.dims for name, spec in {**inputs, **outputs}.items()}
+    )
+
+
+def _check_file(root: Path, name: str, expected: str) -> Path:
+    """The bundle file `name`, present and with the sha256 the manifest records."""
+    file = root / name
+    if not file.is_file():
+        raise BundleError(f"bundle file missing: {file}")
+    actual = sha256_file(file)
+    if actual != expected:
+        raise BundleError(
+            f"sha256 mismatch for {file}: manifest {expected[:12]}…, file {actual[:12]}…"
+        )
+    return file
+
+
+def _check_params(name: str, params: Any, vocab_size: int) -> dict[str, int]:
+    """A graph's params: ints of at least 1, those its kind needs among them, blocks of
+    `width` words that cover the vocabulary, and no more exact blocks than blocks."""
+    where = f"{MANIFEST} {GRAPHS}.{name}.params"
+    needed = GRAPH_PARAMS.get(name, ())
+    if not isinstance(params, dict) or not all(
+        type(value) is int and value >= 1 for value in params.values()
+    ):
+        raise BundleError(f"{where} is not a map of positive ints")
+    missing = [key for key in needed if key not in params]
+    if missing:
+        raise BundleError(f"{where} has no {', '.join(missing)}")
+    width, blocks = params.get("width"), params.get("blocks")
+    if width is not None and blocks is not None and blocks != block_count(vocab_size, width):
+        raise BundleError(
+            f"{where} disagrees with the vocabulary: {blocks} blocks of {width} words "
+            f"for {vocab_size} words"
+        )
+    if blocks is not None and params.get("exact_blocks", 0) > blocks:
+        raise BundleError(f"{where} has more exact blocks than the {blocks} blocks")
+    return dict(params)
+
+
+def _listed_shapes(where: str, listed: Any) -> dict[str, Shape]:
+    if not isinstance(listed, dict) or not all(isinstance(v, list) for v in listed.values()):
+        raise BundleError(f"{where} is not a map of shapes")
+    return {tensor: tuple(shape) for tensor, shape in listed.items()}
+
+
+def _describe(shapes: Mapping[str, Shape]) -> str:
+    return ", ".join(f"{name} {_show(shape)}" for name, shape in sorted(shapes.items()))
+
+
+def _load_graph(root: Path, name: str, entry: Any, model: Mapping[str, int]) -> GraphInfo:
+    """Graph `name` of the manifest's `graphs`, verified: file, sha256, params, and inputs
+    and outputs as the manifest lists them and (for a graph this module knows) as its
+    params and the model's sizes imply."""
+    where = f"{MANIFEST} {GRAPHS}.{name}"
+    if not isinstance(entry, dict):
+        raise BundleError(f"{where} is not an object")
+    file_name, expected = entry.get("file"), entry.get("sha256")
+    if not isinstance(file_name, str) or not isinstance(expected, str):
+        raise BundleError(f"{where} needs a file and its sha256")
+    if Path(file_name).name != file_name or file_name in (MANIFEST, *REQUIRED_FILES):
+        raise BundleError(f"{where} names a file that cannot be a graph: {file_name!r}")
+    file = _check_file(root, file_name, expected)
+    params = _check_params(name, entry.get("params"), model["vocab_size"])
+    io = graph_io(file)
+    listed = {}
+    for kind, got in (("inputs", io.inputs), ("outputs", io.outputs)):
+        listed[kind] = _listed_shapes(f"{where}.{kind}", entry.get(kind))
+        shapes = {tensor: shape for tensor, (_, shape) in got.items()}
+        if shapes != listed[kind]:
+            raise BundleError(
+                f"{file_name} {kind} ({_describe(shapes)}) disagree with {where}.{kind} "
+                f"({_describe(listed[kind])})"
+            )
+    if name in GRAPH_PARAMS:
+        inputs, outputs = graph_contract(
+            name, params, model["vocab_size"], model["hidden_size"], model["num_layers"]
+        )
+        check_io(file_name, io, inputs, outputs)
+    return GraphInfo(name, file, expected, listed["inputs"], listed["outputs"], params)
+
+
 def load_bundle(path: str | Path) -> ModelBundle:
-    """Read and verify a bundle: every listed file present with its recorded sha256, and
-    a graph whose vocabulary, hidden size and layers agree with the manifest and tokenizer.
+    """Read and verify a bundle: every listed file present with its recorded sha256, a
+    graph whose vocabulary, hidden size and layers agree with the manifest and tokenizer,
+    and each of the other graphs the manifest lists (file, sha256, params, inputs and
+    outputs). A bundle without `graphs` loads with none.
     """
     root = Path(path)
     if not root.is_dir():
@@ -168,18 +411,11 @@ def load_bundle(path: str | Path) -> ModelBundle:
         if name not in files:
             raise BundleError(f"{MANIFEST} does not list {name}")
     for name, expected in files.items():
-        file = root / name
         if not isinstance(expected, str):
             raise BundleError(f"{MANIFEST} has no sha256 for {name}")
         if Path(name).name != name or name == MANIFEST:
             raise BundleError(f"{MANIFEST} lists a file outside the bundle: {name!r}")
-        if not file.is_file():
-            raise BundleError(f"bundle file missing: {file}")
-        actual = sha256_file(file)
-        if actual != expected:
-            raise BundleError(
-                f"sha256 mismatch for {file}: manifest {expected[:12]}…, file {actual[:12]}…"
-            )
+        _check_file(root, name, expected)
     try:
         tokenizer = Tokenizer.load(root / TOKENIZER)
     except TokenizerError as exc:
@@ -198,7 +434,11 @@ def load_bundle(path: str | Path) -> ModelBundle:
     check_graph(
         graph_shapes(root / MODEL), model["vocab_size"], model["hidden_size"], model["num_layers"]
     )
-    return ModelBundle(path=root, manifest=manifest, tokenizer=tokenizer)
+    listed = manifest.get(GRAPHS, {})
+    if not isinstance(listed, dict):
+        raise BundleError(f"{MANIFEST} {GRAPHS} is not an object")
+    graphs = {name: _load_graph(root, name, entry, model) for name, entry in listed.items()}
+    return ModelBundle(path=root, manifest=manifest, tokenizer=tokenizer, graphs=graphs)
 
 
 def check_replaceable(out: str | Path) -> None:
@@ -216,8 +456,9 @@ def write_bundle(
     """Write a bundle atomically: it appears at `out` only once complete.
 
     `files` maps bundle names to source paths or bytes; their hashes are added to the
-    manifest. An existing bundle at `out` is replaced; any other existing, non-empty
-    folder is refused and left as it was.
+    manifest: under `files`, or as the `sha256` of the manifest's `graphs` entry that
+    names the file. An existing bundle at `out` is replaced; any other existing,
+    non-empty folder is refused and left as it was.
     """
     target = Path(out)
     check_replaceable(target)
@@ -228,6 +469,8 @@ def write_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     staging.chmod(0o755)
     try:
+        graphs = {name: dict(entry) for name, entry in dict(manifest.get(GRAPHS) or {}).items()}
+        graph_of = {entry.get("file"): name for name, entry in graphs.items()}
         hashes: dict[str, str] = {}
         for name, source in files.items():
             dest = staging / name
@@ -235,8 +478,13 @@ def write_bundle(
                 dest.write_bytes(source)
             else:
                 shutil.copyfile(source, dest)
-            hashes[name] = sha256_file(dest)
+            if name in graph_of:
+                graphs[graph_of[name]]["sha256"] = sha256_file(dest)
+            else:
+                hashes[name] = sha256_file(dest)
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": hashes}
+        if graphs:
+            full[GRAPHS] = graphs
         (staging / MANIFEST).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         for entry in staging.iterdir():
             with open(entry, "rb") as handle:

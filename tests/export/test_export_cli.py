@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from export.__main__ import main
+from training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,5 +106,52 @@ def test_export_replaces_an_existing_bundle(
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
         "model.onnx",
+        "sampling_direct.onnx",
+        "sampling_envelope.onnx",
+        "step_softmax.onnx",
         "tokenizer.json",
     ]
+
+
+def leave_marker(path: str) -> None:
+    Path(path).write_text("unpickled")
+
+
+class Trap:
+    """Unpickling it calls leave_marker: the code a malicious checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return leave_marker, (str(self.marker),)
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_without_running_it(
+    tiny_checkpoint: Path, tiny_run: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    run = tmp_path / "trojan-run"
+    run.mkdir()
+    (run / "tokenizer.json").write_bytes((tiny_run / "tokenizer.json").read_bytes())
+    payload = load_checkpoint(tiny_checkpoint)  # a valid checkpoint, plus one object
+    torch.save({**payload, "note": Trap(marker)}, run / "best.pt")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "--checkpoint", str(run), "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: refusing checkpoint {run / 'best.pt'}: ")
+    assert f"{__name__}.leave_marker" in result.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+    # the trap is real: an unsafe load would have run it
+    torch.load(run / "best.pt", weights_only=False)
+    assert marker.read_text() == "unpickled"
