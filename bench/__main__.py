@@ -49,6 +49,8 @@ from bench import engine as raw
 from bench import report, sessions
 from bench.load import LoadSpec
 from bench.model import cached_bundle
+from bench.procstat import CLOCK_TICKS
+from bench.report import quotient
 from bench.server import Server, run_load
 
 
@@ -151,7 +153,12 @@ def _ms(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def _figures(run: dict[str, Any]) -> dict[str, Any]:
-    """A load run in the units of the report."""
+    """A load run in the units of the report.
+
+    The server's CPU per token is None when its CPU time rounded to 0 clock ticks: /proc
+    counts whole ticks, and a tiny run can fit inside one.
+    """
+    cpu_per_token = run["server_cpu_per_token_s"]
     return {
         "protocol": run["protocol"],
         "streams": run["streams"],
@@ -161,7 +168,7 @@ def _figures(run: dict[str, Any]) -> dict[str, Any]:
         "wall_s": run["wall_s"],
         "tokens_per_s": run["tokens_per_s"],
         "server_cpu_s": run["server_cpu_s"],
-        "server_cpu_per_token_us": (run["server_cpu_per_token_s"] or math.nan) * 1e6,
+        "server_cpu_per_token_us": cpu_per_token * 1e6 if cpu_per_token else None,
         "server_cpu_utilisation": run["server_cpu_utilisation"],
         "ttft_ms": _ms(run["ttft_s"]),
         "itl_ms": _ms(run["itl_s"]),
@@ -225,7 +232,7 @@ def _history_cost(server: Server, config: BenchConfig, vocab: list[str]) -> dict
         "new_tokens": config.history_new,
         "repeats": config.history_repeats,
         "seconds_per_token_median": {"long": long, "short": short},
-        "ratio": long / short,
+        "ratio": quotient(long, short),
     }
 
 
@@ -245,16 +252,22 @@ def _metrics_overhead(
                 runs[name].append(_load(server, config, streams, requests, config.tokens))
     best = {k: max(r["tokens_per_s"] for r in v) for k, v in runs.items()}
     median = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
-    cpu = {k: statistics.median(r["server_cpu_per_token_us"] for r in v) for k, v in runs.items()}
+    cpu = {k: _median([r["server_cpu_per_token_us"] for r in v]) for k, v in runs.items()}
     return {
         "streams": streams,
         "rounds": config.metrics_rounds,
         "tokens_per_s_best": best,
         "tokens_per_s_median": median,
         "server_cpu_per_token_us_median": cpu,
-        "ratio": best["on"] / best["off"],
-        "cpu_ratio": cpu["off"] / cpu["on"],
+        "ratio": quotient(best["on"], best["off"]),
+        "cpu_ratio": quotient(cpu["off"], cpu["on"]),
     }
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the figures that were measured (finite); None when none was."""
+    measured = [v for v in values if v is not None and math.isfinite(v)]
+    return float(statistics.median(measured)) if measured else None
 
 
 def _round(
@@ -264,21 +277,25 @@ def _round(
     server_large: dict[str, Any],
     book: dict[str, Any],
     simmer_single: dict[str, Any],
-) -> dict[str, float]:
-    """One round of the headline ratios, from figures taken one right after the other."""
+) -> dict[str, float | None]:
+    """One round of the headline ratios, from figures taken one right after the other.
+
+    A ratio is None where its denominator was not measured or is 0.
+    """
     itl = server_small["itl_ms"]["p50"]  # None when every token came in one message
+    server_cpu = server_large["server_cpu_per_token_us"]  # None below one clock tick
     return {
         "raw_step_ms_small": raw_small["step_ms"],
         "itl_ms_p50_small": itl,
-        "itl_ratio": math.nan if itl is None else itl / raw_small["step_ms"],
+        "itl_ratio": quotient(itl, raw_small["step_ms"]),
         "raw_cpu_per_token_us_large": raw_large["cpu_per_token_us"],
-        "server_cpu_per_token_us_large": server_large["server_cpu_per_token_us"],
-        "cpu_efficiency": raw_large["cpu_per_token_us"] / server_large["server_cpu_per_token_us"],
-        "throughput_ratio": server_large["tokens_per_s"] / raw_large["tokens_per_s"],
+        "server_cpu_per_token_us_large": server_cpu,
+        "cpu_efficiency": quotient(raw_large["cpu_per_token_us"], server_cpu),
+        "throughput_ratio": quotient(server_large["tokens_per_s"], raw_large["tokens_per_s"]),
         "book_tokens_per_s": book["tokens_per_s"],
         "simmer_single_tokens_per_s": simmer_single["tokens_per_s"],
-        "simmer_book_single": simmer_single["tokens_per_s"] / book["tokens_per_s"],
-        "book_raw_steps": 1e3 / book["tokens_per_s"] / raw_small["step_ms"],
+        "simmer_book_single": quotient(simmer_single["tokens_per_s"], book["tokens_per_s"]),
+        "book_raw_steps": quotient(quotient(1e3, book["tokens_per_s"]), raw_small["step_ms"]),
     }
 
 
@@ -432,9 +449,8 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
     rounds = result["headline_rounds"]
     small, large, count = config.small, config.large, len(rounds)
 
-    def median(key: str) -> float:
-        values = [r[key] for r in rounds if r[key] is not None and math.isfinite(r[key])]
-        return float(statistics.median(values)) if values else math.nan
+    def median(key: str) -> float | None:
+        return _median([r[key] for r in rounds])
 
     book = median("book_tokens_per_s")
     redis = result["sessions"].get("redis", {})
@@ -447,6 +463,8 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             ">=",
             f"raw engine CPU/token at batch {large} / server CPU/token at {large} streams, "
             f"median of {count} rounds",
+            f"the server's CPU time rounded to 0 clock ticks (1/{CLOCK_TICKS} s) in every "
+            "round: too little work to measure",
         ),
         report.ratio(
             f"throughput at {large} streams",
@@ -455,6 +473,7 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             "",
             f"server tokens/s at {large} streams / raw engine tokens/s at batch {large}, "
             f"median of {count} rounds",
+            "the raw engine's tokens/s was 0 or missing in every round",
         ),
         report.ratio(
             f"inter-token latency at {small} stream",
@@ -462,6 +481,7 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             2.0,
             "<=",
             f"median ITL at {small} stream / raw batch-{small} step time, median of {count} rounds",
+            "every generation arrived in one message in every round: no gap between tokens",
         ),
         report.ratio(
             "long history cost",
@@ -470,6 +490,7 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             "<=",
             f"seconds per token continuing {config.history_long} vs {config.history_short} "
             f"tokens of history, {config.history_new} new tokens",
+            "the short-history continuation took no measurable time",
         ),
         report.ratio(
             "simmer / book, 1 stream",
@@ -478,6 +499,7 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             ">=",
             f"tokens/s of {config.long_tokens}-token generations (the book re-runs the prefix), "
             f"median of {count} rounds",
+            "the book's tokens/s was 0 or missing in every round",
         ),
         report.ratio(
             "book's cost per token, in raw batch-1 steps",
@@ -486,13 +508,15 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             "",
             f"seconds per token of the book's loop / raw batch-{small} step, median of {count} "
             "rounds: the most simmer / book at 1 stream could reach if serving cost nothing",
+            "the book's tokens/s or the raw step time was 0 or missing in every round",
         ),
         report.ratio(
             f"simmer / book, {config.long_concurrent} concurrent",
-            concurrent / book,
+            quotient(concurrent, book),
             10.0,
             ">=",
             "the book serves requests one after another",
+            "the book's tokens/s was 0 or missing in every round",
         ),
         report.ratio(
             "memory store bytes/session",
@@ -500,6 +524,7 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             2048,
             "<=",
             f"tracemalloc over {config.sessions:,} sessions",
+            "the memory store was not measured",
         ),
         report.ratio(
             "Redis bytes/session",
@@ -507,6 +532,7 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             2048,
             "<=",
             f"used_memory delta over {config.sessions:,} sessions",
+            redis.get("error", "no Redis to measure (--redis-url is empty)"),
         ),
         report.ratio(
             "metrics on / off throughput",
@@ -514,6 +540,7 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             0.95,
             ">=",
             f"best of {config.metrics_rounds} rounds each, {config.metrics_streams} streams",
+            "the metrics-off server's tokens/s was 0",
         ),
     ]
 

@@ -110,32 +110,40 @@ def build_random_bundle(
 
     from export.bundle_writer import build_bundle
     from export.options import ExportOptions
-    from training.checkpoint import FORMAT as CHECKPOINT_FORMAT
-    from training.checkpoint import TOKENIZER, save_checkpoint
+    from training.checkpoint import BEST, FORMAT, FORMAT_VERSION, TOKENIZER, save_checkpoint
     from training.model import LSTMConfig, RecipeLSTM
+    from training.presets import TrainConfig
 
     torch.manual_seed(seed)
-    config = LSTMConfig(vocab_size=vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size)
+    train_config = TrainConfig(
+        vocab_size=vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size, seed=seed
+    )
+    config = LSTMConfig.for_training(train_config, vocab_size)
     model = RecipeLSTM(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         run.mkdir()
         book_tokenizer(vocab_size).save(run / TOKENIZER)
+        # every key of the checkpoint format: an untrained run at epoch 0
         save_checkpoint(
-            run / "best.pt",
+            run / BEST,
             {
-                "format": CHECKPOINT_FORMAT,
-                "format_version": 1,
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
                 "model_config": config.to_dict(),
                 "model_state": model.state_dict(),
+                "optimizer_state": optimizer.state_dict(),
+                "train_config": train_config.to_dict(),
                 "tokenizer_file": TOKENIZER,
+                "epoch": 0,
                 "history": [],
             },
         )
         work = Path(tmp) / "work"
         work.mkdir()
         options = ExportOptions(quantize="int8", data=int8_data) if int8_data else None
-        build_bundle(run / "best.pt", out, work, options)
+        build_bundle(run / BEST, out, work, options)
     return out
 
 

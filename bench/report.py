@@ -7,16 +7,38 @@ from pathlib import Path
 from typing import Any
 
 
+def quotient(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator; None when either is missing or not finite, or the
+    denominator is 0 (say a CPU time that rounded to 0 clock ticks)."""
+    if numerator is None or denominator is None:
+        return None
+    if not (math.isfinite(numerator) and math.isfinite(denominator)) or denominator == 0:
+        return None
+    return numerator / denominator
+
+
 def ratio(
-    name: str, value: float | None, target: float | None, better: str, how: str
+    name: str,
+    value: float | None,
+    target: float | None,
+    better: str,
+    how: str,
+    missing: str,
 ) -> dict[str, Any]:
-    """One headline figure; `better` is ">=" or "<=" (the target's side), or "" for none."""
+    """One headline figure; `better` is ">=" or "<=" (the target's side), or "" for none.
+
+    A figure that could not be measured has value None and `missing` as its reason;
+    a measured one has a finite float value and reason None.
+    """
+    if value is not None:
+        value = float(value) if math.isfinite(value) else None
     met = None
-    if target is not None and value is not None and math.isfinite(value):
+    if target is not None and value is not None:
         met = value >= target if better == ">=" else value <= target
     return {
         "name": name,
         "value": value,
+        "reason": None if value is not None else missing,
         "target": target,
         "better": better,
         "met": met,
@@ -76,7 +98,8 @@ def summary(result: dict[str, Any]) -> str:
     for item in result["ratios"]:
         mark = {True: "met", False: "MISSED", None: "-"}[item["met"]]
         target = "" if item["target"] is None else f" (target {item['better']} {item['target']})"
-        lines.append(f"  {item['name']}: {_fmt(item['value'], 3)}{target}  {mark}")
+        why = "" if item["reason"] is None else f" ({item['reason']})"
+        lines.append(f"  {item['name']}: {_fmt(item['value'], 3)}{target}  {mark}{why}")
     return "\n".join(lines)
 
 

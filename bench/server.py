@@ -27,10 +27,13 @@ def free_port() -> int:
 
 class Server:
     """`python -m service` on a free port, its output kept in `log_path` for failure
-    messages; `settings` are SIMMER_* values without the prefix. The benchmark, the
-    soak and the test suite all start their servers with it."""
+    messages; `settings` are SIMMER_* values without the prefix; `module` is what
+    `python -m` runs (the tests' fault-injecting service, say). The benchmark, the soak
+    and the test suite all start their servers with it."""
 
-    def __init__(self, bundle: Path, log_path: Path, **settings: str) -> None:
+    def __init__(
+        self, bundle: Path, log_path: Path, module: str = "service", **settings: str
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/stream"
@@ -44,7 +47,7 @@ class Server:
         }
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
+            [sys.executable, "-m", module],
             cwd=ROOT,
             env=env,
             stdout=self._log,

@@ -3,11 +3,13 @@
     python -m export --checkpoint DIR --out BUNDLE [--data PATH] [--quantize int8] [--opset N]
 
 DIR is a training output folder (best.pt is used when present, else checkpoint.pt)
-or a checkpoint file. --data is the corpus the checkpoint was trained on: its held-out
-recipes are the real text for the parity checks and the validation loss (without it,
-parity uses sentences of vocabulary words). --quantize int8 needs --data, and refuses
-a graph whose validation loss worsens by more than --max-quant-loss-increase unless
---force is given.
+or a checkpoint file. Only tensors and plain containers are read from it: a checkpoint
+holding any other Python object is refused, since unpickling it could run its code.
+
+--data is the corpus the checkpoint was trained on: its held-out recipes are the real
+text for the parity checks and the validation loss (without it, parity uses sentences
+of vocabulary words). --quantize int8 needs --data, and refuses a graph whose
+validation loss worsens by more than --max-quant-loss-increase unless --force is given.
 
 The bundle appears at BUNDLE only once it is complete and every check has passed; an
 existing bundle there is replaced, any other existing folder is left alone. Errors
@@ -59,20 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("best.pt", "checkpoint.pt"):
-            if (path / name).is_file():
-                return path / name
-        return path / "checkpoint.pt"
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from export.bundle_writer import build_bundle
     from export.onnx_export import ExportError
     from simmer.bundle import BundleError
+    from training.checkpoint import CheckpointError, resolve
 
     options = ExportOptions(
         opset=args.opset,
@@ -83,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         val_recipes=args.val_recipes,
     )
     try:
-        checkpoint = resolve_checkpoint(Path(args.checkpoint))
+        checkpoint = resolve(args.checkpoint)
         with tempfile.TemporaryDirectory(prefix="simmer-export-") as work:
             manifest = build_bundle(checkpoint, Path(args.out), Path(work), options)
-    except (ExportError, BundleError, OSError) as exc:
+    except (CheckpointError, ExportError, BundleError, OSError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(f"bundle written to {args.out} (version {manifest['version']})", file=sys.stderr)

@@ -1,11 +1,10 @@
-"""Checkpoint -> ONNX step graph with the LSTM state as explicit inputs and outputs."""
+"""Model -> ONNX step graph with the LSTM state as explicit inputs and outputs."""
 
 from __future__ import annotations
 
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Any
 
 import onnx
 import torch
@@ -18,30 +17,6 @@ from training.model import LastStepLSTM, LSTMConfig, RecipeLSTM
 
 class ExportError(ValueError):
     """An export that cannot go ahead; the message is one line."""
-
-
-def load_checkpoint(path: str | Path) -> tuple[RecipeLSTM, dict[str, Any]]:
-    """The model (in eval mode) and the raw checkpoint dict."""
-    file = Path(path)
-    if not file.is_file():
-        raise ExportError(f"checkpoint not found: {file}")
-    try:
-        payload = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise ExportError(f"cannot read checkpoint {file}: {type(exc).__name__}") from exc
-    if (
-        not isinstance(payload, dict)
-        or "model_state" not in payload
-        or "model_config" not in payload
-    ):
-        raise ExportError(f"not a simmer checkpoint: {file}")
-    try:
-        model = RecipeLSTM(LSTMConfig.from_dict(payload["model_config"]))
-        model.load_state_dict(payload["model_state"])
-    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise ExportError(f"checkpoint weights do not match its config: {file}") from exc
-    model.eval()
-    return model, payload
 
 
 def weights_hash(model: RecipeLSTM) -> str:

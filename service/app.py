@@ -7,7 +7,7 @@ lifespan and close in its `finally`; readiness turns true only after a warm-up s
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,13 +27,14 @@ from service.engine import Engine
 from service.errors import APIError
 from service.generation import GenerationService
 from service.metrics import Metrics
-from service.protocol import STRICT_REQUESTS, Limits
+from service.protocol import REQUEST_MODELS, STRICT_REQUESTS, Limits
 from service.routes import http, openai, ws
 from service.runtime import Runtime
 from service.scheduler import DecodeScheduler, StepStats
 from service.security import AccessMiddleware, KeyRing, RateLimiter
 from service.sessions import create_store, refresh_locks_forever, sweep_forever
 from service.settings import Settings
+from service.supervisor import Supervisor
 from simmer.bundle import ModelBundle, load_bundle
 
 logger = logging.getLogger("simmer")
@@ -135,6 +136,33 @@ SSE_EVENT = Schema(
 )
 
 
+_BOUNDS = {
+    "minimum": "minimum",
+    "maximum": "maximum",
+    "exclusiveMinimum": "exclusive_minimum",
+    "exclusiveMaximum": "exclusive_maximum",
+    "minLength": "min_length",
+    "maxLength": "max_length",
+    "minItems": "min_items",
+    "maxItems": "max_items",
+}
+
+
+def _copy_bounds(source: dict[str, Any], target: Schema) -> None:
+    """Copy the bounds of pydantic's JSON schema for a field onto Litestar's, branch by
+    branch: Litestar drops the bounds inside `X | None` and other unions."""
+    for key, attribute in _BOUNDS.items():
+        if key in source:
+            setattr(target, attribute, source[key])
+    branches = source.get("anyOf") or source.get("oneOf") or []
+    if target.one_of is not None and len(branches) == len(target.one_of):
+        for branch, schema in zip(branches, target.one_of, strict=True):
+            if isinstance(schema, Schema):
+                _copy_bounds(branch, schema)
+    if isinstance(source.get("items"), dict) and isinstance(target.items, Schema):
+        _copy_bounds(source["items"], target.items)
+
+
 def _complete_openapi(app: Litestar, settings: Settings) -> None:
     """What Litestar's generated document leaves out: closed request models, the limits
     that come from settings, and the SSE bodies."""
@@ -144,11 +172,19 @@ def _complete_openapi(app: Litestar, settings: Settings) -> None:
         if model.__name__ in components:
             components[model.__name__].additional_properties = False
     limits = {"max_tokens": settings.max_new_tokens, "logprobs": settings.max_logprobs}
-    for name in ("GenerateRequest", "CompletionRequest"):
-        properties = components[name].properties if name in components else None
-        for field, maximum in limits.items():
-            if properties is not None and isinstance(properties.get(field), Schema):
-                properties[field].maximum = maximum  # type: ignore[union-attr]
+    for model in REQUEST_MODELS:
+        target = components.get(model.__name__)
+        if target is None or target.properties is None:
+            continue
+        wanted = model.model_json_schema()["properties"]
+        for field, prop in target.properties.items():
+            if isinstance(prop, Schema) and field in wanted:
+                _copy_bounds(wanted[field], prop)
+                if field in limits:
+                    for branch in prop.one_of or [prop]:
+                        if isinstance(branch, Schema) and branch.type == OpenAPIType.INTEGER:
+                            branch.maximum = limits[field]
+                    prop.maximum = None
     for path in ("/v1/generate", "/v1/completions"):
         item = schema.paths.get(path) if schema.paths else None
         operation = item.post if item is not None else None
@@ -179,7 +215,8 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        tasks: list[asyncio.Task[None]] = []
+        supervisor = Supervisor(on_failure=lambda name: metrics.task_failures.labels(name).inc())
+        runtime.supervisor = supervisor
         loaded = await _open_bundle(bundle, settings.bundle)
         engine = await asyncio.to_thread(
             Engine, loaded, settings.providers, settings.intra_op_threads
@@ -204,6 +241,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             on_step=on_step,
             on_admit=metrics.queue_time.observe,
             max_stride=settings.max_coalesce_steps,
+            on_failure=metrics.engine_failures.inc,
         )
         runtime.bundle, runtime.engine, runtime.store, runtime.scheduler = (
             loaded,
@@ -211,7 +249,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             store,
             scheduler,
         )
-        runtime.generation = GenerationService(
+        generation = runtime.generation = GenerationService(
             scheduler,
             store,
             loaded.tokenizer,
@@ -236,15 +274,23 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             scheduler.start()
             # the largest batch too, so memory reaches its working size before traffic
             await asyncio.to_thread(engine.warm_up, (1, 8, settings.max_batch))
-            tasks.append(
-                asyncio.create_task(sweep_forever(store, min(60.0, settings.session_ttl_s / 4)))
+            supervisor.start(
+                "session_sweeper",
+                functools.partial(sweep_forever, store, min(60.0, settings.session_ttl_s / 4)),
             )
-            tasks.append(
-                asyncio.create_task(
-                    refresh_locks_forever(
-                        store, runtime.generation.held_sessions, settings.session_lock_ttl_s
-                    )
-                )
+            supervisor.start(
+                "engine_watchdog",
+                functools.partial(scheduler.watch_worker, min(1.0, settings.engine_stall_s / 4)),
+            )
+            supervisor.start(
+                "lock_refresher",
+                lambda: refresh_locks_forever(
+                    store,
+                    generation.held_sessions,
+                    generation.cancel,
+                    settings.session_lock_ttl_s,
+                    settings.session_lock_refresh_s,
+                ),
             )
             runtime.ready = True
             logger.info(
@@ -257,10 +303,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             yield
         finally:
             runtime.ready = False
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await supervisor.close()
             await scheduler.close()
             await store.close()
 

@@ -62,3 +62,7 @@ def overloaded(retry_after_s: int = 1) -> APIError:
 
 def store_unavailable(detail: str) -> APIError:
     return APIError(503, "store_unavailable", detail, None, {"Retry-After": "1"})
+
+
+def engine_unavailable(detail: str) -> APIError:
+    return APIError(503, "engine_unavailable", detail, None, {"Retry-After": "1"})

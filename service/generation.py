@@ -21,6 +21,7 @@ import numpy as np
 
 from service.errors import (
     APIError,
+    engine_unavailable,
     invalid,
     overloaded,
     session_expired,
@@ -30,7 +31,13 @@ from service.errors import (
 from service.metrics import Metrics
 from service.protocol import GenerationRequest
 from service.sampling import SamplingParams
-from service.scheduler import DecodeScheduler, SchedulerClosed, Sequence, TopLogprobs
+from service.scheduler import (
+    DecodeScheduler,
+    EngineDown,
+    SchedulerClosed,
+    Sequence,
+    TopLogprobs,
+)
 from service.sessions import NO_TOKEN, SessionState, SessionStore, StoreUnavailable, new_session_id
 from simmer.tokenizer import Tokenizer
 
@@ -91,9 +98,9 @@ class _TextStream:
 
     def add(self, token: int) -> str | None:
         piece = self.tokenizer.piece(
-            token,
-            None if self.last == NO_TOKEN else self.last,
             None if self.prev == NO_TOKEN else self.prev,
+            None if self.last == NO_TOKEN else self.last,
+            token,
         )
         self.prev, self.last = self.last, token
         self.text += piece
@@ -268,8 +275,7 @@ class GenerationService:
                 {"Retry-After": "1"},
             )
         if self.active >= self.max_batch + self.max_waiting:
-            self.metrics.request_failure.labels(code="overloaded").inc()
-            raise overloaded()
+            raise overloaded()  # counted where it is answered, like every APIError
 
     async def drain(self, grace_s: float) -> int:
         """Refuse new work, give running generations `grace_s`, then end the rest.
@@ -359,6 +365,8 @@ class GenerationService:
             try:
                 self.scheduler.submit(seq)
                 submitted = True
+            except EngineDown as exc:
+                raise engine_unavailable(str(exc)) from exc
             except SchedulerClosed as exc:
                 raise APIError(503, "shutting_down", str(exc), None, {"Retry-After": "1"}) from exc
             self._running[session_id] = seq
@@ -399,6 +407,9 @@ class GenerationService:
                 if done:
                     break
             finish_reason = seq.finish_reason or "error"
+            if finish_reason == "error":
+                # the engine failed this step: the session stays as its last call left it
+                raise APIError(500, "engine_error", "the engine failed during this generation")
             saving = asyncio.ensure_future(self._save(session_id, state, seq, prompt_ids))
             try:
                 await asyncio.shield(saving)
@@ -414,9 +425,6 @@ class GenerationService:
             metrics.request_prompt_tokens.observe(len(prompt_ids))
             metrics.request_generation_tokens.observe(len(seq.tokens))
             metrics.e2e_latency.observe(time.perf_counter() - arrived)
-            if finish_reason == "error":
-                metrics.request_failure.labels(code="engine_error").inc()
-                raise APIError(500, "engine_error", "the engine failed during this generation")
             if seq.detached:
                 metrics.request_failure.labels(code="client_disconnected").inc()
             else:
@@ -468,7 +476,8 @@ class GenerationService:
         while not seq.done:
             seq.event.clear()
             await seq.event.wait()
-        await self._save(session_id, state, seq, prompt_ids)
+        if seq.finish_reason != "error":  # an engine failure leaves the last saved state
+            await self._save(session_id, state, seq, prompt_ids)
 
     async def _save(
         self, session_id: str, state: SessionState, seq: Sequence, prompt_ids: list[int]
@@ -484,7 +493,15 @@ class GenerationService:
             state.pending = seq.feed[0] if seq.feed else NO_TOKEN
             state.n_tokens += len(prompt_ids) + len(seq.tokens)
         state.last_used = time.time()
-        await self._store("put", session_id, state)
+        if not await self._store("put_locked", session_id, state):
+            # the lock lapsed (this server stalled, or lost the store for too long): another
+            # replica may have continued the session since, and its state must stand
+            raise APIError(
+                409,
+                "session_lock_lost",
+                f"session {session_id!r} lost its generation lock; this call was not saved",
+                "session_id",
+            )
 
     def _logprobs(self, tokens: list[int], tops: list[TopLogprobs]) -> list[StepLogprobs]:
         vocab = self.tokenizer.vocab

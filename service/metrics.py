@@ -54,6 +54,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "shutdown")
 EVICTION_REASONS = ("idle", "capacity", "explicit")
+# the service's supervised background tasks (see service/supervisor.py)
+BACKGROUND_TASKS = ("session_sweeper", "lock_refresher", "engine_watchdog")
 
 
 class TokenHistogram(Histogram):
@@ -206,15 +208,33 @@ class Metrics:
             "Open WebSocket connections.",
             registry=r,
         )
+        self.engine_failures = Counter(
+            "simmer_engine_failures",
+            "Engine worker faults: each failed the generations of one step, then the worker "
+            "went on.",
+            registry=r,
+        )
+        self.task_failures = Counter(
+            "simmer_task_failures",
+            "Background task faults (restarted after each), by task.",
+            ["task"],
+            registry=r,
+        )
         self.model_info = Info("simmer_model", "The model being served.", registry=r)
         for reason in FINISH_REASONS:
             self.request_success.labels(finish_reason=reason)
         for reason in EVICTION_REASONS:
             self.sessions_evicted.labels(reason=reason)
+        for task in BACKGROUND_TASKS:
+            self.task_failures.labels(task=task)
         if not enabled:
             for name, value in list(vars(self).items()):
                 if isinstance(value, Counter | Gauge | Histogram | Info):
                     setattr(self, name, _Noop())
+
+    def failure(self, code: str) -> None:
+        """Count one request answered with the error `code`."""
+        self.request_failure.labels(code=code).inc()
 
     def on_evict(self, reason: str, count: int) -> None:
         self.sessions_evicted.labels(reason=reason).inc(count)

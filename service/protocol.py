@@ -12,12 +12,55 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from service.errors import invalid
-from service.sampling import SamplingParams
+from service.sampling import MIN_TEMPERATURE, SamplingParams
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "shutdown", "error"]
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
+# The static bounds of every integer field: what the engine's int64 arrays and numpy's
+# seeds hold. Tighter limits that come from settings (max_tokens, logprobs) are checked
+# in `to_generation` and written into the OpenAPI document by the app.
+MAX_INT32 = 2**31 - 1
+MAX_SEED = 2**63 - 1
+
+MaxTokens = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=MAX_INT32,
+        description="Most tokens to generate (the server's max_new_tokens caps it).",
+    ),
+]
+Temperature = Annotated[
+    float,
+    Field(
+        ge=0.0,
+        le=100.0,
+        description="softmax(logits / T), the book's p^(1/T). Below "
+        f"{MIN_TEMPERATURE:g} (and at 0) decoding is greedy.",
+    ),
+]
+TopK = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=MAX_INT32,
+        description="Keep the k most likely words; 0, or any k at or above the vocabulary "
+        "size, keeps all; 1 is greedy.",
+    ),
+]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, description="Nucleus: smallest set reaching p.")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Seed for reproducible sampling.")]
+Logprobs = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=MAX_INT32,
+        description="Return the top-k next words with probabilities at each step (the "
+        "server's max_logprobs caps it).",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -58,25 +101,17 @@ class SamplingFields(BaseModel):
     session_id: str | None = Field(
         None, description="Continue this session; omit to start a new one.", max_length=64
     )
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(
-        1.0, ge=0.0, le=100.0, description="softmax(logits / T), the book's p^(1/T); 0 is greedy."
-    )
-    top_k: int = Field(
-        0, ge=0, description="Keep the k most likely words; 0 keeps all, 1 is greedy."
-    )
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: smallest set reaching p.")
-    seed: int | None = Field(
-        None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling."
-    )
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature = 1.0
+    top_k: TopK = 0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
     stop: list[StopString] = Field(
         default_factory=list,
         max_length=MAX_STOP_STRINGS,
         description=f"Up to {MAX_STOP_STRINGS} strings that end the generation when produced.",
     )
-    logprobs: int | None = Field(
-        None, ge=0, description="Return the top-k next words with probabilities at each step."
-    )
+    logprobs: Logprobs | None = None
     ignore_eos: bool = Field(
         False, description="Never end at the stop token: always generate max_tokens."
     )
@@ -222,15 +257,15 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | list[str] = ""
-    max_tokens: int | None = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    max_tokens: MaxTokens | None = 16
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = Field(0, description="simmer extension: keep the k most likely words.")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    logprobs: int | None = Field(None, ge=0)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Seed | None = None
+    logprobs: Logprobs | None = None
     echo: bool = False
     ignore_eos: bool = Field(False, description="simmer extension: never end at the stop token.")
     session_id: str | None = Field(None, max_length=64, description="simmer extension.")
@@ -260,6 +295,8 @@ class CompletionRequest(BaseModel):
 
 # request models that refuse unknown fields; the OpenAPI document says so too
 STRICT_REQUESTS: tuple[type[BaseModel], ...] = (GenerateRequest, SessionCreate)
+# every request body: the OpenAPI document shows the bounds of each of their fields
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (GenerateRequest, CompletionRequest, SessionCreate)
 
 
 def openai_finish_reason(reason: str) -> str:

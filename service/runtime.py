@@ -12,6 +12,7 @@ from service.protocol import Limits
 from service.scheduler import DecodeScheduler
 from service.sessions import SessionStore
 from service.settings import Settings
+from service.supervisor import Supervisor
 from simmer.bundle import ModelBundle
 
 
@@ -25,9 +26,22 @@ class Runtime:
     store: SessionStore | None = None
     scheduler: DecodeScheduler | None = None
     generation: GenerationService | None = None
+    supervisor: Supervisor | None = None
     state_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     ready: bool = False
     websockets: set[object] = field(default_factory=set)
+
+    def engine_problem(self) -> str | None:
+        """Why the engine cannot serve now (dead, or stalled past the deadline), or None."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return None
+        if not scheduler.worker_alive:
+            return "the engine worker has died"
+        stalled = scheduler.stalled_for()
+        if stalled > self.settings.engine_stall_s:
+            return f"the engine worker has made no step for {stalled:.0f} s with work waiting"
+        return None
 
     def service(self) -> GenerationService:
         if self.generation is None or not self.ready:

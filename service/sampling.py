@@ -61,10 +61,16 @@ EXACT_BLOCKS = 8  # blocks per row whose words get exact weights in the envelope
 MAX_TRIALS = 8  # envelope trials before a row is sampled directly
 
 
+# Below this temperature sampling is greedy. 1/T then stays under 1e4, so logits * (1/T)
+# is far from float32's overflow for any logit a model gives, while at T = 1e-4 a word
+# only 0.01 logits behind the best is already e^-100 times less likely: greedy in effect.
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no limit
+    temperature: float = 1.0  # below MIN_TEMPERATURE: greedy
+    top_k: int = 0  # 0: no limit; at or above the vocabulary size: no limit either
     top_p: float = 1.0  # 1.0: no limit
     seed: int | None = None
     logprobs: int = 0  # how many top candidates to report per step
@@ -72,7 +78,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def inv_temperature(self) -> float:
+        """1/T, or 1 for greedy rows (whose distribution is reported at T = 1)."""
+        return 1.0 if self.temperature < MIN_TEMPERATURE else 1.0 / self.temperature
 
 
 def make_rng(seed: int | None) -> np.random.Generator:
@@ -516,10 +527,9 @@ class RowParams:
 
     @classmethod
     def of(cls, params: list[SamplingParams]) -> RowParams:
-        temperature = np.array([p.temperature for p in params], dtype=np.float32)
         top_k = np.array([p.top_k for p in params], dtype=np.int64)
-        greedy = (temperature == 0.0) | (top_k == 1)
-        inv_t = (1.0 / np.where(greedy, 1.0, temperature)).astype(np.float32)
+        greedy = np.array([p.greedy for p in params], dtype=bool)
+        inv_t = np.array([1.0 if p.greedy else p.inv_temperature for p in params], np.float32)
         top_p = np.array([p.top_p for p in params], dtype=np.float64)
         seeded = np.array([p.seed is not None for p in params], dtype=bool)
         return cls(inv_t, top_k, top_p, greedy, seeded)
@@ -593,8 +603,9 @@ def sample_batch(
 
 
 def log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """log softmax(logits / T) in float64: the distribution a token is drawn from."""
-    scaled = logits.astype(np.float64) / (temperature if temperature > 0 else 1.0)
+    """log softmax(logits / T) in float64: the distribution a token is drawn from (at
+    T = 1 for a temperature below MIN_TEMPERATURE, which samples greedily)."""
+    scaled = logits.astype(np.float64) / (temperature if temperature >= MIN_TEMPERATURE else 1.0)
     scaled -= scaled.max()
     return scaled - np.log(np.exp(scaled).sum())  # type: ignore[no-any-return]
 

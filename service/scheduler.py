@@ -65,6 +65,10 @@ class SchedulerClosed(RuntimeError):
     """The scheduler is shutting down and takes no new work."""
 
 
+class EngineDown(SchedulerClosed):
+    """The engine worker has died: nothing more can be generated in this process."""
+
+
 @dataclass(eq=False)  # a sequence is equal only to itself
 class Sequence:
     """One generation in flight. The scheduler appends to `tokens` and sets `event`."""
@@ -142,7 +146,8 @@ class _StepResult:
     seconds: float  # wall time of the step
     admitted: list[float] = field(default_factory=list)  # queue times of new sequences
     dropped: list[Sequence] = field(default_factory=list)  # cancelled before or between steps
-    failed: bool = False
+    failed: bool = False  # the step raised: every sequence in `batch` ends with "error"
+    refused: list[Sequence] = field(default_factory=list)  # could not be admitted: "error"
     cpu: float = 0.0  # the worker thread's CPU seconds since its previous result
 
 
@@ -167,11 +172,13 @@ class DecodeScheduler:
         on_admit: QueueHook | None = None,
         max_stride: int = 16,
         fuse_sampling: bool = True,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.on_step = on_step
         self.on_admit = on_admit
+        self.on_failure = on_failure  # once per failed step or refused admission (loop side)
         self.max_stride = max_stride
         layers, hidden = engine.num_layers, engine.hidden_size
         self._h = np.zeros((layers, max_batch, hidden), np.float32)
@@ -201,6 +208,9 @@ class DecodeScheduler:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._down: str | None = None  # why the worker is gone, once the loop has seen it
+        self._progress_at = time.monotonic()  # the worker's last sign of life (see stalled_for)
+        self._cpu_at = 0.0  # the worker thread's CPU time at its previous result
         # loop-owned: coalescing
         self._stride = 1
         self._loop_share = 0.0
@@ -236,6 +246,8 @@ class DecodeScheduler:
         self._thread.start()
 
     def submit(self, seq: Sequence) -> Sequence:
+        if self._down is not None:
+            raise EngineDown(self._down)
         if self._closed:
             raise SchedulerClosed("the scheduler is shutting down")
         if not seq.feed:
@@ -246,20 +258,60 @@ class DecodeScheduler:
         self._work.set()
         return seq
 
-    async def close(self) -> None:
+    async def close(self, join_timeout_s: float = 10.0) -> None:
+        """Stop the worker and end what it held with "shutdown". A worker hung inside a
+        step is left behind after `join_timeout_s` (it is a daemon thread)."""
         self._closed = True
         self._work.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._thread.join, join_timeout_s)
         for seq in [*self._inbox, *self._waiting, *self._running]:
             self._finish(seq, "shutdown")
         self._inbox.clear()
         self._waiting.clear()
         self._running.clear()
 
-    def state_of(self, seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
-        """The state a finished sequence left: (L, H) copies."""
-        return seq.h, seq.c
+    # --- health (read on the event loop) -------------------------------------------
+
+    @property
+    def worker_alive(self) -> bool:
+        """False once the worker thread has ended without being asked to."""
+        return self._thread is None or self._closed or self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds work has waited on a worker that made no step (0 while idle or moving).
+
+        The worker marks each pass of its loop; a pass that waits for work marks it
+        again when work arrives. A step that never returns, or a worker that died, leaves
+        the mark behind while sequences wait.
+        """
+        if not (self._inbox or self._waiting or self._running):
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress_at)
+
+    async def watch_worker(self, interval_s: float) -> None:
+        """Background task: once the worker has died, fail what it held (see `fail_all`)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self.worker_alive and self._down is None:
+                ended = self.fail_all("the engine worker died; this replica cannot generate")
+                logger.critical("the engine worker died; ended %d generations", ended)
+                if self.on_failure is not None:
+                    self.on_failure()
+
+    def fail_all(self, reason: str) -> int:
+        """The worker is gone: end every sequence with "error" and take no new work.
+
+        Call on the event loop once `worker_alive` is False. Returns how many ended.
+        """
+        self._down = reason
+        pending = [*self._inbox, *self._waiting, *self._running]
+        self._inbox.clear()
+        self._waiting.clear()
+        self._running.clear()
+        for seq in pending:
+            self._finish(seq, "error")
+        return len(pending)
 
     # --- the event loop's side ------------------------------------------------------
 
@@ -285,9 +337,13 @@ class DecodeScheduler:
     def _apply(self, result: _StepResult) -> None:
         for seq in result.dropped:
             self._finish(seq, seq.stop_reason or "cancelled")
+        for seq in result.refused:
+            self._finish(seq, "error")
         if self.on_admit is not None:
             for waited in result.admitted:
                 self.on_admit(waited)
+        if self.on_failure is not None and (result.failed or result.refused):
+            self.on_failure()
         if not result.batch:
             return
         if result.failed:
@@ -367,36 +423,84 @@ class DecodeScheduler:
         return True
 
     def _work_loop(self) -> None:
-        cpu_at = time.thread_time()
-        while not self._closed:
-            admitted, dropped = self._admit()
-            if not self._running:
-                if dropped:
-                    self._post(
-                        _StepResult([], np.zeros(0, np.int64), None, None, {}, 0.0, [], dropped)
-                    )
-                self._work.clear()
-                if self._inbox or self._closed:
-                    continue
-                self._work.wait()
-                continue
-            batch = list(self._running)
-            try:
-                result = self._step(batch)
-            except Exception:
-                logger.exception("engine step failed; ending %d sequences", len(batch))
-                result = _StepResult(batch, np.zeros(0, np.int64), None, None, {}, 0.0, failed=True)
-                for seq in batch:
-                    self._retire(seq)
-            result.admitted, result.dropped = admitted, dropped
-            now = time.thread_time()
-            result.cpu, cpu_at = now - cpu_at, now
-            if not self._post(result):
-                return
+        """The worker thread: admit, step, hand the result over; forever, whatever fails.
 
-    def _admit(self) -> tuple[list[float], list[Sequence]]:
-        """Drop stopped sequences, take new ones into free slots (worker thread)."""
+        An exception in a step fails the sequences of that step (and only those); one
+        while admitting a sequence fails that sequence; anything else fails the running
+        batch. Either way the worker goes on with the next step.
+        """
+        self._cpu_at = time.thread_time()
+        while not self._closed:
+            self._progress_at = time.monotonic()
+            try:
+                if not self._work_pass():
+                    return
+            except Exception:
+                logger.exception("engine worker fault; ending %d sequences", len(self._running))
+                if not self._post(self._failed(list(self._running))):
+                    return
+            except BaseException:
+                logger.critical("the engine worker is dying", exc_info=True)
+                raise
+
+    def _work_pass(self) -> bool:
+        """One pass of the worker's loop; False once the event loop is gone."""
+        admitted, dropped, refused = self._admit()
+        if not self._running:
+            posted = True
+            if dropped or refused:
+                posted = self._post(self._news(admitted, dropped, refused))
+            self._work.clear()
+            if not (self._inbox or self._closed):
+                self._work.wait()
+            return posted
+        batch = list(self._running)
+        try:
+            result = self._step(batch)
+        except Exception:
+            logger.exception("engine step failed; ending %d sequences", len(batch))
+            result = self._failed(batch)
+        result.admitted, result.dropped, result.refused = admitted, dropped, refused
+        now = time.thread_time()
+        result.cpu, self._cpu_at = now - self._cpu_at, now
+        return self._post(result)
+
+    def _failed(self, batch: list[Sequence]) -> _StepResult:
+        """The result of a step that raised: `batch` ends with "error", slots are freed."""
+        self._reset()
+        result = self._news([], [], [])
+        result.batch, result.failed = batch, True
+        return result
+
+    @staticmethod
+    def _news(
+        admitted: list[float], dropped: list[Sequence], refused: list[Sequence]
+    ) -> _StepResult:
+        """A result with no step in it, only sequences that joined, left or failed."""
+        empty = np.zeros(0, np.int64)
+        return _StepResult([], empty, None, None, {}, 0.0, admitted, dropped, refused=refused)
+
+    def _reset(self) -> None:
+        """After a failed step: every running sequence gives its slot back (worker thread).
+
+        The carried state of the failed step is not trusted, so it is not written back.
+        """
+        self._batch = None
+        for seq in self._running:
+            if seq.slot >= 0:
+                self._free.append(seq.slot)
+                seq.slot = -1
+        self._running.clear()
+        self._fresh = 0
+
+    def _admit(self) -> tuple[list[float], list[Sequence], list[Sequence]]:
+        """Drop stopped sequences, take new ones into free slots (worker thread).
+
+        Returns the new sequences' queue times, the sequences dropped (cancelled) and
+        those refused (their parameters could not be set up: they end with "error").
+        """
         dropped: list[Sequence] = []
+        refused: list[Sequence] = []
         for seq in [s for s in self._running if s.cancelled or s.finish_reason is not None]:
             self._retire(seq)
             if seq.finish_reason is None:
@@ -410,23 +514,35 @@ class DecodeScheduler:
                 dropped.append(seq)
                 continue
             self._unbatch()
-            seq.slot = slot = self._free.pop()
-            self._h[:, slot] = seq.h
-            self._c[:, slot] = seq.c
-            params = seq.params
-            self._greedy[slot] = params.greedy
-            self._inv_t[slot] = 1.0 if params.greedy else 1.0 / params.temperature
-            self._top_k[slot] = params.top_k
-            self._top_p[slot] = params.top_p
-            self._seeded[slot] = params.seed is not None
-            self._logprobs[slot] = params.logprobs > 0
-            self._no_eos[slot] = params.ignore_eos
+            slot = self._free.pop()
+            try:
+                self._load_slot(slot, seq)
+            except Exception:
+                logger.exception("cannot admit sequence %d; ending it", seq.seq_id)
+                self._free.append(slot)
+                refused.append(seq)
+                continue
+            seq.slot = slot
             seq._sampled = 0
             self._fresh += 1
             seq.started_at = time.perf_counter()
             admitted.append(seq.started_at - seq.enqueued_at)
             self._running.append(seq)
-        return admitted, dropped
+        return admitted, dropped, refused
+
+    def _load_slot(self, slot: int, seq: Sequence) -> None:
+        """Write a sequence's state and sampling parameters into its slot's arrays."""
+        params = seq.params
+        vocab = self.engine.vocab_size
+        self._h[:, slot] = seq.h
+        self._c[:, slot] = seq.c
+        self._greedy[slot] = params.greedy
+        self._inv_t[slot] = 1.0 if params.greedy else params.inv_temperature
+        self._top_k[slot] = params.top_k if params.top_k < vocab else 0  # k >= V: every word
+        self._top_p[slot] = params.top_p
+        self._seeded[slot] = params.seed is not None
+        self._logprobs[slot] = params.logprobs > 0
+        self._no_eos[slot] = params.ignore_eos
 
     def _retire(self, seq: Sequence) -> None:
         """Give a sequence's slot back (worker thread)."""

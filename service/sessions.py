@@ -8,12 +8,18 @@ Both stores keep sessions in the same compact binary form (about 1 KiB for the b
 model) and share one interface of plain verbs: get, put, delete, touch, len. They know
 nothing of HTTP. Evictions are reported to a callback by reason: idle, capacity,
 explicit.
+
+A generation holds its session's lock, a lease that lapses unless renewed (so a crashed
+replica frees the session within one lease). Two guards keep a lease that lapsed from
+letting two replicas generate on one session: `refresh_locks_forever` stops a generation
+before its lease can lapse, and the generation's final write is `put_locked`, which
+writes only while the lock still holds this process's token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import secrets
 import struct
 import time
@@ -24,6 +30,8 @@ from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 NO_TOKEN = -1
 TOMBSTONES = 10_000  # how many recently expired ids the memory store remembers
@@ -111,7 +119,8 @@ class SessionState:
 
 EvictionHook = Callable[[str, int], None]  # (reason, count)
 
-# Delete or extend a lock only while it still holds this process's token.
+# Delete or extend a lock, or write its session, only while the lock still holds this
+# process's token; each returns 0 when it does not.
 _UNLOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -120,6 +129,13 @@ _REFRESH = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
 """
+# KEYS: lock, session, index; ARGV: token, record, session TTL (ms), last used, session id
+_PUT_LOCKED = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('zadd', KEYS[3], ARGV[4], ARGV[5])
+return 1
+"""
 
 
 class StoreUnavailable(RuntimeError):
@@ -127,16 +143,22 @@ class StoreUnavailable(RuntimeError):
 
 
 class SessionStore(Protocol):
-    """Plain verbs over session records; `touch` marks a session used now."""
+    """Plain verbs over session records; `touch` marks a session used now.
+
+    `put_locked` is `put` only while this process holds the session's lock (False when it
+    does not). `refresh_locks` renews the locks given and returns those this process has
+    lost (lapsed, or taken by another replica); a lock it released is not lost.
+    """
 
     async def get(self, session_id: str) -> SessionState | None: ...
     async def put(self, session_id: str, state: SessionState) -> None: ...
+    async def put_locked(self, session_id: str, state: SessionState) -> bool: ...
     async def delete(self, session_id: str) -> bool: ...
     async def touch(self, session_id: str) -> bool: ...
     async def len(self) -> int: ...
     async def lock(self, session_id: str) -> bool: ...
     async def unlock(self, session_id: str) -> None: ...
-    async def refresh_locks(self, session_ids: list[str]) -> None: ...
+    async def refresh_locks(self, session_ids: list[str]) -> list[str]: ...
     async def sweep(self) -> int: ...
     async def expired(self, session_id: str) -> bool: ...
     async def ping(self) -> bool: ...
@@ -189,6 +211,12 @@ class MemorySessionStore:
         if evicted:
             self.on_evict("capacity", evicted)
 
+    async def put_locked(self, session_id: str, state: SessionState) -> bool:
+        if session_id not in self._locks:
+            return False
+        await self.put(session_id, state)
+        return True
+
     async def delete(self, session_id: str) -> bool:
         if self._data.pop(session_id, None) is None:
             return False
@@ -215,8 +243,8 @@ class MemorySessionStore:
     async def unlock(self, session_id: str) -> None:
         self._locks.discard(session_id)
 
-    async def refresh_locks(self, session_ids: list[str]) -> None:
-        return None  # in-process locks end with the process
+    async def refresh_locks(self, session_ids: list[str]) -> list[str]:
+        return []  # in-process locks do not lapse: they end with the process
 
     async def sweep(self) -> int:
         """Drop idle sessions; LRU order means they sit at the front."""
@@ -247,7 +275,9 @@ class RedisSessionStore:
 
     The sorted set `<prefix>:sessions` scores each session by its last use, so `len`
     is one ZCARD and `sweep` can count the sessions Redis expired as idle evictions.
-    Locks are `SET NX` keys with a timeout, so any replica can refuse a concurrent call.
+    Locks are `SET NX` keys with a timeout, so any replica can refuse a concurrent call;
+    each holds this process's token, which the scripts check before they unlock, renew or
+    write.
     """
 
     def __init__(
@@ -256,7 +286,7 @@ class RedisSessionStore:
         ttl_s: float,
         prefix: str = "simmer",
         on_evict: EvictionHook = _no_hook,
-        lock_ttl_s: float = 15.0,
+        lock_ttl_s: float = 2.0,
     ) -> None:
         import redis.asyncio as aioredis
 
@@ -268,8 +298,10 @@ class RedisSessionStore:
         self.on_evict = on_evict
         self.lock_ttl_s = lock_ttl_s
         self._lock_token = secrets.token_hex(8)  # this process's mark on the locks it holds
+        self._locked: set[str] = set()  # sessions this process locked and has not unlocked
         self._unlock = self._redis.register_script(_UNLOCK)
         self._refresh = self._redis.register_script(_REFRESH)
+        self._put_locked = self._redis.register_script(_PUT_LOCKED)
         self._index = f"{prefix}:sessions"
 
     def _key(self, session_id: str) -> str:
@@ -305,6 +337,22 @@ class RedisSessionStore:
                 await pipe.execute()
 
         await self._call(write)
+
+    async def put_locked(self, session_id: str, state: SessionState) -> bool:
+        written = await self._call(
+            partial(
+                self._put_locked,
+                keys=[self._lock_key(session_id), self._key(session_id), self._index],
+                args=[
+                    self._lock_token,
+                    state.encode(),
+                    int(self.ttl_s * 1000),
+                    state.last_used,
+                    session_id,
+                ],
+            )
+        )
+        return bool(written)
 
     async def delete(self, session_id: str) -> bool:
         async def remove() -> int:
@@ -348,23 +396,41 @@ class RedisSessionStore:
                 px=int(self.lock_ttl_s * 1000),
             )
         )
+        if result:
+            self._locked.add(session_id)
         return bool(result)
 
     async def unlock(self, session_id: str) -> None:
+        self._locked.discard(session_id)
         await self._call(
             partial(self._unlock, keys=[self._lock_key(session_id)], args=[self._lock_token])
         )
 
-    async def refresh_locks(self, session_ids: list[str]) -> None:
+    async def refresh_locks(self, session_ids: list[str]) -> list[str]:
+        """Renew the locks given, in one round trip; return those lost. A session unlocked
+        already (its generation is finishing) is neither renewed nor lost."""
+        mine = [session_id for session_id in session_ids if session_id in self._locked]
+        if not mine:
+            return []
         ttl_ms = int(self.lock_ttl_s * 1000)
-        for session_id in session_ids:
-            await self._call(
-                partial(
-                    self._refresh,
-                    keys=[self._lock_key(session_id)],
-                    args=[self._lock_token, ttl_ms],
-                )
-            )
+
+        async def renew() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for session_id in mine:
+                    await self._refresh(
+                        keys=[self._lock_key(session_id)],
+                        args=[self._lock_token, ttl_ms],
+                        client=pipe,
+                    )
+                results: list[Any] = await pipe.execute()
+            return results
+
+        renewed = await self._call(renew)
+        return [
+            session_id
+            for session_id, ok in zip(mine, renewed, strict=True)
+            if not ok and session_id in self._locked  # not unlocked while this was on its way
+        ]
 
     async def sweep(self) -> int:
         """Count and unindex the sessions Redis has expired (idle evictions)."""
@@ -412,7 +478,7 @@ def create_store(
     redis_url: str,
     prefix: str,
     on_evict: EvictionHook = _no_hook,
-    lock_ttl_s: float = 15.0,
+    lock_ttl_s: float = 2.0,
 ) -> SessionStore:
     if kind == "redis":
         return RedisSessionStore(redis_url, ttl_s, prefix, on_evict, lock_ttl_s)
@@ -420,13 +486,60 @@ def create_store(
 
 
 async def refresh_locks_forever(
-    store: SessionStore, held: Callable[[], list[str]], ttl_s: float
+    store: SessionStore,
+    held: Callable[[], list[str]],
+    stop: Callable[[str], object],
+    ttl_s: float,
+    refresh_s: float,
 ) -> None:
-    """Background task: keep the locks of running generations from lapsing."""
+    """Background task: renew the locks of running generations (`held`) every `refresh_s`,
+    and `stop` a generation whose lock is lost or might lapse before the next renewal.
+
+    A renewal sent at time t holds the lock until t + ttl_s at the earliest, since Redis
+    starts the lease when the command arrives. Ticks come every refresh_s, or a little
+    later under load, so a generation is stopped once its lease could end within one and a
+    half intervals: with the default 2 s lease and 0.5 s renewals, two renewals may fail in
+    a row (Redis unreachable or slow) and the third tick stops the generation half a second
+    before its lease can lapse. Its final write is fenced (`put_locked`): if the lock is gone
+    by then, nothing it produced overwrites the replica that took the session over.
+    StoreUnavailable and a renewal slower than refresh_s are expected; anything else raises.
+    """
+    loop = asyncio.get_running_loop()
+    renewed: dict[str, float] = {}  # session id -> when its last good renewal was sent
+    stopped: set[str] = set()  # told to stop; held until they have finished
+    failing = False
+
+    def give_up(session_id: str, why: str) -> None:
+        logger.warning("session %s: %s; stopping its generation", session_id[:8], why)
+        stopped.add(session_id)
+        stop(session_id)
+
+    previous = loop.time()
     while True:
-        await asyncio.sleep(ttl_s / 3)
-        with contextlib.suppress(StoreUnavailable):
-            await store.refresh_locks(held())
+        await asyncio.sleep(max(0.0, previous + refresh_s - loop.time()))
+        now = loop.time()
+        session_ids = held()
+        # a lock first seen now was taken since the last tick
+        renewed = {sid: renewed.get(sid, previous) for sid in session_ids}
+        stopped.intersection_update(session_ids)
+        for sid in session_ids:
+            if sid not in stopped and renewed[sid] + ttl_s < now + 1.5 * refresh_s:
+                give_up(sid, "its lock could not be renewed in time")
+        try:
+            async with asyncio.timeout(refresh_s):  # not wait_for: it can swallow a cancel
+                lost = set(await store.refresh_locks(session_ids))
+        except (StoreUnavailable, TimeoutError) as exc:
+            if not failing:
+                logger.warning("cannot renew session locks: %s", str(exc) or type(exc).__name__)
+            failing = True
+        else:
+            failing = False
+            for sid in session_ids:
+                if sid not in lost:
+                    renewed[sid] = now
+                elif sid not in stopped:
+                    give_up(sid, "its lock lapsed or was taken over")
+        previous = now
 
 
 async def sweep_forever(store: SessionStore, interval_s: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -42,10 +42,18 @@ class Settings(BaseSettings):
         description="Idle time after which a session expires (seconds; minutes to days).",
     )
     session_lock_ttl_s: float = Field(
-        15.0,
+        2.0,
         gt=0,
         description="Redis store: a generation's session lock lapses this long after its "
-        "server stops refreshing it (a crash frees the session within this time).",
+        "server last renewed it, so a crashed replica frees its sessions within this time "
+        "(seconds). A server stops a generation whose lock it cannot renew in time, and never "
+        "saves a call whose lock was lost.",
+    )
+    session_lock_refresh_s: float = Field(
+        0.5,
+        gt=0,
+        description="Redis store: how often a server renews the locks of its running "
+        "generations (seconds); at most a third of session_lock_ttl_s.",
     )
     max_sessions: int = Field(
         100_000,
@@ -65,6 +73,12 @@ class Settings(BaseSettings):
         "one core, the event loop on another) costs the least CPU per token.",
     )
     max_batch: int = Field(256, ge=1, description="Most sessions stepped in one engine call.")
+    engine_stall_s: float = Field(
+        30.0,
+        gt=0,
+        description="Readiness and liveness fail when work has waited this long on an engine "
+        "worker that made no step (a hung or dead worker), so an orchestrator restarts the pod.",
+    )
     max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt accepted, in tokens.")
     max_new_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     max_logprobs: int = Field(
@@ -133,6 +147,18 @@ class Settings(BaseSettings):
     def _split_providers(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("session_lock_refresh_s")
+    @classmethod
+    def _refresh_within_lock_ttl(cls, value: float, info: ValidationInfo) -> float:
+        ttl_s = info.data.get("session_lock_ttl_s")
+        if ttl_s is not None and 3 * value > ttl_s:
+            raise ValueError(
+                f"session_lock_refresh_s ({value:g} s) must be at most a third of "
+                f"session_lock_ttl_s ({ttl_s:g} s), so a lock is renewed several times "
+                "before it can lapse"
+            )
         return value
 
     def all_api_keys(self) -> list[str]:

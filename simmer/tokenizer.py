@@ -152,12 +152,13 @@ class Tokenizer:
         """Text for `ids`; `context` is the ids already shown before them (for spacing)."""
         return detokenize([self.vocab[i] for i in ids], [self.vocab[i] for i in context])
 
-    def piece(self, token_id: int, prev: int | None, prev2: int | None) -> str:
-        """The text one streamed token adds after the tokens `prev2`, `prev`."""
+    def piece(self, prev: int | None, last: int | None, token_id: int) -> str:
+        """The text one streamed token adds after the tokens `prev`, `last` (oldest first,
+        as `join_piece` takes its words; None where the context is shorter)."""
         vocab = self.vocab
         return join_piece(
-            None if prev2 is None else vocab[prev2],
             None if prev is None else vocab[prev],
+            None if last is None else vocab[last],
             vocab[token_id],
         )
 

@@ -140,9 +140,11 @@ def clean_redis(redis_url: str) -> Iterator[str]:
 ServerProcess = Server
 
 
-def launch_server(bundle: Path, log_dir: Path, wait: bool = True, **settings: str) -> ServerProcess:
-    """A real `python -m service` with SIMMER_<KEY>=value for each keyword."""
-    server = Server(bundle, log_dir / f"server-{free_port()}.log", **settings)
+def launch_server(
+    bundle: Path, log_dir: Path, wait: bool = True, module: str = "service", **settings: str
+) -> ServerProcess:
+    """A real `python -m service` (or `module`) with SIMMER_<KEY>=value for each keyword."""
+    server = Server(bundle, log_dir / f"server-{free_port()}.log", module, **settings)
     if wait:
         try:
             server.wait_ready()
@@ -157,8 +159,8 @@ def start_server(tmp_path: Path, tiny_bundle: Path) -> Iterator[Callable[..., Se
     """Start real servers with extra SIMMER_* settings; all are stopped after the test."""
     servers: list[ServerProcess] = []
 
-    def start(wait: bool = True, **settings: str) -> ServerProcess:
-        server = launch_server(tiny_bundle, tmp_path, wait, **settings)
+    def start(wait: bool = True, module: str = "service", **settings: str) -> ServerProcess:
+        server = launch_server(tiny_bundle, tmp_path, wait, module, **settings)
         servers.append(server)
         return server
 

@@ -55,9 +55,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"checkpoint not found: {file}")
     try:
-        # weights_only: the payload is plain containers, tensors and numbers.
+        # weights_only: the payload is plain containers, tensors and numbers, and
+        # unpickling anything else could run code from the file.
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        objects = _pickled_objects(file)
+        if objects:
+            raise CheckpointError(
+                f"refusing checkpoint {file}: it holds Python objects ({', '.join(objects)}) "
+                "that only unpickling could build, and unpickling can run arbitrary code"
+            ) from exc
         raise CheckpointError(f"cannot read checkpoint {file}: {type(exc).__name__}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"not a simmer checkpoint: {file}")
@@ -72,13 +79,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def _pickled_objects(file: Path) -> list[str]:
+    """The classes and functions a torch.save file names beyond weights_only's allowlist,
+    read from its pickle opcodes without running them; [] for a file torch cannot parse."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except Exception:  # not a torch.save zip file: the caller reports it as unreadable
+        return []
+
+
 def load_model(path: str | Path) -> tuple[RecipeLSTM, dict[str, Any]]:
     """The model in eval mode and its checkpoint dict."""
     payload = load_checkpoint(path)
-    model = RecipeLSTM(LSTMConfig.from_dict(payload["model_config"]))
     try:
+        model = RecipeLSTM(LSTMConfig.from_dict(payload["model_config"]))
         model.load_state_dict(payload["model_state"])
-    except RuntimeError as exc:
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint weights do not match its config: {path}") from exc
     return model.eval(), payload
 

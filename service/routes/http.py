@@ -63,9 +63,12 @@ def runtime_of(state: State) -> Runtime:
 
 
 async def sse_stream(
-    first: Event, events: AsyncGenerator[Event, None]
+    first: Event, events: AsyncGenerator[Event, None], on_error: Callable[[str], None]
 ) -> AsyncGenerator[bytes, None]:
-    """`data: {json}` lines; always closes the generation, even when the client leaves."""
+    """`data: {json}` lines; always closes the generation, even when the client leaves.
+
+    An error after the stream has begun (the engine failing, say) is one error event,
+    counted with `on_error`, and then the end of the stream."""
     try:
         if isinstance(first, SessionEvent):
             yield b"data: " + encode({"type": "session", "session_id": first.session_id}) + b"\n\n"
@@ -76,6 +79,7 @@ async def sse_stream(
                 await events.aclose()  # unlock the session before the client can reuse it
                 yield b"data: " + encode(done_json(event)) + b"\n\n"
     except APIError as exc:
+        on_error(exc.code)
         yield b"data: " + encode(error_json(exc.code, exc.message, exc.param)) + b"\n\n"
     finally:
         await events.aclose()
@@ -116,7 +120,7 @@ async def generate(
     events = runtime.service().generate(params, owner_of(request))
     first = await anext(events)  # bad input raises here, before any byte is sent
     if data.stream:
-        return event_stream(sse_stream(first, events))
+        return event_stream(sse_stream(first, events, runtime.metrics.failure))
     assert isinstance(first, SessionEvent)
     result = await collect(events, request, runtime.service().stopper(first.session_id))
     if result is None:
@@ -265,25 +269,38 @@ async def delete_session(session_id: str, state: State, request: Request[Any, An
     await runtime_of(state).service().delete_session(session_id, owner_of(request))
 
 
-@get("/healthz", summary="Liveness: the process is up", include_in_schema=True)
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@get(
+    "/healthz",
+    summary="Liveness: the process is up and its engine worker is alive and stepping",
+    description="503 once the engine worker has died, or has made no step while work waited "
+    "longer than `engine_stall_s`: restarting the process is then the way out.",
+)
+async def healthz(state: State) -> Response[dict[str, str]]:
+    problem = runtime_of(state).engine_problem()
+    if problem is not None:
+        return Response({"status": "failing", "reason": problem}, status_code=503)
+    return Response({"status": "ok"}, status_code=200)
 
 
-@get("/readyz", summary="Readiness: model loaded, warmed up, store reachable")
+@get("/readyz", summary="Readiness: model loaded, warmed up, engine stepping, store reachable")
 async def readyz(state: State) -> Response[dict[str, Any]]:
     runtime = runtime_of(state)
     store_ok = runtime.store is not None and await runtime.store.ping()
     generation = runtime.generation
     draining = generation is not None and generation.draining
-    ready = runtime.ready and store_ok and not draining
+    engine_problem = runtime.engine_problem()
+    tasks = runtime.supervisor.problems() if runtime.supervisor is not None else {}
+    ready = runtime.ready and store_ok and not draining and engine_problem is None and not tasks
     body: dict[str, Any] = {
         "status": "ready" if ready else "not_ready",
         "model_loaded": runtime.ready,
         "store": runtime.settings.store,
         "store_ok": store_ok,
         "draining": draining,
+        "engine": engine_problem or "ok",
     }
+    if tasks:
+        body["failing_tasks"] = tasks
     if runtime.scheduler is not None and generation is not None:
         body["load"] = {
             "generations": generation.active,

@@ -8,7 +8,7 @@ Unknown fields are accepted and ignored, as OpenAI clients send extras.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -72,6 +72,7 @@ async def _openai_stream(
     first: Event,
     events: AsyncGenerator[Event, None],
     want_logprobs: bool,
+    on_error: Callable[[str], None],
 ) -> AsyncGenerator[bytes, None]:
     assert isinstance(first, SessionEvent)
     session_id = first.session_id
@@ -97,6 +98,7 @@ async def _openai_stream(
                 )
                 yield b"data: " + encode(final) + b"\n\n"
     except APIError as exc:
+        on_error(exc.code)
         yield b"data: " + encode({"error": error_json(exc.code, exc.message, exc.param)}) + b"\n\n"
     finally:
         await events.aclose()
@@ -123,7 +125,11 @@ async def completions(
     completion_id = "cmpl-" + secrets.token_hex(12)
     want_logprobs = bool(params.sampling.logprobs)
     if data.stream:
-        return event_stream(_openai_stream(completion_id, model, first, events, want_logprobs))
+        return event_stream(
+            _openai_stream(
+                completion_id, model, first, events, want_logprobs, runtime.metrics.failure
+            )
+        )
     assert isinstance(first, SessionEvent)
     result = await collect(events, request, runtime.service().stopper(first.session_id))
     if result is None:

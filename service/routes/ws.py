@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import Any
 
 from litestar import WebSocket, websocket
@@ -24,6 +25,8 @@ from service.generation import DoneEvent, SessionEvent, TokenEvent
 from service.protocol import WSGenerate
 from service.routes.http import runtime_of
 from service.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 
 class _Connection:
@@ -46,6 +49,7 @@ class _Connection:
 
     async def run_generation(self, message: WSGenerate) -> None:
         runtime = self.runtime
+        created = False
         try:
             if self.session_id is not None:
                 if message.session_id not in (None, self.session_id):
@@ -62,6 +66,7 @@ class _Connection:
                 async for event in events:
                     if isinstance(event, SessionEvent):
                         self.session_id = event.session_id
+                        created = event.created
                         if self.cancel_requested:
                             self.cancel()
                         await self.send({"type": "session", "session_id": event.session_id})
@@ -74,10 +79,22 @@ class _Connection:
             finally:
                 await events.aclose()
         except APIError as exc:
-            self.generating = False
+            self._failed(created)
             await self.error(exc.code, exc.message, exc.param)
+        except Exception:
+            # anything else is a bug: the client hears of it, the connection stays usable
+            logger.exception("WebSocket generation failed")
+            self._failed(created)
+            await self.error("internal_error", "internal server error")
         finally:
             self.generating = False
+
+    def _failed(self, created: bool) -> None:
+        """After a failed generation: a session that this call created was never saved,
+        so the connection's next generate starts a new one."""
+        self.generating = False
+        if created:
+            self.session_id = None
 
     def cancel(self) -> None:
         """Stop the running generation within one engine step."""

@@ -28,11 +28,15 @@ SPEC = {
     "simmer_sessions_active": "gauge",
     "simmer_websocket_connections": "gauge",
     "simmer_model_info": "info",
+    # issue 13: the supervised engine and background tasks
+    "simmer_engine_failures_total": "counter",
+    "simmer_task_failures_total": "counter",
 }
 LABELS = {
     "simmer_request_success_total": {"finish_reason"},
     "simmer_request_failure_total": {"code"},
     "simmer_sessions_evicted_total": {"reason"},
+    "simmer_task_failures_total": {"task"},
     "simmer_model_info": {"name", "version", "bundle_sha256", "provider"},
 }
 
@@ -91,3 +95,5 @@ def test_labelled_counters_start_at_zero_for_every_known_value() -> None:
         assert samples[("simmer_request_success_total", (("finish_reason", reason),))] == 0
     for reason in ("idle", "capacity", "explicit"):
         assert samples[("simmer_sessions_evicted_total", (("reason", reason),))] == 0
+    for task in ("session_sweeper", "lock_refresher", "engine_watchdog"):
+        assert samples[("simmer_task_failures_total", (("task", task),))] == 0

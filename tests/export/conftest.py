@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.onnx_export import export_onnx, load_checkpoint
+from export.onnx_export import export_onnx
 from export.options import ExportOptions
 from export.validation import TextSample, held_out_recipes
 from simmer.tokenizer import Tokenizer
+from training.checkpoint import load_checkpoint, load_model
 from training.model import RecipeLSTM
 
 
@@ -38,13 +39,13 @@ def tiny_checkpoint(tiny_run: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint: Path) -> RecipeLSTM:
-    return load_checkpoint(tiny_checkpoint)[0]
+    return load_model(tiny_checkpoint)[0]
 
 
 @pytest.fixture(scope="session")
 def tiny_sample(tiny_run: Path, tiny_checkpoint: Path, epicurious_path: Path) -> TextSample:
     """The tiny run's held-out Epicurious recipes, tokenised."""
-    payload = load_checkpoint(tiny_checkpoint)[1]
+    payload = load_checkpoint(tiny_checkpoint)
     tokenizer = Tokenizer.load(tiny_run / "tokenizer.json")
     return held_out_recipes(epicurious_path, payload, tokenizer, limit=32)
 

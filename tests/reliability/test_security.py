@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -147,18 +148,19 @@ def test_rate_limit_answers_429_with_retry_after(
 def test_admission_control_refuses_past_the_queue(
     start_server: Callable[..., ServerProcess],
 ) -> None:
-    server = start_server(max_batch="1", max_waiting="0")
-    started = threading.Event()
+    server = start_server(max_batch="1", max_waiting="0", max_new_tokens="1000000")
+    started, checked = threading.Event(), threading.Event()
 
     def long_stream() -> None:
+        # holds the only slot until the checks are done, however fast the engine is
+        body = {"prompt": "recipe for", "max_tokens": 1_000_000, "stream": True, "ignore_eos": True}
         with httpx.stream(
-            "POST",
-            f"{server.base_url}/v1/generate",
-            timeout=60,
-            json={"prompt": "recipe for", "max_tokens": 400, "stream": True, "ignore_eos": True},
+            "POST", f"{server.base_url}/v1/generate", timeout=60, json=body
         ) as response:
             for _ in response.iter_lines():
                 started.set()
+                if checked.is_set():
+                    break
 
     thread = threading.Thread(target=long_stream)
     thread.start()
@@ -169,16 +171,20 @@ def test_admission_control_refuses_past_the_queue(
     with connect(f"ws://127.0.0.1:{server.port}/v1/stream") as ws:
         ws.send(json.dumps({"type": "generate", "prompt": "recipe for", "max_tokens": 2}))
         ws_error = json.loads(ws.recv(timeout=30))
+    checked.set()
     thread.join(60)
     _error(refused, 503, "overloaded")
     assert int(refused.headers["retry-after"]) >= 1
     assert ws_error == {"type": "error", "code": "overloaded", "message": ws_error["message"]}
-    assert (
-        httpx.post(
+    # once the long stream's client has gone, its slot frees and requests are served again
+    for _ in range(600):
+        after = httpx.post(
             f"{server.base_url}/v1/generate", json={"prompt": "recipe for", "max_tokens": 2}
-        ).status_code
-        == 200
-    )
+        )
+        if after.status_code != 503:
+            break
+        time.sleep(0.05)
+    assert after.status_code == 200, after.text
 
 
 def test_exported_state_moves_a_session_to_another_server(

@@ -11,7 +11,7 @@ import pytest
 
 from service.engine import Engine, StepOutput, WeightedStep
 from service.sampling import SamplingParams
-from service.scheduler import PIPELINE_DEPTH, DecodeScheduler, Sequence, _StepResult
+from service.scheduler import PIPELINE_DEPTH, DecodeScheduler, EngineDown, Sequence, _StepResult
 from simmer.bundle import load_bundle
 
 
@@ -262,3 +262,111 @@ def test_sampling_fused_into_the_engine_call_draws_the_same_tokens(engine: Count
     fused = generate(True)
     assert len(engine.calls) == len(fused)
     assert fused == generate(False)
+
+
+class FailingEngine(CountingEngine):
+    """The real engine, raising on the calls whose numbers are in `fail_on`."""
+
+    fail_on: set[int]
+    kill_on: set[int]
+
+    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> StepOutput:
+        number = len(getattr(self, "calls", ()))
+        if number in getattr(self, "kill_on", ()):
+            raise SystemExit("the worker thread is killed")  # not an Exception: it escapes
+        if number in getattr(self, "fail_on", ()):
+            self.calls.append(tokens.shape)
+            raise RuntimeError("injected engine fault")
+        return super().run(tokens, h, c)
+
+
+@pytest.fixture
+def failing(tiny_bundle: Path) -> FailingEngine:
+    eng = FailingEngine(load_bundle(tiny_bundle), ["CPUExecutionProvider"])
+    eng.calls, eng.fail_on, eng.kill_on = [], set(), set()
+    return eng
+
+
+def test_an_engine_fault_fails_only_the_sequences_of_that_step(failing: FailingEngine) -> None:
+    failures: list[None] = []
+
+    async def main() -> tuple[list[Sequence], list[Sequence]]:
+        scheduler = DecodeScheduler(
+            failing, max_batch=8, fuse_sampling=False, on_failure=lambda: failures.append(None)
+        )
+        scheduler.start()
+        failing.fail_on = {3}  # the prefill (calls 0 and 1, one per feed length) and one step
+        first = [_seq(failing, [5, 6], 50), _seq(failing, [7], 50)]
+        await _run_all(scheduler, first)
+        later = [_seq(failing, [5, 6], 4)]
+        await _run_all(scheduler, later)
+        assert scheduler.worker_alive
+        await scheduler.close()
+        return first, later
+
+    first, later = asyncio.run(main())
+    assert [seq.finish_reason for seq in first] == ["error", "error"]
+    assert all(len(seq.tokens) == 2 for seq in first)  # the steps before the fault
+    assert later[0].finish_reason == "length" and len(later[0].tokens) == 4
+    assert failures == [None]
+
+
+def test_a_sequence_that_cannot_be_admitted_fails_alone(
+    engine: CountingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load_slot = DecodeScheduler._load_slot
+    failures: list[None] = []
+
+    def refuse_long_feeds(self: DecodeScheduler, slot: int, seq: Sequence) -> None:
+        if len(seq.feed) > 2:
+            raise OverflowError("cannot fit")
+        load_slot(self, slot, seq)
+
+    monkeypatch.setattr(DecodeScheduler, "_load_slot", refuse_long_feeds)
+
+    async def main() -> list[Sequence]:
+        scheduler = DecodeScheduler(engine, max_batch=4, on_failure=lambda: failures.append(None))
+        scheduler.start()
+        seqs = [_seq(engine, [5, 6, 7], 3), _seq(engine, [5], 3), _seq(engine, [8, 9], 3)]
+        await _run_all(scheduler, seqs)
+        free = scheduler.free_slots
+        await scheduler.close()
+        assert free == 4  # the refused sequence's slot was given back
+        return seqs
+
+    refused, *served = asyncio.run(main())
+    assert refused.finish_reason == "error" and refused.tokens == []
+    assert [seq.finish_reason for seq in served] == ["length", "length"]
+    assert failures == [None]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_worker_fails_its_work_refuses_more_and_shows_as_stalled(
+    failing: FailingEngine,
+) -> None:
+    async def main() -> tuple[list[Sequence], bool, float]:
+        scheduler = DecodeScheduler(failing, max_batch=4, fuse_sampling=False)
+        scheduler.start()
+        failing.kill_on = {3}
+        seqs = [_seq(failing, [5], 100), _seq(failing, [6, 7], 100)]
+        for seq in seqs:
+            scheduler.submit(seq)
+        assert scheduler._thread is not None
+        await asyncio.to_thread(scheduler._thread.join, 30)
+        alive = scheduler.worker_alive
+        stalled = scheduler.stalled_for()
+        watchdog = asyncio.create_task(scheduler.watch_worker(0.01))
+        for seq in seqs:
+            while not seq.done:
+                await asyncio.wait_for(seq.event.wait(), 30)
+                seq.event.clear()
+        watchdog.cancel()
+        with pytest.raises(EngineDown):
+            scheduler.submit(_seq(failing, [5], 1))
+        await scheduler.close()
+        return seqs, alive, stalled
+
+    seqs, alive, stalled = asyncio.run(main())
+    assert not alive
+    assert stalled > 0  # work waits on a worker that will never step again
+    assert [seq.finish_reason for seq in seqs] == ["error", "error"]

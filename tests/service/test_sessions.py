@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,11 @@ from service.sessions import (
     RedisSessionStore,
     SessionState,
     SessionStore,
+    StoreUnavailable,
     new_session_id,
+    refresh_locks_forever,
 )
+from service.settings import Settings
 
 Evictions = list[tuple[str, int]]
 
@@ -137,6 +141,175 @@ def test_lock_is_exclusive_until_unlocked(
         await store.close()
 
     run(main())
+
+
+def test_a_locked_put_writes_only_while_this_process_holds_the_lock(
+    make_store: Callable[..., tuple[SessionStore, Evictions]],
+) -> None:
+    async def main() -> None:
+        store, _ = make_store()
+        assert await store.put_locked("a", _state()) is False
+        assert await store.get("a") is None
+        assert await store.lock("a") is True
+        assert await store.put_locked("a", _state(seed=1)) is True
+        got = await store.get("a")
+        assert got is not None and np.array_equal(got.h, _state(seed=1).h)
+        assert await store.len() == 1
+        await store.unlock("a")
+        assert await store.put_locked("a", _state(seed=2)) is False
+        got = await store.get("a")
+        assert got is not None and np.array_equal(got.h, _state(seed=1).h)
+        await store.close()
+
+    run(main())
+
+
+def test_refreshing_locks_loses_none_that_are_held_or_released(
+    make_store: Callable[..., tuple[SessionStore, Evictions]],
+) -> None:
+    async def main() -> None:
+        store, _ = make_store()
+        assert await store.refresh_locks([]) == []
+        assert await store.lock("a") is True
+        assert await store.lock("b") is True
+        assert await store.refresh_locks(["a", "b", "never-locked"]) == []
+        await store.unlock("b")  # a generation finishing: it is still running, not lost
+        assert await store.refresh_locks(["a", "b"]) == []
+        assert await store.lock("a") is False  # still held
+        await store.close()
+
+    run(main())
+
+
+def _lapse(redis_url: str, lock_key: str) -> None:
+    """End a lock's lease now, as if its holder had stalled past it."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.delete(lock_key)
+    client.close()
+
+
+def test_a_lock_taken_over_by_another_replica_is_lost_and_fences_the_old_holder(
+    clean_redis: str,
+) -> None:
+    async def main() -> None:
+        old = RedisSessionStore(clean_redis, 60, "simmer-test")
+        new = RedisSessionStore(clean_redis, 60, "simmer-test")
+        assert await old.lock("a") is True
+        assert await new.lock("a") is False
+        _lapse(clean_redis, "simmer-test:lock:a")
+        assert await new.lock("a") is True
+        assert await new.put_locked("a", _state(seed=1)) is True
+        assert await old.refresh_locks(["a"]) == ["a"]  # lost
+        assert await old.put_locked("a", _state(seed=2)) is False
+        got = await new.get("a")
+        assert got is not None and np.array_equal(got.h, _state(seed=1).h)
+        await old.unlock("a")  # the old holder's unlock leaves the new lock alone
+        assert await old.lock("a") is False
+        assert await new.refresh_locks(["a"]) == []
+        await old.close()
+        await new.close()
+
+    run(main())
+
+
+@contextlib.asynccontextmanager
+async def _refreshing(
+    store: SessionStore, held: list[str], stop: Callable[[str], None], ttl_s: float, every_s: float
+) -> AsyncIterator[None]:
+    """`refresh_locks_forever` running for the body of the block."""
+    refresher = asyncio.create_task(
+        refresh_locks_forever(store, lambda: held, stop, ttl_s, every_s)
+    )
+    try:
+        yield
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+
+
+def test_the_refresher_stops_a_generation_whose_lock_was_taken_over(clean_redis: str) -> None:
+    async def main() -> list[str]:
+        old = RedisSessionStore(clean_redis, 60, "simmer-test", lock_ttl_s=2.0)
+        new = RedisSessionStore(clean_redis, 60, "simmer-test", lock_ttl_s=2.0)
+        assert await old.lock("a") is True and await old.lock("b") is True
+        stopped: list[str] = []
+        told = asyncio.Event()
+
+        def stop(session_id: str) -> None:
+            stopped.append(session_id)
+            told.set()
+
+        async with _refreshing(old, ["a", "b"], stop, 2.0, 0.05):
+            _lapse(clean_redis, "simmer-test:lock:a")
+            assert await new.lock("a") is True
+            await asyncio.wait_for(told.wait(), 30)
+            await asyncio.sleep(0.3)  # several more ticks: a lost lock is reported once
+        await old.close()
+        await new.close()
+        return stopped
+
+    assert run(main()) == ["a"]
+
+
+class CutOffRedisStore(RedisSessionStore):
+    """A Redis store whose lock renewals stop reaching Redis once `cut` is set."""
+
+    def __init__(self, url: str, lock_ttl_s: float) -> None:
+        super().__init__(url, 60, "simmer-test", lock_ttl_s=lock_ttl_s)
+        self.cut = False
+        self.renewed = asyncio.Event()  # set at each renewal that reached Redis
+
+    async def refresh_locks(self, session_ids: list[str]) -> list[str]:
+        if self.cut:
+            raise StoreUnavailable("cut off from Redis")
+        held = await super().refresh_locks(session_ids)
+        self.renewed.set()
+        return held
+
+
+def test_the_refresher_stops_a_generation_before_a_lock_it_cannot_renew_lapses(
+    clean_redis: str,
+) -> None:
+    import redis
+
+    probe = redis.Redis.from_url(clean_redis)
+
+    async def main() -> tuple[list[str], list[int]]:
+        store = CutOffRedisStore(clean_redis, lock_ttl_s=3.0)
+        assert await store.lock("a") is True
+        stopped: list[str] = []
+        lease_left_ms: list[int] = []  # what was left of the lock's lease when it was stopped
+        told = asyncio.Event()
+
+        def stop(session_id: str) -> None:
+            stopped.append(session_id)
+            lease_left_ms.append(int(probe.pttl(f"simmer-test:lock:{session_id}")))
+            told.set()
+
+        async with _refreshing(store, ["a"], stop, 3.0, 1.0):
+            await asyncio.wait_for(store.renewed.wait(), 30)
+            assert stopped == []  # renewed in time: it runs on
+            store.cut = True
+            await asyncio.wait_for(told.wait(), 30)
+        await store.close()
+        return stopped, lease_left_ms
+
+    stopped, lease_left_ms = run(main())
+    probe.close()
+    assert stopped == ["a"]
+    assert lease_left_ms[0] > 0  # stopped while its lease still held, not after
+
+
+def test_a_lock_refresh_too_slow_for_its_lease_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="at most a third of session_lock_ttl_s"):
+        Settings(session_lock_ttl_s=1.0, session_lock_refresh_s=0.5)
+    settings = Settings(session_lock_ttl_s=1.5, session_lock_refresh_s=0.5)
+    assert settings.session_lock_refresh_s == 0.5
 
 
 def test_memory_store_evicts_least_recently_used_past_its_cap() -> None:

@@ -1,0 +1,191 @@
+"""Every value the request schema admits works: hypothesis over the real scheduler,
+sampler and generation service, on the real tiny bundle.
+
+The parameters are drawn at the schema's own bounds and through its own validation
+(`SamplingFields`), so a bound that admits a value the engine cannot handle fails here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.engine import Engine
+from service.generation import DoneEvent, GenerationService, TokenEvent
+from service.metrics import Metrics
+from service.protocol import MAX_INT32, MAX_SEED, Limits, SamplingFields
+from service.sampling import MIN_TEMPERATURE, RowParams, SamplingParams, make_rng, sample_rows
+from service.scheduler import DecodeScheduler, Sequence, _StepResult
+from service.sessions import MemorySessionStore
+from simmer.bundle import load_bundle
+
+LIMITS = Limits(max_new_tokens=12, max_logprobs=1000, default_max_tokens=4)
+
+# values at and around every bound, then anything in between
+temperatures = st.one_of(
+    st.sampled_from([0.0, 5e-324, 7.4e-216, 1e-30, MIN_TEMPERATURE / 2, MIN_TEMPERATURE, 100.0]),
+    st.floats(0.0, 100.0, allow_subnormal=True),
+)
+top_ks = st.one_of(st.sampled_from([0, 1, 2, 499, 500, 501, MAX_INT32]), st.integers(0, MAX_INT32))
+top_ps = st.one_of(
+    st.sampled_from([5e-324, 1e-300, 0.5, 1.0 - 1e-16, 1.0]),
+    st.floats(0.0, 1.0, exclude_min=True, allow_subnormal=True),
+)
+seeds = st.one_of(st.none(), st.sampled_from([0, 1, MAX_SEED]), st.integers(0, MAX_SEED))
+logprobs = st.one_of(st.none(), st.sampled_from([0, 1, 500, 1000]), st.integers(0, 1000))
+stops = st.lists(st.text(min_size=1, max_size=64), max_size=4)
+prompts = st.one_of(
+    st.sampled_from(["recipe for", "", " ", "[UNK]", "recipe for soup |"]),
+    st.text(max_size=200),
+)
+
+fields = st.fixed_dictionaries(
+    {
+        "prompt": prompts,
+        "max_tokens": st.one_of(st.none(), st.integers(1, LIMITS.max_new_tokens)),
+        "temperature": temperatures,
+        "top_k": top_ks,
+        "top_p": top_ps,
+        "seed": seeds,
+        "logprobs": logprobs,
+        "stop": stops,
+        "ignore_eos": st.booleans(),
+    }
+)
+
+
+class CheckingScheduler(DecodeScheduler):
+    """The real scheduler, keeping every token id it samples."""
+
+    sampled: list[int]
+
+    def _step(self, batch: list[Sequence]) -> _StepResult:
+        result = super()._step(batch)
+        self.sampled.extend(result.tokens.tolist())
+        return result
+
+
+@dataclass
+class Harness:
+    loop: asyncio.AbstractEventLoop
+    scheduler: CheckingScheduler
+    service: GenerationService
+    vocab: int
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+
+@pytest.fixture(scope="module", params=["fused", "onnx_head", "numpy"])
+def harness(request: pytest.FixtureRequest, tiny_bundle: Path) -> Iterator[Harness]:
+    bundle = load_bundle(tiny_bundle)
+    engine = Engine(bundle, ["CPUExecutionProvider"], intra_op_threads=1)
+    loop = asyncio.new_event_loop()
+    scheduler = CheckingScheduler(engine, max_batch=64, fuse_sampling=request.param == "fused")
+    if request.param == "numpy":
+        scheduler._head = None  # the fallback when onnxruntime's sampling graphs are missing
+    scheduler.sampled = []
+
+    async def start() -> GenerationService:
+        scheduler.start()
+        return GenerationService(
+            scheduler,
+            MemorySessionStore(600, 10_000),
+            bundle.tokenizer,
+            Metrics(),
+            model_version=bundle.version,
+            num_layers=engine.num_layers,
+            hidden_size=engine.hidden_size,
+            max_prompt_tokens=4096,
+            session_ttl_s=600,
+            max_batch=64,
+            max_waiting=64,
+        )
+
+    service = loop.run_until_complete(start())
+    yield Harness(loop, scheduler, service, engine.vocab_size)
+    loop.run_until_complete(scheduler.close())
+    loop.close()
+
+
+async def _generate(service: GenerationService, body: dict[str, Any]) -> DoneEvent:
+    request = SamplingFields.model_validate(body).to_generation(LIMITS)
+    done: DoneEvent | None = None
+    async for event in service.generate(request):
+        if isinstance(event, TokenEvent) and event.logprobs is not None:
+            for step in event.logprobs:
+                assert math.isfinite(step.logprob) and step.logprob <= 1e-9
+                assert 0 < len(step.top) <= min(request.sampling.logprobs, 500)
+                for word in step.top:
+                    assert math.isfinite(word.logprob)
+        if isinstance(event, DoneEvent):
+            done = event
+    assert done is not None
+    return done
+
+
+@given(bodies=st.lists(fields, min_size=1, max_size=4), wide=st.booleans())
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_every_admitted_parameter_mix_samples_inside_the_vocabulary(
+    harness: Harness, bodies: list[dict[str, Any]], wide: bool
+) -> None:
+    # 40 rows at once take the envelope path of the onnxruntime head
+    batch = [bodies[i % len(bodies)] for i in range(40 if wide else len(bodies))]
+    batch = [body if body["prompt"].strip() else {**body, "prompt": "recipe for"} for body in batch]
+    harness.scheduler.sampled = []
+
+    async def all_of_them() -> list[DoneEvent]:
+        return list(await asyncio.gather(*(_generate(harness.service, b) for b in batch)))
+
+    results = harness.run(all_of_them())
+    assert all(done.finish_reason in ("length", "stop", "eos") for done in results)
+    assert harness.scheduler.sampled, "nothing was sampled"
+    assert all(0 <= token < harness.vocab for token in harness.scheduler.sampled)
+    # and an ordinary request is still served
+    ordinary = harness.run(_generate(harness.service, {"prompt": "recipe for soup"}))
+    assert ordinary.finish_reason in ("length", "eos")
+    assert harness.scheduler.worker_alive
+
+
+@given(
+    params=st.lists(
+        st.builds(
+            SamplingParams,
+            temperature=temperatures,
+            top_k=top_ks,
+            top_p=top_ps,
+            seed=seeds,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    scale=st.sampled_from([1.0, 1e-3, 1e3, 1e6]),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_sampler_alone_returns_valid_ids_for_any_parameters_and_logit_scale(
+    params: list[SamplingParams], scale: float
+) -> None:
+    vocab = 500
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((len(params), vocab)) * scale).astype(np.float32)
+    # the scheduler caps top_k at the vocabulary; the sampler must cope without that too
+    rows = RowParams.of(params)
+    tokens = sample_rows(logits.copy(), rows, [make_rng(i) for i in range(len(params))])
+    assert tokens.shape == (len(params),)
+    assert ((tokens >= 0) & (tokens < vocab)).all()
+    for row, p in enumerate(params):
+        if p.greedy:
+            assert tokens[row] == int(np.argmax(logits[row]))
