@@ -302,7 +302,7 @@ def _round(
 def run(
     config: BenchConfig, bundle: Path, out: Path, redis_url: str | None, threads: int | None
 ) -> dict[str, Any]:
-    from service.engine import Engine
+    from service.engine.model import ModelSession
     from service.settings import Settings
     from simmer.bundle import load_bundle
 
@@ -358,7 +358,7 @@ def run(
         "table": [f.as_dict() for f in table],
         "best_over_threads": best,
     }
-    engine = Engine(loaded, ["CPUExecutionProvider"], server_threads)
+    engine = ModelSession(loaded, ["CPUExecutionProvider"], server_threads)
 
     def adjacent(batch: int) -> dict[str, Any]:
         """The raw engine again, right before the server run it is compared with."""

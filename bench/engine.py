@@ -1,6 +1,6 @@
 """The raw engine and the book-style baseline, measured in this process.
 
-Raw engine: `Engine.run` over batches of one decode step each, as the scheduler calls
+Raw engine: `ModelSession.run` over batches of one decode step each, as the scheduler calls
 it, with no sampling, no scheduler and no server. Its CPU time is this process's
 (user + system, every thread), so onnxruntime's own threads are counted.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engine import Engine
+from service.engine.model import ModelSession
 from simmer.bundle import load_bundle
 
 
@@ -42,7 +42,9 @@ class EngineFigure:
         }
 
 
-def measure_engine(engine: Engine, batch: int, seconds: float, rounds: int = 3) -> EngineFigure:
+def measure_engine(
+    engine: ModelSession, batch: int, seconds: float, rounds: int = 3
+) -> EngineFigure:
     """Decode steps at `batch` for about `seconds`: median step, throughput and CPU/token."""
     rng = np.random.default_rng(batch)
     tokens = rng.integers(2, engine.vocab_size, (batch, 1)).astype(np.int64)
@@ -74,7 +76,7 @@ def engine_table(
     figures = []
     loaded = load_bundle(bundle)
     for n in threads:
-        engine = Engine(loaded, ["CPUExecutionProvider"], n)
+        engine = ModelSession(loaded, ["CPUExecutionProvider"], n)
         for batch in batches:
             figures.append(measure_engine(engine, batch, seconds))
         del engine
@@ -85,7 +87,7 @@ def engine_table(
 
 
 def book_generate(
-    engine: Engine,
+    engine: ModelSession,
     prompt_ids: list[int],
     max_new: int,
     temperature: float,
@@ -113,7 +115,7 @@ def book_baseline(
 ) -> dict[str, Any]:
     """Requests one after another, book-style: tokens/s and seconds per request."""
     loaded = load_bundle(bundle)
-    engine = Engine(loaded, ["CPUExecutionProvider"], threads)
+    engine = ModelSession(loaded, ["CPUExecutionProvider"], threads)
     prompt_ids = loaded.tokenizer.encode(prompt)
     rng = np.random.default_rng(0)
     book_generate(engine, prompt_ids, 4, 1.0, rng)  # warm-up

@@ -14,7 +14,7 @@ import hashlib
 import hmac
 from dataclasses import replace
 
-from service.errors import APIError
+from service.errors import InvalidState, StateModelMismatch
 from service.sessions import SessionState
 
 MAGIC = b"SMRS"
@@ -22,8 +22,8 @@ FORMAT = 1
 _MAC = 32
 
 
-def _invalid(reason: str) -> APIError:
-    return APIError(400, "invalid_state", f"session state refused: {reason}", "state")
+def _invalid(reason: str) -> InvalidState:
+    return InvalidState(f"session state refused: {reason}", "state")
 
 
 def _mac(secret: bytes, body: bytes) -> bytes:
@@ -51,9 +51,7 @@ def unseal(blob: str, secret: bytes, model_version: str, layers: int, hidden: in
         raise _invalid(f"unknown format {body[0]}")
     version = body[2 : 2 + body[1]].decode()
     if version != model_version:
-        raise APIError(
-            400,
-            "state_model_mismatch",
+        raise StateModelMismatch(
             f"session state belongs to model {version}, this server runs {model_version}",
             "state",
         )

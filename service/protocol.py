@@ -9,10 +9,17 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
-from service.errors import invalid
-from service.sampling import MIN_TEMPERATURE, SamplingParams
+from service.engine.params import MIN_TEMPERATURE, SamplingParams
+from service.errors import InvalidRequest
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "shutdown", "error"]
 
@@ -124,10 +131,14 @@ class SamplingFields(BaseModel):
     def to_generation(self, limits: Limits) -> GenerationRequest:
         max_tokens = self.max_tokens if self.max_tokens is not None else limits.default_max_tokens
         if max_tokens > limits.max_new_tokens:
-            raise invalid(f"max_tokens must be between 1 and {limits.max_new_tokens}", "max_tokens")
+            raise InvalidRequest(
+                f"max_tokens must be between 1 and {limits.max_new_tokens}", "max_tokens"
+            )
         logprobs = self.logprobs or 0
         if logprobs > limits.max_logprobs:
-            raise invalid(f"logprobs must be between 0 and {limits.max_logprobs}", "logprobs")
+            raise InvalidRequest(
+                f"logprobs must be between 0 and {limits.max_logprobs}", "logprobs"
+            )
         return GenerationRequest(
             prompt=self.prompt,
             session_id=self.session_id,
@@ -274,10 +285,10 @@ class CompletionRequest(BaseModel):
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
-                raise invalid("exactly one prompt per request is supported", "prompt")
+                raise InvalidRequest("exactly one prompt per request is supported", "prompt")
             prompt = prompt[0]
         if self.echo:
-            raise invalid("echo is not supported", "echo")
+            raise InvalidRequest("echo is not supported", "echo")
         fields = SamplingFields(
             prompt=prompt,
             session_id=self.session_id,
@@ -297,6 +308,18 @@ class CompletionRequest(BaseModel):
 STRICT_REQUESTS: tuple[type[BaseModel], ...] = (GenerateRequest, SessionCreate)
 # every request body: the OpenAPI document shows the bounds of each of their fields
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (GenerateRequest, CompletionRequest, SessionCreate)
+
+
+def invalid_field(param: str | None, detail: str) -> InvalidRequest:
+    """A 422 naming the field at fault."""
+    return InvalidRequest(f"{param}: {detail}" if param else detail, param)
+
+
+def invalid_request_of(exc: ValidationError) -> InvalidRequest:
+    """A pydantic validation error as a 422 naming its first field."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    return invalid_field(param, str(first.get("msg")))
 
 
 def openai_finish_reason(reason: str) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-from service.engine import Engine
-from service.generation import GenerationService
+from service.engine.core import EngineCore
+from service.engine.model import ModelSession
+from service.errors import NotReady
+from service.generation.service import GenerationService
 from service.metrics import Metrics
 from service.protocol import Limits
-from service.scheduler import DecodeScheduler
 from service.sessions import SessionStore
 from service.settings import Settings
 from service.supervisor import Supervisor
@@ -22,9 +23,9 @@ class Runtime:
     metrics: Metrics
     limits: Limits
     bundle: ModelBundle | None = None
-    engine: Engine | None = None
+    model: ModelSession | None = None
     store: SessionStore | None = None
-    scheduler: DecodeScheduler | None = None
+    engine: EngineCore | None = None
     generation: GenerationService | None = None
     supervisor: Supervisor | None = None
     state_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
@@ -33,21 +34,17 @@ class Runtime:
 
     def engine_problem(self) -> str | None:
         """Why the engine cannot serve now (dead, or stalled past the deadline), or None."""
-        scheduler = self.scheduler
-        if scheduler is None:
+        engine = self.engine
+        if engine is None:
             return None
-        if not scheduler.worker_alive:
+        if not engine.worker_alive:
             return "the engine worker has died"
-        stalled = scheduler.stalled_for()
+        stalled = engine.stalled_for()
         if stalled > self.settings.engine_stall_s:
             return f"the engine worker has made no step for {stalled:.0f} s with work waiting"
         return None
 
     def service(self) -> GenerationService:
         if self.generation is None or not self.ready:
-            from service.errors import APIError
-
-            raise APIError(
-                503, "not_ready", "the model is still loading", None, {"Retry-After": "1"}
-            )
+            raise NotReady("the model is still loading")
         return self.generation

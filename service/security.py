@@ -30,8 +30,8 @@ from litestar.types import (
     WebSocketSendEvent,
 )
 
-from service.errors import APIError
-from service.events import encode
+from service.errors import RateLimited, Rendered, Unauthorized, render
+from service.routes.frames import encode
 
 PROTECTED_PREFIX = "/v1/"
 _QUERY_KEY = re.compile(r"(api_key=)[^&\s\"']+")
@@ -155,12 +155,8 @@ class AccessMiddleware:
                     scope,
                     receive,
                     send,
-                    APIError(
-                        401,
-                        "unauthorized",
-                        "a valid API key is required: Authorization: Bearer <key>",
-                        None,
-                        {"WWW-Authenticate": "Bearer"},
+                    render(
+                        Unauthorized("a valid API key is required: Authorization: Bearer <key>")
                     ),
                 )
                 return
@@ -174,19 +170,18 @@ class AccessMiddleware:
                     scope,
                     receive,
                     send,
-                    APIError(
-                        429,
-                        "rate_limited",
-                        f"too many requests; retry in {retry} s",
-                        None,
-                        {"Retry-After": str(retry)},
+                    render(
+                        RateLimited(
+                            f"too many requests; retry in {retry} s",
+                            headers={"Retry-After": str(retry)},
+                        )
                     ),
                 )
                 return
         scope["simmer_owner"] = owner  # type: ignore[typeddict-unknown-key]
         await self.app(scope, receive, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, error: Rendered) -> None:
         if self.on_reject is not None:
             self.on_reject(error.code)
         if scope["type"] == ScopeType.WEBSOCKET:
@@ -199,7 +194,7 @@ class AccessMiddleware:
                 "headers": [],
             }
             await send(accept)
-            event = {"type": "error", "code": error.code, "message": error.message}
+            event = error.event()
             said: WebSocketSendEvent = {
                 "type": "websocket.send",
                 "bytes": None,

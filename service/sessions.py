@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.errors import StoreUnavailable
+
 logger = logging.getLogger(__name__)
 
 NO_TOKEN = -1
@@ -136,10 +138,6 @@ redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('zadd', KEYS[3], ARGV[4], ARGV[5])
 return 1
 """
-
-
-class StoreUnavailable(RuntimeError):
-    """The session store cannot be reached right now."""
 
 
 class SessionStore(Protocol):

@@ -5,7 +5,7 @@
         [--split validation|train|all] [--samples 100] [--max-tokens 300] [--seed 0]
         [--split-seed N] [--val-fraction F] [--seq-len N] [--max-recipes N]
 
---bundle runs the bundle's own ONNX graph on onnxruntime, through the service's engine,
+--bundle runs the bundle's own ONNX graph on onnxruntime, opened as the service opens it,
 so what is measured is what the service serves; --checkpoint runs the torch model.
 
 The texts are the training job's: the corpus is read as training reads it (the first
@@ -50,13 +50,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from textwrap import shorten
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from simmer.bundle import ModelBundle, load_bundle, sha256_file
 from simmer.files import atomic_write_json
+from simmer.ort import open_session
 from simmer.tokenizer import PAD_ID, Tokenizer
 from training.__main__ import OneLineParser, fail
 from training.checkpoint import (
@@ -71,9 +72,6 @@ from training.model import RecipeLSTM
 from training.presets import TrainConfig
 from training.sampling import apply_temperature
 from training.train import LOSS_KEYS, SAMPLE_PROMPT, losses, summarise
-
-if TYPE_CHECKING:
-    from service.engine import Engine
 
 Split = Literal["validation", "train", "all"]
 SPLITS: tuple[Split, ...] = ("validation", "train", "all")
@@ -173,11 +171,12 @@ class TorchModel:
 
 
 class GraphModel:
-    """A bundle's ONNX graph in the service's engine, stepped one token at a time as the
-    service steps it (the graph gives logits for the last position only)."""
+    """A bundle's ONNX graph in onnxruntime, opened as the service opens it and stepped
+    one token at a time as the service steps it (logits for the last position only)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, bundle: ModelBundle) -> None:
+        self.bundle = bundle
+        self.session = open_session(bundle.model_path, intra_op_threads=0)
 
     def score(self, windows: np.ndarray) -> torch.Tensor:
         x, y = torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])  # (B, T)
@@ -190,11 +189,13 @@ class GraphModel:
         return totals
 
     def zero_state(self, batch: int) -> State:
-        return self.engine.zero_state(batch)
+        shape = (self.bundle.num_layers, batch, self.bundle.hidden_size)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, State]:
-        out = self.engine.run(np.ascontiguousarray(tokens), h, c)
-        return out.logits, (out.h, out.c)
+        feeds = {"tokens": np.ascontiguousarray(tokens), "h0": h, "c0": c}
+        logits, hn, cn = self.session.run(["logits", "hn", "cn"], feeds)
+        return logits, (hn, cn)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -515,10 +516,7 @@ def summary(report: Report) -> str:
 
 # ---------------------------------------------------------------------------- loading
 def open_bundle(path: str) -> tuple[GraphModel, Tokenizer, ModelRecord, ModelBundle]:
-    from service.engine import Engine
-
     bundle = load_bundle(path)
-    engine = Engine(bundle, ["CPUExecutionProvider"], intra_op_threads=0)
     source = bundle.manifest.get("source") or {}
     epoch = source.get("epoch")
     record = ModelRecord(
@@ -528,7 +526,7 @@ def open_bundle(path: str) -> tuple[GraphModel, Tokenizer, ModelRecord, ModelBun
         bundle.precision,
         epoch if isinstance(epoch, int) else None,
     )
-    return GraphModel(engine), bundle.tokenizer, record, bundle
+    return GraphModel(bundle), bundle.tokenizer, record, bundle
 
 
 def open_checkpoint(path: str) -> tuple[TorchModel, Tokenizer, ModelRecord, dict[str, Any]]:

@@ -16,9 +16,8 @@ from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import APIError
-from service.events import done_json, encode, error_json, logprobs_json, token_json, usage_json
-from service.generation import DoneEvent, Event, SessionEvent, StepLogprobs, TokenEvent
+from service.errors import DomainError, Rendered, render
+from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
 from service.portable import seal, unseal
 from service.protocol import (
     ErrorResponse,
@@ -28,6 +27,7 @@ from service.protocol import (
     SessionInfo,
     SessionStateExport,
 )
+from service.routes.frames import done_json, logprobs_json, sse, token_json, usage_json
 from service.runtime import Runtime
 
 ERROR_DESCRIPTIONS = {
@@ -71,16 +71,17 @@ async def sse_stream(
     counted with `on_error`, and then the end of the stream."""
     try:
         if isinstance(first, SessionEvent):
-            yield b"data: " + encode({"type": "session", "session_id": first.session_id}) + b"\n\n"
+            yield sse({"type": "session", "session_id": first.session_id})
         async for event in events:
             if isinstance(event, TokenEvent):
-                yield b"data: " + encode(token_json(event)) + b"\n\n"
+                yield sse(token_json(event))
             elif isinstance(event, DoneEvent):
                 await events.aclose()  # unlock the session before the client can reuse it
-                yield b"data: " + encode(done_json(event)) + b"\n\n"
-    except APIError as exc:
-        on_error(exc.code)
-        yield b"data: " + encode(error_json(exc.code, exc.message, exc.param)) + b"\n\n"
+                yield sse(done_json(event))
+    except DomainError as exc:
+        error = render(exc)
+        on_error(error.code)
+        yield sse(error.event())
     finally:
         await events.aclose()
 
@@ -140,7 +141,7 @@ async def generate(
 def client_gone() -> Response[Any]:
     """The answer to a request whose client has left: nobody reads it but the access log
     (499, as nginx logs a client that closed its request)."""
-    error = APIError(499, "client_disconnected", "the client closed the request")
+    error = Rendered(499, "client_disconnected", "the client closed the request")
     return Response(error.body(), status_code=error.status)
 
 
@@ -150,7 +151,8 @@ class Collected:
 
     done: DoneEvent
     pieces: list[str] = field(default_factory=list)
-    logprobs: list[StepLogprobs] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # where each token's text begins
 
     @property
     def text(self) -> str:
@@ -179,14 +181,15 @@ async def collect(
 
     watcher = asyncio.create_task(watch())
     pieces: list[str] = []
-    logprobs: list[StepLogprobs] = []
+    logprobs: list[Logprob] = []
+    offsets: list[int] = []
     done: DoneEvent | None = None
     try:
         async for event in events:  # to the end, so the generation's own clean-up runs now
             if isinstance(event, TokenEvent):
                 pieces.append(event.text)
-                if event.logprobs:
-                    logprobs.extend(event.logprobs)
+                offsets.extend(event.offsets)
+                logprobs.extend(event.logprobs or ())
             elif isinstance(event, DoneEvent):
                 done = event
     finally:
@@ -195,7 +198,7 @@ async def collect(
         return None
     if done is None:
         raise RuntimeError("the generation ended without a done event")
-    return Collected(done, pieces, logprobs)
+    return Collected(done, pieces, logprobs, offsets)
 
 
 def _info(runtime: Runtime, session_id: str, state: Any) -> SessionInfo:
@@ -227,9 +230,9 @@ async def create_session(
         imported = unseal(
             data.state,
             runtime.state_secret,
-            generation.model_version,
-            generation.num_layers,
-            generation.hidden_size,
+            generation.model.version,
+            generation.model.num_layers,
+            generation.model.hidden_size,
         )
     session_id, session = await generation.create_session(owner_of(request), imported)
     return _info(runtime, session_id, session)
@@ -246,8 +249,8 @@ async def export_session(
     runtime = runtime_of(state)
     generation = runtime.service()
     session = await generation.load(session_id, owner_of(request))
-    blob = seal(session, runtime.state_secret, generation.model_version)
-    return SessionStateExport(session_id=session_id, model=generation.model_version, state=blob)
+    blob = seal(session, runtime.state_secret, generation.model.version)
+    return SessionStateExport(session_id=session_id, model=generation.model.version, state=blob)
 
 
 @get("/v1/sessions/{session_id:str}", summary="Session metadata", responses=errors(404, 409, 503))
@@ -301,16 +304,16 @@ async def readyz(state: State) -> Response[dict[str, Any]]:
     }
     if tasks:
         body["failing_tasks"] = tasks
-    if runtime.scheduler is not None and generation is not None:
+    if runtime.engine is not None and generation is not None:
         body["load"] = {
             "generations": generation.active,
-            "running": runtime.scheduler.num_running,
-            "waiting": runtime.scheduler.num_waiting,
-            "free_slots": runtime.scheduler.free_slots,
+            "running": runtime.engine.num_running,
+            "waiting": runtime.engine.num_waiting,
+            "free_slots": runtime.engine.free_slots,
             "websockets": len(runtime.websockets),
         }
-    if runtime.engine is not None and runtime.bundle is not None:
-        body["provider"] = runtime.engine.provider
+    if runtime.model is not None and runtime.bundle is not None:
+        body["provider"] = runtime.model.provider
         body["model"] = {"name": runtime.bundle.name, "version": runtime.bundle.version}
     return Response(body, status_code=200 if ready else 503)
 
@@ -319,9 +322,9 @@ async def readyz(state: State) -> Response[dict[str, Any]]:
 async def metrics(state: State) -> Response[bytes]:
     runtime = runtime_of(state)
     m = runtime.metrics
-    if runtime.scheduler is not None:
-        m.requests_running.set(runtime.scheduler.num_running)
-        m.requests_waiting.set(runtime.scheduler.num_waiting)
+    if runtime.engine is not None:
+        m.requests_running.set(runtime.engine.num_running)
+        m.requests_waiting.set(runtime.engine.num_waiting)
     if runtime.store is not None:
         with contextlib.suppress(Exception):  # the store being down must not break scraping
             m.sessions_active.set(await runtime.store.len())

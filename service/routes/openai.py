@@ -15,10 +15,10 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from service.errors import APIError
-from service.events import encode, error_json, usage_json
-from service.generation import DoneEvent, Event, SessionEvent, StepLogprobs, TokenEvent
+from service.errors import DomainError, ModelNotFound, render
+from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
 from service.protocol import CompletionRequest, now, openai_finish_reason
+from service.routes.frames import SSE_DONE, sse, usage_json
 from service.routes.http import (
     V1_ERRORS,
     client_gone,
@@ -30,17 +30,14 @@ from service.routes.http import (
 )
 
 
-def _logprobs(steps: list[StepLogprobs], offset: int) -> dict[str, Any]:
-    text_offset = []
-    position = offset
-    for step in steps:
-        text_offset.append(position)
-        position += len(step.token) + 1
+def _logprobs(steps: list[Logprob], offsets: list[int] | tuple[int, ...]) -> dict[str, Any]:
+    """OpenAI's logprobs object; `offsets` are where each token's text begins in the
+    completion's text, as the text stream placed it (punctuation takes no space)."""
     return {
         "tokens": [s.token for s in steps],
         "token_logprobs": [s.logprob for s in steps],
         "top_logprobs": [{w.token: w.logprob for w in s.top} for s in steps],
-        "text_offset": text_offset,
+        "text_offset": list(offsets[: len(steps)]),
     }
 
 
@@ -76,17 +73,11 @@ async def _openai_stream(
 ) -> AsyncGenerator[bytes, None]:
     assert isinstance(first, SessionEvent)
     session_id = first.session_id
-    offset = 0
     try:
         async for event in events:
             if isinstance(event, TokenEvent):
-                lp = _logprobs(event.logprobs or [], offset) if want_logprobs else None
-                offset += len(event.text)
-                yield (
-                    b"data: "
-                    + encode(_chunk(completion_id, model, event.text, None, session_id, lp))
-                    + b"\n\n"
-                )
+                lp = _logprobs(event.logprobs or [], event.offsets) if want_logprobs else None
+                yield sse(_chunk(completion_id, model, event.text, None, session_id, lp))
             elif isinstance(event, DoneEvent):
                 final = _chunk(
                     completion_id,
@@ -96,13 +87,14 @@ async def _openai_stream(
                     session_id,
                     usage=usage_json(event),
                 )
-                yield b"data: " + encode(final) + b"\n\n"
-    except APIError as exc:
-        on_error(exc.code)
-        yield b"data: " + encode({"error": error_json(exc.code, exc.message, exc.param)}) + b"\n\n"
+                yield sse(final)
+    except DomainError as exc:
+        error = render(exc)
+        on_error(error.code)
+        yield sse({"error": error.event()})
     finally:
         await events.aclose()
-    yield b"data: [DONE]\n\n"
+    yield SSE_DONE
 
 
 @post(
@@ -118,7 +110,7 @@ async def completions(
     runtime = runtime_of(state)
     model = runtime.bundle.name if runtime.bundle is not None else "simmer"
     if data.model not in (None, "", model):
-        raise APIError(404, "model_not_found", f"model {data.model!r} is not served here", "model")
+        raise ModelNotFound(f"model {data.model!r} is not served here", "model")
     params = data.to_generation(runtime.limits)
     events = runtime.service().generate(params, owner_of(request))
     first = await anext(events)
@@ -140,7 +132,7 @@ async def completions(
         result.text,
         openai_finish_reason(result.done.finish_reason),
         first.session_id,
-        _logprobs(result.logprobs, 0) if want_logprobs else None,
+        _logprobs(result.logprobs, result.offsets) if want_logprobs else None,
         usage_json(result.done),
     )
     return Response(body)

@@ -19,10 +19,10 @@ from litestar import WebSocket, websocket
 from litestar.datastructures import State
 from pydantic import ValidationError
 
-from service.errors import APIError
-from service.events import done_json, encode, error_json, token_json
-from service.generation import DoneEvent, SessionEvent, TokenEvent
-from service.protocol import WSGenerate
+from service.errors import DomainError, InvalidRequest, Rendered, SessionBusy, render
+from service.generation.events import DoneEvent, SessionEvent, TokenEvent
+from service.protocol import WSGenerate, invalid_request_of
+from service.routes.frames import done_json, encode, token_json
 from service.routes.http import runtime_of
 from service.runtime import Runtime
 
@@ -42,10 +42,10 @@ class _Connection:
     async def send(self, obj: dict[str, Any]) -> None:
         await self.socket.send_data(encode(obj).decode(), mode="text")
 
-    async def error(self, code: str, message: str, param: str | None = None) -> None:
-        self.runtime.metrics.request_failure.labels(code=code).inc()
+    async def error(self, error: Rendered) -> None:
+        self.runtime.metrics.failure(error.code)
         with contextlib.suppress(Exception):
-            await self.send(error_json(code, message, param))
+            await self.send(error.event())
 
     async def run_generation(self, message: WSGenerate) -> None:
         runtime = self.runtime
@@ -53,9 +53,7 @@ class _Connection:
         try:
             if self.session_id is not None:
                 if message.session_id not in (None, self.session_id):
-                    raise APIError(
-                        422,
-                        "invalid_request",
+                    raise InvalidRequest(
                         "this connection holds a session already; open another connection",
                         "session_id",
                     )
@@ -78,14 +76,14 @@ class _Connection:
                         return
             finally:
                 await events.aclose()
-        except APIError as exc:
+        except DomainError as exc:
             self._failed(created)
-            await self.error(exc.code, exc.message, exc.param)
+            await self.error(render(exc))
         except Exception:
             # anything else is a bug: the client hears of it, the connection stays usable
             logger.exception("WebSocket generation failed")
             self._failed(created)
-            await self.error("internal_error", "internal server error")
+            await self.error(Rendered(500, "internal_error", "internal server error"))
         finally:
             self.generating = False
 
@@ -102,31 +100,26 @@ class _Connection:
         if self.session_id is not None and generation is not None:
             generation.cancel(self.session_id)
 
-    def handle_text(self, text: str) -> tuple[str, Any]:
-        """Parse one message: ("generate", WSGenerate), ("cancel", None) or ("error", args)."""
-        if len(text.encode()) > self.runtime.settings.max_ws_message_bytes:
-            return "error", (
-                "message_too_large",
-                f"messages are limited to {self.runtime.settings.max_ws_message_bytes} bytes",
-                None,
-            )
+    def handle_text(self, text: str) -> WSGenerate | Rendered | None:
+        """Parse one message: a generate message, None for a cancel, or the error to send."""
+        limit = self.runtime.settings.max_ws_message_bytes
+        if len(text.encode()) > limit:
+            return Rendered(413, "message_too_large", f"messages are limited to {limit} bytes")
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            return "error", ("invalid_json", f"message is not valid JSON: {exc.msg}", None)
+            return Rendered(400, "invalid_json", f"message is not valid JSON: {exc.msg}")
         if not isinstance(raw, dict):
-            return "error", ("invalid_request", "message must be a JSON object", None)
+            return render(InvalidRequest("message must be a JSON object"))
         kind = raw.get("type")
         if kind == "cancel":
-            return "cancel", None
+            return None
         if kind != "generate":
-            return "error", ("invalid_request", 'type must be "generate" or "cancel"', "type")
+            return render(InvalidRequest('type must be "generate" or "cancel"', "type"))
         try:
-            return "generate", WSGenerate.model_validate(raw)
+            return WSGenerate.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            return "error", ("invalid_request", f"{param}: {first.get('msg')}", param)
+            return render(invalid_request_of(exc))
 
 
 @websocket("/v1/stream")
@@ -143,21 +136,19 @@ async def stream(socket: WebSocket[Any, Any, Any], state: State) -> None:
                 break
             text = message.get("text")
             if not isinstance(text, str):
-                await conn.error(
-                    "invalid_message", "binary frames are not accepted; send JSON text"
-                )
+                binary = "binary frames are not accepted; send JSON text"
+                await conn.error(Rendered(400, "invalid_message", binary))
                 continue
-            kind, payload = conn.handle_text(text)
-            if kind == "error":
-                await conn.error(*payload)
-            elif kind == "cancel":
+            payload = conn.handle_text(text)
+            if isinstance(payload, Rendered):
+                await conn.error(payload)
+            elif payload is None:  # a cancel
                 if conn.generating:
                     conn.cancel_requested = True
                     conn.cancel()
             elif conn.generating:
-                await conn.error(
-                    "session_busy", "a generation is already running on this connection"
-                )
+                busy = "a generation is already running on this connection"
+                await conn.error(render(SessionBusy(busy)))
             else:
                 if conn.task is not None:
                     await conn.task  # its done event is out; it is only closing up

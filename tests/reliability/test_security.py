@@ -238,7 +238,7 @@ def test_tampered_or_foreign_state_is_refused_with_a_reason(
 def test_state_for_another_model_is_refused() -> None:
     import numpy as np
 
-    from service.errors import APIError
+    from service.errors import InvalidState, render
     from service.portable import seal, unseal
     from service.sessions import SessionState
 
@@ -246,8 +246,9 @@ def test_state_for_another_model_is_refused() -> None:
     state.h = np.ones((1, 8), np.float32)
     blob = seal(state, b"secret", "model-a")
     assert np.array_equal(unseal(blob, b"secret", "model-a", 1, 8).h, state.h)
-    with pytest.raises(APIError) as refused:
+    with pytest.raises(InvalidState) as refused:
         unseal(blob, b"secret", "model-b", 1, 8)
-    assert refused.value.status == 400 and refused.value.code == "state_model_mismatch"
-    with pytest.raises(APIError, match="does not fit"):
+    answer = render(refused.value)
+    assert answer.status == 400 and answer.code == "state_model_mismatch"
+    with pytest.raises(InvalidState, match="does not fit"):
         unseal(blob, b"secret", "model-a", 1, 16)

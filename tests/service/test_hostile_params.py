@@ -19,12 +19,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.engine import Engine
-from service.generation import DoneEvent, GenerationService, TokenEvent
+from service.engine.core import EngineCore, build_engine
+from service.engine.model import ModelSession
+from service.engine.params import MIN_TEMPERATURE, SamplingParams, make_rng
+from service.engine.runner import StepOutput
+from service.engine.sampler import RowParams, sample_rows
+from service.engine.scheduler import StepPlan
+from service.generation.events import DoneEvent, TokenEvent
+from service.generation.service import GenerationService, ModelShape
 from service.metrics import Metrics
 from service.protocol import MAX_INT32, MAX_SEED, Limits, SamplingFields
-from service.sampling import MIN_TEMPERATURE, RowParams, SamplingParams, make_rng, sample_rows
-from service.scheduler import DecodeScheduler, Sequence, _StepResult
 from service.sessions import MemorySessionStore
 from simmer.bundle import load_bundle
 
@@ -63,21 +67,21 @@ fields = st.fixed_dictionaries(
 )
 
 
-class CheckingScheduler(DecodeScheduler):
-    """The real scheduler, keeping every token id it samples."""
+class CheckingCore(EngineCore):
+    """The real engine core, keeping every token id it samples."""
 
     sampled: list[int]
 
-    def _step(self, batch: list[Sequence]) -> _StepResult:
-        result = super()._step(batch)
-        self.sampled.extend(result.tokens.tolist())
-        return result
+    def _step(self, plan: StepPlan) -> StepOutput:
+        out = super()._step(plan)
+        self.sampled.extend(out.tokens.tolist())
+        return out
 
 
 @dataclass
 class Harness:
     loop: asyncio.AbstractEventLoop
-    scheduler: CheckingScheduler
+    scheduler: CheckingCore
     service: GenerationService
     vocab: int
 
@@ -88,11 +92,16 @@ class Harness:
 @pytest.fixture(scope="module", params=["fused", "onnx_head", "numpy"])
 def harness(request: pytest.FixtureRequest, tiny_bundle: Path) -> Iterator[Harness]:
     bundle = load_bundle(tiny_bundle)
-    engine = Engine(bundle, ["CPUExecutionProvider"], intra_op_threads=1)
+    engine = ModelSession(bundle, ["CPUExecutionProvider"], intra_op_threads=1)
     loop = asyncio.new_event_loop()
-    scheduler = CheckingScheduler(engine, max_batch=64, fuse_sampling=request.param == "fused")
-    if request.param == "numpy":
-        scheduler._head = None  # the fallback when onnxruntime's sampling graphs are missing
+    # "numpy": the fallback for a bundle without sampling graphs
+    built = build_engine(
+        engine,
+        64,
+        fuse_sampling=request.param == "fused",
+        sampling_graphs=request.param != "numpy",
+    )
+    scheduler = CheckingCore(built.runner, 64, built.output)
     scheduler.sampled = []
 
     async def start() -> GenerationService:
@@ -102,12 +111,9 @@ def harness(request: pytest.FixtureRequest, tiny_bundle: Path) -> Iterator[Harne
             MemorySessionStore(600, 10_000),
             bundle.tokenizer,
             Metrics(),
-            model_version=bundle.version,
-            num_layers=engine.num_layers,
-            hidden_size=engine.hidden_size,
+            model=ModelShape(bundle.version, engine.num_layers, engine.hidden_size),
             max_prompt_tokens=4096,
             session_ttl_s=600,
-            max_batch=64,
             max_waiting=64,
         )
 

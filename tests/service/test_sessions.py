@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.errors import StoreUnavailable
 from service.sessions import (
     MemorySessionStore,
     RedisSessionStore,
     SessionState,
     SessionStore,
-    StoreUnavailable,
     new_session_id,
     refresh_locks_forever,
 )
@@ -328,7 +328,7 @@ def test_memory_store_evicts_least_recently_used_past_its_cap() -> None:
 
 
 def test_redis_store_reports_an_outage_as_unavailable() -> None:
-    from service.sessions import StoreUnavailable
+    from service.errors import StoreUnavailable
 
     async def main() -> None:
         store = RedisSessionStore("redis://127.0.0.1:1/0", 60)

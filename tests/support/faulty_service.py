@@ -17,11 +17,13 @@ import sys
 import threading
 from pathlib import Path
 
-import service.app
 from service.__main__ import main
-from service.scheduler import DecodeScheduler, Sequence, _StepResult
+from service.engine.core import EngineCore
+from service.engine.runner import StepOutput
+from service.engine.scheduler import StepPlan
 
 FAULTS = Path(os.environ["SIMMER_TEST_FAULTS"])
+_step = EngineCore._step
 
 
 class WorkerKilled(BaseException):
@@ -36,17 +38,17 @@ def _take(name: str) -> bool:
     return True
 
 
-class FaultyScheduler(DecodeScheduler):
-    def _step(self, batch: list[Sequence]) -> _StepResult:
-        if _take("raise"):
-            raise RuntimeError("injected engine fault")
-        if _take("kill"):
-            raise WorkerKilled("injected: the engine worker is killed")
-        if _take("hang"):
-            threading.Event().wait()
-        return super()._step(batch)
+def faulty_step(core: EngineCore, plan: StepPlan) -> StepOutput:
+    """The engine core's step, after acting on a fault file if there is one."""
+    if _take("raise"):
+        raise RuntimeError("injected engine fault")
+    if _take("kill"):
+        raise WorkerKilled("injected: the engine worker is killed")
+    if _take("hang"):
+        threading.Event().wait()
+    return _step(core, plan)
 
 
 if __name__ == "__main__":
-    service.app.DecodeScheduler = FaultyScheduler  # type: ignore[attr-defined]  # the app builds its scheduler from this name
+    EngineCore._step = faulty_step  # type: ignore[method-assign,assignment]  # the fault hook
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""The scheduler steps every waiting session in one engine call."""
+"""The engine core steps every waiting session in one model call, and survives faults."""
 
 from __future__ import annotations
 
@@ -9,40 +9,43 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine import Engine, StepOutput, WeightedStep
-from service.sampling import SamplingParams
-from service.scheduler import PIPELINE_DEPTH, DecodeScheduler, EngineDown, Sequence, _StepResult
+from service.engine.core import PIPELINE_DEPTH, EngineCore, EngineDown, build_engine
+from service.engine.model import ModelOutput, ModelSession, SoftmaxOutput
+from service.engine.output import Hooks
+from service.engine.params import SamplingParams
+from service.engine.request import Request
+from service.engine.runner import ModelRunner
 from simmer.bundle import load_bundle
 
 
-class CountingEngine(Engine):
-    """The real engine, recording the shape of every call."""
+class CountingModel(ModelSession):
+    """The real model session, recording the shape of every call."""
 
     calls: list[tuple[int, int]]
 
-    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> StepOutput:
+    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> ModelOutput:
         if hasattr(self, "calls"):
             self.calls.append(tokens.shape)
         return super().run(tokens, h, c)
 
-    def run_weighted(
+    def run_softmax(
         self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
-    ) -> WeightedStep:
+    ) -> SoftmaxOutput:
         if hasattr(self, "calls"):
             self.calls.append(tokens.shape)
-        return super().run_weighted(tokens, h, c, inv_t)
+        return super().run_softmax(tokens, h, c, inv_t)
 
 
 @pytest.fixture
-def engine(tiny_bundle: Path) -> CountingEngine:
-    eng = CountingEngine(load_bundle(tiny_bundle), ["CPUExecutionProvider"])
+def engine(tiny_bundle: Path) -> CountingModel:
+    eng = CountingModel(load_bundle(tiny_bundle), ["CPUExecutionProvider"])
     eng.calls = []
     return eng
 
 
-def _seq(engine: Engine, feed: list[int], max_new: int) -> Sequence:
+def _seq(engine: ModelSession, feed: list[int], max_new: int) -> Request:
     h, c = engine.zero_state(1)
-    return Sequence(
+    return Request(
         feed=feed,
         h=h[:, 0],
         c=c[:, 0],
@@ -51,7 +54,7 @@ def _seq(engine: Engine, feed: list[int], max_new: int) -> Sequence:
     )
 
 
-async def _run_all(scheduler: DecodeScheduler, seqs: list[Sequence]) -> None:
+async def _run_all(scheduler: EngineCore, seqs: list[Request]) -> None:
     for seq in seqs:
         scheduler.submit(seq)
     for seq in seqs:
@@ -60,9 +63,9 @@ async def _run_all(scheduler: DecodeScheduler, seqs: list[Sequence]) -> None:
             seq.event.clear()
 
 
-def test_many_sessions_share_each_decode_step(engine: CountingEngine) -> None:
+def test_many_sessions_share_each_decode_step(engine: CountingModel) -> None:
     async def main() -> None:
-        scheduler = DecodeScheduler(engine, max_batch=64)
+        scheduler = build_engine(engine, 64)
         scheduler.start()
         seqs = [_seq(engine, [2 + i % 7], max_new=10) for i in range(40)]
         await _run_all(scheduler, seqs)
@@ -77,11 +80,11 @@ def test_many_sessions_share_each_decode_step(engine: CountingEngine) -> None:
     assert len(engine.calls) <= 12
 
 
-def test_prompt_is_prefilled_in_one_call(engine: CountingEngine) -> None:
+def test_prompt_is_prefilled_in_one_call(engine: CountingModel) -> None:
     prompt = list(range(2, 32))
 
     async def main() -> None:
-        scheduler = DecodeScheduler(engine, max_batch=8)
+        scheduler = build_engine(engine, 8)
         scheduler.start()
         await _run_all(scheduler, [_seq(engine, prompt, max_new=3)])
         await scheduler.close()
@@ -91,11 +94,11 @@ def test_prompt_is_prefilled_in_one_call(engine: CountingEngine) -> None:
     assert all(shape == (1, 1) for shape in engine.calls[1:])
 
 
-def test_batched_results_equal_sessions_run_alone(engine: CountingEngine) -> None:
+def test_batched_results_equal_sessions_run_alone(engine: CountingModel) -> None:
     feeds = [[3, 4, 5], [6], [7, 8], [9, 10, 11, 12]]
 
     async def generate(together: bool) -> list[list[int]]:
-        scheduler = DecodeScheduler(engine, max_batch=8)
+        scheduler = build_engine(engine, 8)
         scheduler.start()
         seqs = [_seq(engine, f, max_new=8) for f in feeds]
         if together:
@@ -109,9 +112,9 @@ def test_batched_results_equal_sessions_run_alone(engine: CountingEngine) -> Non
     assert asyncio.run(generate(True)) == asyncio.run(generate(False))
 
 
-def test_sessions_join_and_leave_between_steps(engine: CountingEngine) -> None:
-    async def main() -> tuple[Sequence, Sequence]:
-        scheduler = DecodeScheduler(engine, max_batch=8)
+def test_sessions_join_and_leave_between_steps(engine: CountingModel) -> None:
+    async def main() -> tuple[Request, Request]:
+        scheduler = build_engine(engine, 8)
         scheduler.start()
         long = scheduler.submit(_seq(engine, [5], max_new=30))
         await long.event.wait()
@@ -129,13 +132,13 @@ def test_sessions_join_and_leave_between_steps(engine: CountingEngine) -> None:
     assert sizes[-1] == 1  # then left
 
 
-def test_cancel_stops_within_one_step(engine: CountingEngine) -> None:
-    async def main() -> Sequence:
-        scheduler = DecodeScheduler(engine, max_batch=8)
+def test_cancel_stops_within_one_step(engine: CountingModel) -> None:
+    async def main() -> Request:
+        scheduler = build_engine(engine, 8)
         scheduler.start()
         seq = scheduler.submit(_seq(engine, [5], max_new=1000))
         await seq.event.wait()
-        seq.cancel()
+        scheduler.cancel(seq)
         produced = len(seq.tokens)
         while not seq.done:
             seq.event.clear()
@@ -150,12 +153,12 @@ def test_cancel_stops_within_one_step(engine: CountingEngine) -> None:
 
 
 def test_a_stop_decided_by_the_loop_keeps_the_state_of_the_kept_tokens(
-    engine: CountingEngine,
+    engine: CountingModel,
 ) -> None:
     prompt = [3, 4, 5]
 
-    async def main() -> Sequence:
-        scheduler = DecodeScheduler(engine, max_batch=32)
+    async def main() -> Request:
+        scheduler = build_engine(engine, 32)
         scheduler.start()
         # busy batch-mates, so the worker is stepping ahead of the loop when it stops
         others = [scheduler.submit(_seq(engine, [6 + i], max_new=200)) for i in range(20)]
@@ -163,7 +166,7 @@ def test_a_stop_decided_by_the_loop_keeps_the_state_of_the_kept_tokens(
         seq.check = lambda token: "stop" if len(seq.tokens) == 5 else None
         await _run_all(scheduler, [seq])
         for other in others:
-            other.cancel()
+            scheduler.cancel(other)
         await _run_all(scheduler, others)
         await scheduler.close()
         return seq
@@ -179,15 +182,16 @@ def test_a_stop_decided_by_the_loop_keeps_the_state_of_the_kept_tokens(
     assert np.allclose(seq.c, fed.c[:, 0], atol=1e-5)
 
 
-def test_consumers_wake_every_stride_tokens_and_keep_every_token(engine: CountingEngine) -> None:
+def test_consumers_wake_every_stride_tokens_and_keep_every_token(engine: CountingModel) -> None:
     async def main() -> list[list[int]]:
-        scheduler = DecodeScheduler(engine, max_batch=8)
-        scheduler._coalesce = lambda batch, worker_cpu: 4  # type: ignore[method-assign]  # a busy loop
+        scheduler = build_engine(engine, 8)
+        output = scheduler.output
+        output.stride_for = lambda batch, worker_cpu: 4  # type: ignore[method-assign]  # a busy loop
         seqs = [_seq(engine, [5], max_new=10) for _ in range(3)]
         h = np.zeros((engine.num_layers, 3, engine.hidden_size), np.float32)
         wakes: list[list[int]] = [[] for _ in seqs]
         for _ in range(10):
-            scheduler._apply(_StepResult(seqs, np.full(3, 7), h, h, {}, 0.0))
+            output.apply(seqs, [7] * 3, h, h, {}, 0.0)
             for seq, woken in zip(seqs, wakes, strict=True):
                 if seq.event.is_set():
                     woken.append(len(seq.tokens))
@@ -199,38 +203,38 @@ def test_consumers_wake_every_stride_tokens_and_keep_every_token(engine: Countin
     assert asyncio.run(main()) == [[1, 5, 9, 10]] * 3
 
 
-def test_coalescing_starts_only_for_large_batches_on_a_busy_loop(engine: CountingEngine) -> None:
-    scheduler = DecodeScheduler(engine, max_batch=64, max_stride=4)
+def test_coalescing_starts_only_for_large_batches_on_a_busy_loop(engine: CountingModel) -> None:
+    scheduler = build_engine(engine, 64, max_stride=4)
 
     def step(batch: int, loop_cpu: float, worker_cpu: float) -> int:
-        scheduler._loop_cpu_at = time.thread_time() - loop_cpu
-        return scheduler._coalesce(batch, worker_cpu)
+        scheduler.output._loop_cpu_at = time.thread_time() - loop_cpu
+        return scheduler.output.stride_for(batch, worker_cpu)
 
     assert max(step(1, 0.01, 0.001) for _ in range(100)) == 1  # one stream: every token at once
     assert [step(64, 0.01, 0.001) for _ in range(100)][-1] == 4  # busy loop: up to max_stride
     assert [step(64, 0.0, 0.01) for _ in range(100)][-1] == 1  # idle loop: back to every token
 
 
-def _block_the_loop(scheduler: DecodeScheduler, steps: int) -> int:
+def _block_the_loop(scheduler: EngineCore, steps: int) -> int:
     """Hold the event loop (so nothing is applied) until the worker has run `steps`."""
-    start = scheduler.engine_calls
+    start = scheduler.runner.calls
     deadline = time.monotonic() + 30
-    while scheduler.engine_calls < start + steps and time.monotonic() < deadline:
+    while scheduler.runner.calls < start + steps and time.monotonic() < deadline:
         time.sleep(0.001)
     time.sleep(0.2)  # time to run further, had it no bound
-    return scheduler.engine_calls - start
+    return scheduler.runner.calls - start
 
 
 def test_the_worker_runs_ahead_of_a_blocked_loop_by_at_most_the_pipeline_depth(
-    engine: CountingEngine,
+    engine: CountingModel,
 ) -> None:
     async def main() -> int:
-        scheduler = DecodeScheduler(engine, max_batch=8)
+        scheduler = build_engine(engine, 8)
         scheduler.start()
         seq = scheduler.submit(_seq(engine, [5], max_new=1000))
         await seq.event.wait()
         ran = _block_the_loop(scheduler, 3)
-        seq.cancel()
+        scheduler.cancel(seq)
         await _run_all(scheduler, [])
         while not seq.done:
             seq.event.clear()
@@ -243,13 +247,13 @@ def test_the_worker_runs_ahead_of_a_blocked_loop_by_at_most_the_pipeline_depth(
     assert ran <= PIPELINE_DEPTH + 2
 
 
-def test_sampling_fused_into_the_engine_call_draws_the_same_tokens(engine: CountingEngine) -> None:
+def test_sampling_fused_into_the_engine_call_draws_the_same_tokens(engine: CountingModel) -> None:
     def generate(fuse: bool) -> list[int]:
         async def main() -> list[int]:
-            scheduler = DecodeScheduler(engine, max_batch=8, fuse_sampling=fuse)
+            scheduler = build_engine(engine, 8, fuse_sampling=fuse)
             scheduler.start()
             h, c = engine.zero_state(1)
-            seq = Sequence(
+            seq = Request(
                 feed=[3, 4], h=h[:, 0], c=c[:, 0], params=SamplingParams(seed=7), max_new_tokens=30
             )
             await _run_all(scheduler, [seq])
@@ -264,13 +268,13 @@ def test_sampling_fused_into_the_engine_call_draws_the_same_tokens(engine: Count
     assert fused == generate(False)
 
 
-class FailingEngine(CountingEngine):
+class FailingModel(CountingModel):
     """The real engine, raising on the calls whose numbers are in `fail_on`."""
 
     fail_on: set[int]
     kill_on: set[int]
 
-    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> StepOutput:
+    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> ModelOutput:
         number = len(getattr(self, "calls", ()))
         if number in getattr(self, "kill_on", ()):
             raise SystemExit("the worker thread is killed")  # not an Exception: it escapes
@@ -281,19 +285,18 @@ class FailingEngine(CountingEngine):
 
 
 @pytest.fixture
-def failing(tiny_bundle: Path) -> FailingEngine:
-    eng = FailingEngine(load_bundle(tiny_bundle), ["CPUExecutionProvider"])
+def failing(tiny_bundle: Path) -> FailingModel:
+    eng = FailingModel(load_bundle(tiny_bundle), ["CPUExecutionProvider"])
     eng.calls, eng.fail_on, eng.kill_on = [], set(), set()
     return eng
 
 
-def test_an_engine_fault_fails_only_the_sequences_of_that_step(failing: FailingEngine) -> None:
+def test_an_engine_fault_fails_only_the_sequences_of_that_step(failing: FailingModel) -> None:
     failures: list[None] = []
 
-    async def main() -> tuple[list[Sequence], list[Sequence]]:
-        scheduler = DecodeScheduler(
-            failing, max_batch=8, fuse_sampling=False, on_failure=lambda: failures.append(None)
-        )
+    async def main() -> tuple[list[Request], list[Request]]:
+        hooks = Hooks(on_failure=lambda: failures.append(None))
+        scheduler = build_engine(failing, 8, hooks, fuse_sampling=False)
         scheduler.start()
         failing.fail_on = {3}  # the prefill (calls 0 and 1, one per feed length) and one step
         first = [_seq(failing, [5, 6], 50), _seq(failing, [7], 50)]
@@ -312,20 +315,21 @@ def test_an_engine_fault_fails_only_the_sequences_of_that_step(failing: FailingE
 
 
 def test_a_sequence_that_cannot_be_admitted_fails_alone(
-    engine: CountingEngine, monkeypatch: pytest.MonkeyPatch
+    engine: CountingModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    load_slot = DecodeScheduler._load_slot
+    load_slot = ModelRunner.load
     failures: list[None] = []
 
-    def refuse_long_feeds(self: DecodeScheduler, slot: int, seq: Sequence) -> None:
+    def refuse_long_feeds(self: ModelRunner, slot: int, seq: Request) -> None:
         if len(seq.feed) > 2:
             raise OverflowError("cannot fit")
         load_slot(self, slot, seq)
 
-    monkeypatch.setattr(DecodeScheduler, "_load_slot", refuse_long_feeds)
+    monkeypatch.setattr(ModelRunner, "load", refuse_long_feeds)
 
-    async def main() -> list[Sequence]:
-        scheduler = DecodeScheduler(engine, max_batch=4, on_failure=lambda: failures.append(None))
+    async def main() -> list[Request]:
+        hooks = Hooks(on_failure=lambda: failures.append(None))
+        scheduler = build_engine(engine, 4, hooks)
         scheduler.start()
         seqs = [_seq(engine, [5, 6, 7], 3), _seq(engine, [5], 3), _seq(engine, [8, 9], 3)]
         await _run_all(scheduler, seqs)
@@ -342,10 +346,10 @@ def test_a_sequence_that_cannot_be_admitted_fails_alone(
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_worker_fails_its_work_refuses_more_and_shows_as_stalled(
-    failing: FailingEngine,
+    failing: FailingModel,
 ) -> None:
-    async def main() -> tuple[list[Sequence], bool, float]:
-        scheduler = DecodeScheduler(failing, max_batch=4, fuse_sampling=False)
+    async def main() -> tuple[list[Request], bool, float]:
+        scheduler = build_engine(failing, 4, fuse_sampling=False)
         scheduler.start()
         failing.kill_on = {3}
         seqs = [_seq(failing, [5], 100), _seq(failing, [6, 7], 100)]

@@ -1,12 +1,14 @@
-"""Events as JSON-ready dicts: the same token and done events for SSE and WebSocket."""
+"""Events as the wire carries them: JSON-ready dicts, the same for SSE and WebSocket,
+and the one place that frames a server-sent event."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
 
-from service.generation import DoneEvent, StepLogprobs, TokenEvent
+from service.generation.events import DoneEvent, Logprob, TokenEvent
 
 _encode = msgspec.json.Encoder().encode
 
@@ -15,9 +17,15 @@ def encode(obj: Any) -> bytes:
     return _encode(obj)
 
 
-def logprobs_json(steps: list[StepLogprobs]) -> list[dict[str, Any]]:
-    import math
+def sse(obj: Any) -> bytes:
+    """One server-sent event whose data is `obj` as JSON."""
+    return b"data: " + _encode(obj) + b"\n\n"
 
+
+SSE_DONE = b"data: [DONE]\n\n"  # the OpenAI stream's last event
+
+
+def logprobs_json(steps: list[Logprob]) -> list[dict[str, Any]]:
     return [
         {
             "token": s.token,
@@ -59,10 +67,3 @@ def done_json(event: DoneEvent) -> dict[str, Any]:
         "usage": usage_json(event),
         "session_id": event.session_id,
     }
-
-
-def error_json(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": "error", "code": code, "message": message}
-    if param is not None:
-        out["param"] = param
-    return out

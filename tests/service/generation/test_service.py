@@ -8,27 +8,28 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine import Engine, StepOutput
-from service.generation import DoneEvent, GenerationService, SessionEvent, TokenEvent
+from service.engine.core import EngineCore, build_engine
+from service.engine.model import ModelOutput, ModelSession
+from service.engine.params import SamplingParams, seeded_for
+from service.generation.events import DoneEvent, SessionEvent, TokenEvent
+from service.generation.service import GenerationService, ModelShape
 from service.metrics import Metrics
 from service.protocol import GenerationRequest
-from service.sampling import SamplingParams
-from service.scheduler import DecodeScheduler
 from service.sessions import MemorySessionStore, SessionState
 from simmer.bundle import ModelBundle, load_bundle
 
 
-class RecordingEngine(Engine):
+class RecordingModel(ModelSession):
     fed: list[tuple[int, ...]]
 
-    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> StepOutput:
+    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> ModelOutput:
         if hasattr(self, "fed"):
             self.fed.extend(tuple(row) for row in tokens.tolist())
         return super().run(tokens, h, c)
 
 
 def _service(
-    scheduler: DecodeScheduler, store: MemorySessionStore, bundle: ModelBundle
+    scheduler: EngineCore, store: MemorySessionStore, bundle: ModelBundle
 ) -> GenerationService:
     """A generation service over `scheduler` and `store`, as the app builds one."""
     return GenerationService(
@@ -36,24 +37,21 @@ def _service(
         store,
         bundle.tokenizer,
         Metrics(),
-        model_version=bundle.version,
-        num_layers=scheduler.engine.num_layers,
-        hidden_size=scheduler.engine.hidden_size,
+        model=ModelShape(bundle.version, bundle.num_layers, bundle.hidden_size),
         max_prompt_tokens=4096,
         session_ttl_s=60,
-        max_batch=scheduler.max_batch,
         max_waiting=scheduler.max_batch,
     )
 
 
 def test_continuing_feeds_only_the_pending_token_and_the_new_prompt(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
-    engine = RecordingEngine(bundle, ["CPUExecutionProvider"])
+    engine = RecordingModel(bundle, ["CPUExecutionProvider"])
     engine.fed = []
     tokenizer = bundle.tokenizer
 
     async def main() -> list[list[int]]:
-        scheduler = DecodeScheduler(engine, max_batch=8)
+        scheduler = build_engine(engine, 8)
         scheduler.start()
         service = _service(scheduler, MemorySessionStore(60, 10), bundle)
         greedy = SamplingParams(temperature=0.0)
@@ -80,8 +78,6 @@ def test_continuing_feeds_only_the_pending_token_and_the_new_prompt(tiny_bundle:
 
 
 def test_a_seed_is_mixed_with_the_session_length() -> None:
-    from service.generation import seeded_for
-
     params = SamplingParams(seed=5)
     assert seeded_for(params, 0) == params  # a new session uses the seed as given
     assert seeded_for(params, 12) == seeded_for(params, 12)  # same state, same draws
@@ -107,10 +103,10 @@ def test_a_consumer_cancelled_while_its_session_is_written_loses_nothing(
     tiny_bundle: Path,
 ) -> None:
     bundle = load_bundle(tiny_bundle)
-    engine = Engine(bundle, ["CPUExecutionProvider"])
+    engine = ModelSession(bundle, ["CPUExecutionProvider"])
 
     async def main() -> tuple[bool, SessionState | None, int]:
-        scheduler = DecodeScheduler(engine, max_batch=4)
+        scheduler = build_engine(engine, 4)
         scheduler.start()
         store = SlowStore(0.3)
         service = _service(scheduler, store, bundle)
@@ -131,7 +127,7 @@ def test_a_consumer_cancelled_while_its_session_is_written_loses_nothing(
             await consumer
         session_id = session_ids[0]
         locked_during_write = not await store.lock(session_id)
-        await asyncio.wait_for(service._idle.wait(), 5)  # the write is over
+        await asyncio.wait_for(service.admission._idle.wait(), 5)  # the write is over
         relocked = await store.lock(session_id)  # and the lock was given back after it
         state = await store.get(session_id)
         await scheduler.close()

@@ -1,0 +1,325 @@
+"""The engine core: the worker thread that steps the model, and its command inbox.
+
+The event loop and the worker share no mutable state. The loop sends the worker
+commands on one queue (`Submit`, `Cancel`, `Close`); the worker answers with one
+`StepResult` per step, posted to the loop (`call_soon_threadsafe`), where the output
+processor applies it. Each pass of the worker is schedule, execute, update: take the
+commands, admit waiting requests into free slots and plan a step (the scheduler),
+feed and sample it (the runner), then count the tokens and retire the requests that
+ended (the scheduler again).
+
+The worker does not wait for the loop between steps: it posts each result and goes
+straight on, so the loop streams step N while the model computes step N + 1. It may
+run up to `PIPELINE_DEPTH` steps ahead of what the loop has applied, so a busy loop
+does not stall the model; a request the loop ends (a stop string, a cancel) may be
+stepped a few more times, and those tokens are dropped.
+
+Supervision: an exception in a step fails the requests of that step, and only those;
+one while loading a request into its slot fails that request; the worker goes on.
+If the worker dies all the same, `watch_worker` fails what it held and `submit`
+refuses new work (`EngineDown`); `worker_alive` and `stalled_for` tell readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from service.engine.head import SamplingHead
+from service.engine.model import ModelSession
+from service.engine.output import Hooks, OutputProcessor, StepStats
+from service.engine.request import Request
+from service.engine.runner import ModelRunner, StepOutput
+from service.engine.scheduler import Scheduler, StepPlan
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_DEPTH = 16  # steps the worker may run ahead of the event loop
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down and takes no new work."""
+
+
+class EngineDown(EngineClosed):
+    """The engine worker has died: nothing more can be generated in this process."""
+
+
+@dataclass(frozen=True)
+class Submit:
+    request: Request
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request: Request
+
+
+@dataclass(frozen=True)
+class Close:
+    pass
+
+
+Command = Submit | Cancel | Close
+
+
+@dataclass
+class StepResult:
+    """What the worker hands the loop after a step, or with nothing but news."""
+
+    requests: list[Request]  # the rows stepped (none: news only)
+    output: StepOutput | None  # None when there was no step, or it failed
+    admitted: list[float] = field(default_factory=list)  # queue times of new requests
+    refused: list[Request] = field(default_factory=list)  # could not be loaded: "error"
+    failed: bool = False  # the step raised: every request in `requests` ends with "error"
+    cpu: float = 0.0  # the worker thread's CPU seconds since its previous result
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, max_batch: int, output: OutputProcessor) -> None:
+        self.runner = runner
+        self.scheduler = Scheduler(max_batch)
+        self.output = output
+        self.max_batch = max_batch
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._in_flight = threading.Semaphore(PIPELINE_DEPTH)  # results not yet applied
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._down: str | None = None  # why the worker is gone, once the loop has seen it
+        self._progress_at = time.monotonic()  # the worker's last sign of life
+        self._cpu_at = 0.0
+        self._ids = itertools.count(1)
+
+    # --- the event loop's side ------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, len(self.output.live) - self.scheduler.num_running)
+
+    @property
+    def free_slots(self) -> int:
+        return self.scheduler.free_slots
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work_loop, name="simmer-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> Request:
+        if self._down is not None:
+            raise EngineDown(self._down)
+        if self._closed:
+            raise EngineClosed("the engine is shutting down")
+        if not request.feed:
+            raise ValueError("a request needs at least one token to feed")
+        request.request_id = next(self._ids)
+        request.enqueued_at = time.perf_counter()
+        self.output.track(request)
+        self._inbox.put(Submit(request))
+        return request
+
+    def cancel(self, request: Request, reason: str = "cancelled") -> None:
+        """End `request` now with `reason` (its state is that of its last kept token);
+        the worker frees its slot before its next step."""
+        if request.done:
+            return
+        self.output.finish(request, reason)
+        self._inbox.put(Cancel(request))
+
+    async def close(self, join_timeout_s: float = 10.0) -> None:
+        """Stop the worker and end what it held with "shutdown". A worker hung inside a
+        step is left behind after `join_timeout_s` (it is a daemon thread)."""
+        self._closed = True
+        self._inbox.put(Close())
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, join_timeout_s)
+        self.output.finish_all("shutdown")
+
+    def _deliver(self, result: StepResult) -> None:
+        """Apply one result on the event loop, then let the worker run one step further."""
+        try:
+            self._apply(result)
+        finally:
+            self._in_flight.release()
+
+    def _apply(self, result: StepResult) -> None:
+        output, hooks = self.output, self.output.hooks
+        for request in result.refused:
+            output.finish(request, "error")
+        if hooks.on_admit is not None:
+            for waited in result.admitted:
+                hooks.on_admit(waited)
+        if hooks.on_failure is not None and (result.failed or result.refused):
+            hooks.on_failure()
+        if result.failed:
+            for request in result.requests:
+                output.finish(request, "error")
+            return
+        step = result.output
+        if step is None:
+            return
+        output.steps += 1
+        if hooks.on_step is not None:
+            hooks.on_step(StepStats(len(result.requests), step.seconds))
+        tokens = step.tokens.tolist()
+        output.apply(result.requests, tokens, step.h, step.c, step.top, result.cpu)
+
+    # --- health (read on the event loop) -------------------------------------------
+
+    @property
+    def worker_alive(self) -> bool:
+        """False once the worker thread has ended without being asked to."""
+        return self._thread is None or self._closed or self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds work has waited on a worker that made no step (0 while idle or moving).
+
+        The worker marks each pass of its loop; a pass that waits for commands marks it
+        again when one arrives. A step that never returns, or a worker that died, leaves
+        the mark behind while requests wait.
+        """
+        if not self.output.live:
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress_at)
+
+    async def watch_worker(self, interval_s: float) -> None:
+        """Background task: once the worker has died, fail what it held (see `fail_all`)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self.worker_alive and self._down is None:
+                ended = self.fail_all("the engine worker died; this replica cannot generate")
+                logger.critical("the engine worker died; ended %d generations", ended)
+                if self.output.hooks.on_failure is not None:
+                    self.output.hooks.on_failure()
+
+    def fail_all(self, reason: str) -> int:
+        """The worker is gone: end every request with "error" and take no new work.
+
+        Call on the event loop once `worker_alive` is False. Returns how many ended.
+        """
+        self._down = reason
+        return self.output.finish_all("error")
+
+    # --- the worker thread ----------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        """The worker: passes of schedule, execute, update, until Close, whatever fails."""
+        self._cpu_at = time.thread_time()
+        while True:
+            self._progress_at = time.monotonic()
+            try:
+                if not self._work_pass():
+                    return
+            except Exception:
+                logger.exception("engine worker fault; ending the running requests")
+                self.runner.drop()
+                failed = self.scheduler.clear()
+                if not self._post(StepResult(failed, None, failed=True)):
+                    return
+            except BaseException:
+                logger.critical("the engine worker is dying", exc_info=True)
+                raise
+
+    def _work_pass(self) -> bool:
+        """One pass; False once closed (or the loop is gone)."""
+        idle = not self.scheduler.num_running and not self.scheduler.num_waiting
+        if not self._take_commands(block=idle):
+            return False
+        admitted, refused = self._admit()
+        plan = self.scheduler.plan()
+        if plan is None:
+            return self._post(StepResult([], None, admitted, refused)) if refused else True
+        try:
+            out = self._step(plan)
+        except Exception:
+            logger.exception("engine step failed; ending %d requests", len(plan.requests))
+            self.runner.drop()
+            failed = self.scheduler.clear()
+            result = StepResult(failed, None, admitted, refused, failed=True)
+        else:
+            self.scheduler.update(plan, out.tokens.tolist())
+            result = StepResult(plan.requests, out, admitted, refused)
+        now = time.thread_time()
+        result.cpu, self._cpu_at = now - self._cpu_at, now
+        return self._post(result)
+
+    def _step(self, plan: StepPlan) -> StepOutput:
+        return self.runner.execute(plan)
+
+    def _take_commands(self, block: bool) -> bool:
+        """Hand queued commands to the scheduler; with `block`, wait for the first one.
+        False once Close has come."""
+        try:
+            command = self._inbox.get() if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        self._progress_at = time.monotonic()
+        while True:
+            if isinstance(command, Close):
+                return False
+            if isinstance(command, Submit):
+                self.scheduler.add(command.request)
+            else:
+                self.scheduler.cancel(command.request)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _admit(self) -> tuple[list[float], list[Request]]:
+        """Load newly admitted requests into their slots: their queue times, and those
+        that could not be loaded (they end with "error")."""
+        pairs = self.scheduler.admit()
+        if pairs:
+            self.runner.flush()  # before any slot is written again
+        waited: list[float] = []
+        refused: list[Request] = []
+        for request, slot in pairs:
+            try:
+                self.runner.load(slot, request)
+            except Exception:
+                logger.exception("cannot admit request %d; ending it", request.request_id)
+                self.scheduler.refuse(request)
+                refused.append(request)
+                continue
+            waited.append(time.perf_counter() - request.enqueued_at)
+        return waited, refused
+
+    def _post(self, result: StepResult) -> bool:
+        """Hand a result to the loop, waiting while PIPELINE_DEPTH are unapplied."""
+        self._in_flight.acquire()
+        loop = self._loop
+        try:
+            assert loop is not None
+            loop.call_soon_threadsafe(self._deliver, result)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._in_flight.release()
+            return False
+        return True
+
+
+def build_engine(
+    model: ModelSession,
+    max_batch: int,
+    hooks: Hooks | None = None,
+    max_stride: int = 16,
+    fuse_sampling: bool = True,
+    sampling_graphs: bool = True,
+) -> EngineCore:
+    """An engine core over `model`: the bundle's sampling graphs when it has them (and
+    `sampling_graphs`), else sampling in numpy; the softmax fused into the model's call
+    for small batches when the bundle has that graph too (and `fuse_sampling`)."""
+    threads = max(1, model.intra_op_threads)
+    head = SamplingHead.from_bundle(model.bundle, threads) if sampling_graphs else None
+    runner = ModelRunner(model, max_batch, head, fuse_sampling)
+    return EngineCore(runner, max_batch, OutputProcessor(hooks, max_stride))

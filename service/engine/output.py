@@ -1,0 +1,184 @@
+"""The output processor, on the event loop: step results become kept tokens.
+
+For each result the engine core posts, it appends every row's token to its request,
+checks the stop token, stop strings (`TextStream`, through the request's `check`),
+the token limit and cancellation, and wakes the request's consumer. A request it ends
+keeps the state of the step whose token it kept last, plus that token as its pending
+feed, so its session is exactly what the kept tokens imply; tokens the worker sampled
+for it after that (it runs a few steps ahead) are dropped.
+
+Under load, waking every stream's consumer for every token costs the loop more than
+the tokens are worth: see `OutputProcessor.stride_for`.
+
+Nothing here knows about HTTP or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine.request import Request, RequestStatus, TopLogprobs
+from simmer.tokenizer import PAD_ID, Tokenizer
+
+# coalescing under load (see OutputProcessor.stride_for)
+COALESCE_MIN_BATCH = 8  # smaller batches always stream every token at once
+COALESCE_HIGH = 0.25  # the loop's CPU per step, as a share of the engine thread's
+COALESCE_LOW = 0.1
+COALESCE_EVERY = 4  # steps between stride adjustments (doubling or halving)
+
+
+@dataclass
+class StepStats:
+    batch_size: int
+    seconds: float
+
+
+@dataclass
+class Hooks:
+    """What the output processor reports, for metrics: all called on the event loop."""
+
+    on_step: Callable[[StepStats], None] | None = None
+    on_admit: Callable[[float], None] | None = None  # a request's queue time
+    on_failure: Callable[[], None] | None = None  # a failed step or a refused request
+
+
+@dataclass
+class TextStream:
+    """Incremental detokenisation with stop strings, one request's `check`."""
+
+    tokenizer: Tokenizer
+    prev: int | None  # the two tokens before the next one, oldest first, for spacing
+    last: int | None
+    stop: tuple[str, ...]
+    text: str = ""
+    ends: list[int] = field(default_factory=list)  # the text's length after each token
+    cut: int | None = None  # where a stop string begins
+
+    def add(self, token: int) -> str | None:
+        piece = self.tokenizer.piece(self.prev, self.last, token)
+        self.prev, self.last = self.last, token
+        self.text += piece
+        self.ends.append(len(self.text))
+        if self.stop:
+            window = max(map(len, self.stop)) + len(piece)
+            start = max(0, len(self.text) - window)
+            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                self.cut = min(hits)
+                return "stop"
+        return None
+
+    def safe_length(self, done: bool) -> int:
+        """How much text may be shown: all when done, else all but a possible stop prefix."""
+        if self.cut is not None:
+            return self.cut
+        if done or not self.stop:
+            return len(self.text)
+        hold = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        return len(self.text) - hold
+
+
+class OutputProcessor:
+    def __init__(self, hooks: Hooks | None = None, max_stride: int = 16) -> None:
+        self.hooks = hooks or Hooks()
+        self.max_stride = max_stride
+        self.live: dict[int, Request] = {}  # submitted and not finished, by request_id
+        self.steps = 0  # steps applied
+        self._stride = 1
+        self._loop_share = 0.0
+        self._loop_cpu_at = time.thread_time()
+        self._until_adjust = COALESCE_EVERY
+
+    def track(self, request: Request) -> None:
+        self.live[request.request_id] = request
+
+    def finish(self, request: Request, reason: str) -> None:
+        """End `request` with `reason`, keeping the state of its last kept token."""
+        if request.done:
+            return
+        if request._state is not None:
+            # the state after the last kept step; its token is pending (unless eos)
+            h, c, row = request._state
+            request.h, request.c = h[:, row].copy(), c[:, row].copy()
+            pending = reason != "eos" and request.tokens
+            request.feed = [request.tokens[-1]] if pending else []
+            request._state = None
+        request.finish_reason = reason
+        request.status = RequestStatus.FINISHED
+        self.live.pop(request.request_id, None)
+        request.event.set()
+
+    def finish_all(self, reason: str) -> int:
+        """End every live request with `reason`; returns how many."""
+        live = list(self.live.values())
+        for request in live:
+            self.finish(request, reason)
+        return len(live)
+
+    def apply(
+        self,
+        requests: list[Request],
+        tokens: list[int],
+        h: np.ndarray,
+        c: np.ndarray,
+        top: dict[int, TopLogprobs],
+        worker_cpu: float,
+    ) -> None:
+        """One step: `tokens[row]` for `requests[row]`, whose state after it is row `row`
+        of `h` and `c` (L, B, H); `top` for the rows that asked for logprobs."""
+        stride = self.stride_for(len(requests), worker_cpu)
+        for row, request in enumerate(requests):
+            if request.done:
+                continue  # ended by the loop after the worker took this step
+            request.status = RequestStatus.RUNNING
+            request._state = (h, c, row)
+            token = tokens[row]
+            if token == PAD_ID:
+                self.finish(request, "eos")
+                continue
+            if top and row in top:
+                request.top.append(top[row])
+            request.tokens.append(token)
+            reason = request.check(token) if request.check is not None else None
+            if reason is not None:
+                self.finish(request, reason)
+            elif len(request.tokens) >= request.max_new_tokens:
+                self.finish(request, "length")
+            elif stride == 1 or len(request.tokens) % stride == 1:
+                request.event.set()  # else its consumer is woken with the next tokens
+
+    def stride_for(self, batch: int, worker_cpu: float) -> int:
+        """The stride for this step: wake each stream's consumer every `stride` tokens.
+
+        Every token is sent as soon as it is sampled while the event loop keeps up
+        easily. When the loop's CPU time per step (applying tokens, waking consumers,
+        encoding and writing messages) passes `COALESCE_HIGH` of the engine thread's,
+        the stride doubles, so that one message carries several tokens; it halves
+        again below `COALESCE_LOW`. Batches under `COALESCE_MIN_BATCH` always get
+        every token at once; the first token, the last and any stop always go out at
+        once too.
+        """
+        now = time.thread_time()
+        loop_cpu, self._loop_cpu_at = now - self._loop_cpu_at, now
+        if batch < COALESCE_MIN_BATCH or self.max_stride <= 1:
+            self._stride = 1
+            return 1
+        share = min(loop_cpu / max(worker_cpu, 1e-6), 4.0)
+        self._loop_share += 0.3 * (share - self._loop_share)
+        self._until_adjust -= 1
+        if self._until_adjust <= 0:
+            self._until_adjust = COALESCE_EVERY
+            if self._loop_share > COALESCE_HIGH:
+                self._stride = min(self._stride * 2, self.max_stride)
+            elif self._loop_share < COALESCE_LOW:
+                self._stride = max(self._stride // 2, 1)
+        return self._stride

@@ -1,0 +1,204 @@
+"""The model runner: the model session, the slot arrays and the sampling head.
+
+It executes a `StepPlan` and returns a `StepOutput`. Each running request owns a slot in
+preallocated state arrays (layers, slots, hidden) and per-slot sampling parameters. A
+step runs the model once per distinct feed length (decode steps all have length 1, so
+they share one call; a new prompt is prefilled in one call over its tokens) and samples
+the whole batch at once. While the batch stays the same, each step feeds the previous
+step's tokens and state straight back in (the carry); the slot arrays are written only
+when requests join or leave (`flush`, then `load`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.engine.head import SMALL_BATCH, SamplingHead
+from service.engine.model import ModelSession
+from service.engine.params import Uniforms, make_rng
+from service.engine.request import Request, TopLogprobs
+from service.engine.sampler import RowParams, log_softmax, pick_weighted, sample_rows, top_ids
+from service.engine.scheduler import StepPlan
+from simmer.tokenizer import PAD_ID
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    tokens: np.ndarray  # (B,) int64: each row's sampled token
+    h: np.ndarray  # (L, B, H): each row's state after the step; never written again
+    c: np.ndarray
+    top: dict[int, TopLogprobs]  # rows that asked for logprobs
+    seconds: float  # wall time of the step
+
+
+@dataclass
+class _Rows:
+    """The running batch's per-row parameters, rebuilt when the batch changes."""
+
+    slots: np.ndarray  # (B,) int64
+    params: RowParams
+    logprobs: list[int]  # rows that report top words
+    no_eos: list[int]  # rows that never draw the stop token
+    rngs: list[Uniforms]  # each row's generator (rows without a seed share one)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: ModelSession,
+        max_batch: int,
+        head: SamplingHead | None,
+        fuse_sampling: bool = True,
+    ) -> None:
+        self.model = model
+        self.head = head
+        self.fuse = fuse_sampling and head is not None and model.has_softmax
+        layers, hidden = model.num_layers, model.hidden_size
+        self._h = np.zeros((layers, max_batch, hidden), np.float32)
+        self._c = np.zeros((layers, max_batch, hidden), np.float32)
+        self._next = np.zeros(max_batch, np.int64)  # each slot's next token to feed
+        self._inv_t = np.ones(max_batch, np.float32)
+        self._top_k = np.zeros(max_batch, np.int64)
+        self._top_p = np.ones(max_batch, np.float64)
+        self._greedy = np.zeros(max_batch, bool)
+        self._seeded = np.zeros(max_batch, bool)
+        self._logprobs = np.zeros(max_batch, bool)
+        self._no_eos = np.zeros(max_batch, bool)
+        self._unseeded = Uniforms(make_rng(None))  # every row without a seed draws here
+        self._rows: _Rows | None = None
+        self._carry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # tokens, h, c
+        self.calls = 0  # model calls so far
+
+    def flush(self) -> None:
+        """Before the running set changes: write the carried state back to the slots."""
+        if self._carry is not None and self._rows is not None:
+            tokens, h, c = self._carry
+            slots = self._rows.slots
+            self._h[:, slots] = h
+            self._c[:, slots] = c
+            self._next[slots] = tokens[:, 0]
+        self._carry = None
+        self._rows = None
+
+    def drop(self) -> None:
+        """After a failed step: forget the carried state without writing it back."""
+        self._carry = None
+        self._rows = None
+
+    def load(self, slot: int, request: Request) -> None:
+        """Write a request's state and sampling parameters into its slot (after `flush`)."""
+        params = request.params
+        self._h[:, slot] = request.h
+        self._c[:, slot] = request.c
+        self._greedy[slot] = params.greedy
+        self._inv_t[slot] = 1.0 if params.greedy else params.inv_temperature
+        # k at or above the vocabulary keeps every word, as k = 0 does
+        self._top_k[slot] = params.top_k if params.top_k < self.model.vocab_size else 0
+        self._top_p[slot] = params.top_p
+        self._seeded[slot] = params.seed is not None
+        self._logprobs[slot] = params.logprobs > 0
+        self._no_eos[slot] = params.ignore_eos
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Feed every row of `plan` once and sample a token for each."""
+        started = time.perf_counter()
+        rows = self._rows_of(plan)
+        sampled: np.ndarray | None = None
+        if plan.prefill:
+            logits, h, c = self._prefill(plan)
+        else:
+            if self._carry is not None:
+                feed, h_in, c_in = self._carry
+            else:
+                feed = self._next[rows.slots].reshape(-1, 1)
+                h_in, c_in = self._h[:, rows.slots], self._c[:, rows.slots]
+            if (
+                self.fuse
+                and rows.params.all_whole
+                and not rows.no_eos
+                and len(plan.requests) <= SMALL_BATCH
+            ):
+                # a small batch sampling whole distributions: the softmax for direct
+                # sampling runs in the model's own call (one onnxruntime call per step)
+                fused = self.model.run_softmax(feed, h_in, c_in, rows.params.inv_t)
+                self.calls += 1
+                logits, h, c = fused.logits, fused.h, fused.c
+                sampled = pick_weighted(fused.weights, fused.sums, rows.rngs)
+            else:
+                out = self.model.run(feed, h_in, c_in)
+                self.calls += 1
+                logits, h, c = out.logits, out.h, out.c
+        requests = plan.requests
+        logps = {
+            row: log_softmax(logits[row], requests[row].params.temperature) for row in rows.logprobs
+        }
+        if sampled is None:
+            if rows.no_eos:
+                logits[rows.no_eos, PAD_ID] = -np.inf
+            sampled = sample_rows(logits, rows.params, rows.rngs, self.head)
+        top: dict[int, TopLogprobs] = {}
+        for row, logp in logps.items():
+            ids = top_ids(logp, requests[row].params.logprobs)
+            top[row] = TopLogprobs(float(logp[sampled[row]]), ids, logp[ids])
+        self._carry = (sampled.reshape(-1, 1), h, c)
+        return StepOutput(sampled, h, c, top, time.perf_counter() - started)
+
+    def _rows_of(self, plan: StepPlan) -> _Rows:
+        """The batch's row arrays, rebuilt when the running set has changed."""
+        if plan.changed or self._rows is None:
+            self.flush()
+            slots = plan.slots
+            params = RowParams(
+                self._inv_t[slots],
+                self._top_k[slots],
+                self._top_p[slots],
+                self._greedy[slots],
+                self._seeded[slots],
+            )
+            shared = self._unseeded
+            self._rows = _Rows(
+                slots,
+                params,
+                logprobs=np.flatnonzero(self._logprobs[slots]).tolist(),
+                no_eos=np.flatnonzero(self._no_eos[slots]).tolist(),
+                rngs=[shared if r.rng is None else r.rng for r in plan.requests],
+            )
+        return self._rows
+
+    def _prefill(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One model call per distinct feed length; new prompts are fed whole."""
+        requests, slots = plan.requests, plan.slots
+        by_length: dict[int, list[int]] = {}
+        for row in plan.prefill:
+            by_length.setdefault(len(requests[row].feed), []).append(row)
+        fresh_singles = by_length.pop(1, [])
+        singles = np.ones(len(requests), bool)
+        singles[plan.prefill] = False
+        singles[fresh_singles] = True
+        logits = np.empty((len(requests), self.model.vocab_size), np.float32)
+        groups = [(1, np.flatnonzero(singles)), *((n, np.array(r)) for n, r in by_length.items())]
+        for length, rows in groups:
+            if not len(rows):
+                continue
+            group = slots[rows]
+            if length == 1:
+                tokens = self._next[group]  # a copy (fancy indexing): the tokens sampled last
+                if fresh_singles:
+                    at = np.searchsorted(rows, fresh_singles)
+                    tokens[at] = [requests[row].feed[0] for row in fresh_singles]
+            else:
+                tokens = np.array([requests[row].feed for row in rows], dtype=np.int64)
+            out = self.model.run(
+                tokens.reshape(len(rows), length), self._h[:, group], self._c[:, group]
+            )
+            self.calls += 1
+            self._h[:, group] = out.h
+            self._c[:, group] = out.c
+            logits[rows] = out.logits
+        return logits, self._h[:, slots], self._c[:, slots]

@@ -1,0 +1,130 @@
+"""Which requests the next engine step feeds: queues, slots and the step plan.
+
+Pure bookkeeping, owned by the engine core's worker thread: no threads, no
+onnxruntime, no event loop, so it can be tested on its own.
+
+A request waits until a slot is free, then runs in that slot until it ends: at the
+stop token or its token limit (`update`, from the tokens a step sampled), or when the
+event loop cancels it (`cancel`, from a command). Each step feeds every running
+request once: a request's first step feeds its whole feed (the prefill), every later
+step the token sampled for it last. The plan says whether the running set changed
+since the previous step, because then the runner must write the state it carried
+between steps back into the slots before anything is loaded into them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine.request import Request
+from simmer.tokenizer import PAD_ID
+
+
+@dataclass
+class StepPlan:
+    requests: list[Request]  # the batch, one row each
+    slots: np.ndarray  # (B,) int64: each row's slot
+    prefill: list[int]  # rows fed for the first time (their whole feed)
+    changed: bool  # the rows differ from the previous step's
+
+
+@dataclass
+class _Running:
+    request: Request
+    slot: int
+    sampled: int = 0  # tokens sampled for it so far (kept by the loop or not)
+
+
+@dataclass
+class Scheduler:
+    max_batch: int
+    _waiting: deque[Request] = field(default_factory=deque)
+    _running: dict[int, _Running] = field(default_factory=dict)  # by request_id, in order
+    _free: list[int] = field(default_factory=list)
+    _changed: bool = True
+
+    def __post_init__(self) -> None:
+        self._free = list(range(self.max_batch - 1, -1, -1))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def add(self, request: Request) -> None:
+        self._waiting.append(request)
+
+    def cancel(self, request: Request) -> None:
+        """Forget a request, waiting or running; its slot is free from the next step."""
+        if request in self._waiting:
+            self._waiting.remove(request)
+        elif request.request_id in self._running:
+            self._retire(request.request_id)
+
+    def admit(self) -> list[tuple[Request, int]]:
+        """Give free slots to waiting requests, oldest first: the (request, slot) pairs."""
+        admitted = []
+        while self._waiting and self._free:
+            request = self._waiting.popleft()
+            slot = self._free.pop()
+            self._running[request.request_id] = _Running(request, slot)
+            admitted.append((request, slot))
+            self._changed = True
+        return admitted
+
+    def refuse(self, request: Request) -> None:
+        """An admitted request whose slot could not be loaded: drop it."""
+        self._retire(request.request_id)
+
+    def plan(self) -> StepPlan | None:
+        """The next step over every running request, or None when nothing runs."""
+        if not self._running:
+            return None
+        running = list(self._running.values())
+        plan = StepPlan(
+            requests=[entry.request for entry in running],
+            slots=np.array([entry.slot for entry in running], np.int64),
+            prefill=[row for row, entry in enumerate(running) if entry.sampled == 0],
+            changed=self._changed,
+        )
+        self._changed = False
+        return plan
+
+    def update(self, plan: StepPlan, tokens: list[int]) -> None:
+        """After a step: count each row's token; retire those that ended (stop token,
+        token limit). The event loop finishes them from the same step's result."""
+        for request, token in zip(plan.requests, tokens, strict=True):
+            entry = self._running.get(request.request_id)
+            if entry is None:
+                continue
+            entry.sampled += 1
+            if token == PAD_ID or entry.sampled >= request.max_new_tokens:
+                self._retire(request.request_id)
+
+    def clear(self) -> list[Request]:
+        """After a failed step: drop every running request (their slots are freed)."""
+        failed = [entry.request for entry in self._running.values()]
+        for request in failed:
+            self._retire(request.request_id)
+        return failed
+
+    def _retire(self, request_id: int) -> None:
+        entry = self._running.pop(request_id)
+        self._free.append(entry.slot)
+        self._changed = True
+
+
+def queue_time(request: Request) -> float:
+    """Seconds since the request was submitted."""
+    return time.perf_counter() - request.enqueued_at

@@ -1,0 +1,42 @@
+"""What a generation yields: a session event, token events, then one done event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A word with its log-probability; for a generated token, also the top words it was
+    drawn among (`top`), each a Logprob without top words of its own."""
+
+    token: str
+    id: int
+    logprob: float
+    top: tuple[Logprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    session_id: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+    index: int  # index of the first generated token this event covers
+    count: int  # how many generated tokens it covers
+    logprobs: list[Logprob] | None = None
+    offsets: tuple[int, ...] = ()  # where each covered token's text begins, in the call's text
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    session_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Event = SessionEvent | TokenEvent | DoneEvent

@@ -1,0 +1,325 @@
+"""Prompt -> tokens -> events: sessions, the engine and the tokenizer, put together.
+
+`GenerationService.generate` yields a `SessionEvent`, then `TokenEvent`s as tokens
+arrive (several tokens in one event when the consumer falls behind), then one
+`DoneEvent` with exact usage. The session's new state is stored before the done event
+is produced, so a call that returned has always been saved; a call cut off part-way
+leaves the session as the last completed call left it, and one the engine failed
+leaves it as it was. A consumer that goes away stops its generation within one step;
+what it generated is saved, then its lease is given back, in a task of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass
+
+from service.engine.core import EngineClosed, EngineCore, EngineDown
+from service.engine.output import TextStream
+from service.engine.params import seeded_for
+from service.engine.request import Request
+from service.errors import (
+    EngineFailed,
+    EngineUnavailable,
+    InvalidRequest,
+    SessionBusy,
+    SessionLockLost,
+    SessionModelMismatch,
+    ShuttingDown,
+    session_expired,
+    session_not_found,
+)
+from service.generation.admission import Admission
+from service.generation.call import Call, context_of
+from service.generation.events import DoneEvent, Event, SessionEvent
+from service.generation.lease import SessionLease
+from service.generation.observer import GenerationObserver
+from service.metrics import Metrics
+from service.protocol import GenerationRequest
+from service.sessions import NO_TOKEN, SessionState, SessionStore, new_session_id
+from simmer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a session of the served model looks like."""
+
+    version: str
+    num_layers: int
+    hidden_size: int
+
+
+class GenerationService:
+    def __init__(
+        self,
+        engine: EngineCore,
+        store: SessionStore,
+        tokenizer: Tokenizer,
+        metrics: Metrics,
+        *,
+        model: ModelShape,
+        max_prompt_tokens: int,
+        session_ttl_s: float,
+        max_waiting: int,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.model = model
+        self.max_prompt_tokens = max_prompt_tokens
+        self.session_ttl_s = session_ttl_s
+        self.admission = Admission(engine.max_batch + max_waiting)
+        self._calls: dict[str, Call] = {}  # by session id
+        self._finishers: set[asyncio.Task[None]] = set()
+
+    @property
+    def active(self) -> int:
+        return self.admission.active
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    # --- sessions -------------------------------------------------------------------
+
+    async def load(self, session_id: str, owner: str) -> SessionState:
+        state = await self.store.get(session_id)
+        if state is None and await self.store.expired(session_id):
+            raise session_expired(session_id, self.session_ttl_s)
+        if state is None or state.owner != owner:
+            # another key's session looks exactly like a missing one: ids cannot be probed
+            raise session_not_found(session_id, self.session_ttl_s)
+        if state.model != self.model.version:
+            raise SessionModelMismatch(
+                f"session {session_id!r} belongs to model {state.model}, not {self.model.version}",
+                "session_id",
+            )
+        return state
+
+    def fresh_state(self, owner: str) -> SessionState:
+        model = self.model
+        return SessionState.fresh(model.num_layers, model.hidden_size, owner, model.version)
+
+    async def create_session(
+        self, owner: str, state: SessionState | None = None
+    ) -> tuple[str, SessionState]:
+        """A new session: fresh, or holding an imported state."""
+        session_id = new_session_id()
+        state = state or self.fresh_state(owner)
+        state.owner = owner
+        state.last_used = time.time()
+        await self.store.put(session_id, state)
+        self.metrics.sessions_created.inc()
+        return session_id, state
+
+    async def delete_session(self, session_id: str, owner: str) -> None:
+        await self.load(session_id, owner)
+        try:
+            async with SessionLease(self.store, session_id):
+                await self.store.delete(session_id)
+        except SessionBusy as exc:
+            raise SessionBusy(
+                f"session {session_id!r} is generating; cancel it first", exc.param
+            ) from exc
+
+    def expires_at(self, state: SessionState) -> float:
+        return state.last_used + self.session_ttl_s
+
+    # --- control --------------------------------------------------------------------
+
+    def held_sessions(self) -> list[str]:
+        """Sessions whose generation lock this server holds right now."""
+        return list(self._calls)
+
+    def cancel(self, session_id: str, client_gone: bool = False) -> bool:
+        """Stop the generation running on `session_id` now; with `client_gone` it is
+        counted as a client that disconnected, not as a success."""
+        call = self._calls.get(session_id)
+        if call is None:
+            return False
+        call.client_gone = call.client_gone or client_gone
+        self.engine.cancel(call.request)
+        return True
+
+    def stopper(self, session_id: str) -> functools.partial[bool]:
+        """What stops `session_id`'s generation when its client has gone."""
+        return functools.partial(self.cancel, session_id, client_gone=True)
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new work, give running generations `grace_s`, then end the rest.
+
+        Returns how many generations were ended early. Each one still saves its session
+        and sends a done event with finish_reason "shutdown".
+        """
+
+        def stop_all() -> int:
+            running = [call for call in self._calls.values() if not call.request.done]
+            for call in running:
+                self.engine.cancel(call.request, "shutdown")
+            return len(running)
+
+        return await self.admission.drain(grace_s, stop_all)
+
+    # --- generation -----------------------------------------------------------------
+
+    async def generate(
+        self, request: GenerationRequest, owner: str = ""
+    ) -> AsyncGenerator[Event, None]:
+        """Events for one generation; raises a DomainError before the first event on bad
+        input."""
+        arrived = time.perf_counter()
+        prompt_ids = self.tokenizer.encode(request.prompt)
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise InvalidRequest(
+                f"prompt is {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens}",
+                "prompt",
+            )
+        self.admission.check()
+        if request.session_id is not None:
+            session_id, created = request.session_id, False
+            state = await self.load(session_id, owner)
+        else:
+            session_id, created = new_session_id(), True
+            state = self.fresh_state(owner)
+        feed = ([state.pending] if state.pending != NO_TOKEN else []) + prompt_ids
+        if not feed:
+            raise InvalidRequest(
+                "prompt is empty and the session has nothing to continue from", "prompt"
+            )
+        context = context_of(state, prompt_ids)
+        text = TextStream(
+            self.tokenizer,
+            context[-2] if len(context) >= 2 else None,
+            context[-1] if context else None,
+            request.stop,
+        )
+        async with SessionLease(self.store, session_id) as lease:
+            if created:
+                self.metrics.sessions_created.inc()
+            engine_request = self._submit(
+                Request(
+                    feed=feed,
+                    h=state.h,
+                    c=state.c,
+                    params=seeded_for(request.sampling, state.n_tokens),
+                    max_new_tokens=request.max_tokens,
+                    check=text.add,
+                )
+            )
+            observer = GenerationObserver(self.metrics, arrived)
+            call = Call(
+                session_id,
+                created,
+                state,
+                prompt_ids,
+                engine_request,
+                text,
+                observer,
+                lease,
+                self.tokenizer,
+            )
+            self._calls[session_id] = call
+            events = self._events(call)
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                await events.aclose()
+
+    def _submit(self, request: Request) -> Request:
+        """Admit a generation and hand its request to the engine."""
+        self.admission.enter()
+        try:
+            return self.engine.submit(request)
+        except EngineDown as exc:
+            self.admission.leave()
+            raise EngineUnavailable(str(exc)) from exc
+        except EngineClosed as exc:
+            self.admission.leave()
+            raise ShuttingDown(str(exc)) from exc
+
+    async def _events(self, call: Call) -> AsyncGenerator[Event, None]:
+        request = call.request
+        handed_off = False
+        try:
+            yield SessionEvent(call.session_id, call.created)
+            while not request.done:
+                await request.event.wait()
+                request.event.clear()
+                event = call.next_event()
+                if event is not None:
+                    yield event
+            if request.finish_reason == "error":
+                # the engine failed this step: the session stays as its last call left it
+                raise EngineFailed("the engine failed during this generation")
+            saving = asyncio.ensure_future(self._save(call))
+            try:
+                await asyncio.shield(saving)
+            except asyncio.CancelledError:
+                # The consumer was cancelled while the session was being written (its client
+                # left): the write goes on in its own task, which gives the lease back only
+                # once the state is stored, so nobody continues from the state before it.
+                handed_off = True
+                self._finish_later(call, saving)
+                raise
+            call.observer.finished(len(call.prompt_ids), len(request.tokens))
+            call.observer.outcome(request.finish_reason or "error", call.client_gone)
+            await call.lease.release()  # saved: the client may continue right away
+            yield DoneEvent(
+                call.session_id,
+                request.finish_reason or "error",
+                len(call.prompt_ids),
+                len(request.tokens),
+            )
+        finally:
+            if not request.done:
+                # The consumer went away mid-generation (its task may be cancelled over and
+                # over, as anyio does): stop the request now, and in a task of its own save
+                # what it kept, then give the lease back.
+                self.engine.cancel(request)
+                handed_off = True
+                self._finish_later(call, self._save(call))
+            if not handed_off:
+                self._retire(call)
+
+    async def _save(self, call: Call) -> None:
+        if not await self.store.put_locked(call.session_id, call.saved_state()):
+            # the lock lapsed (this server stalled, or lost the store for too long): another
+            # replica may have continued the session since, and its state must stand
+            raise SessionLockLost(
+                f"session {call.session_id!r} lost its generation lock; this call was not saved",
+                "session_id",
+            )
+
+    def _retire(self, call: Call) -> None:
+        if self._calls.get(call.session_id) is call:
+            del self._calls[call.session_id]
+        self.admission.leave()
+
+    def _finish_later(self, call: Call, saving: Awaitable[None]) -> None:
+        """In a task of its own: wait for `saving` to store the session, count the
+        disconnect, then free the call's place and give its lease back."""
+        call.lease.hand_off()
+
+        async def finish() -> None:
+            try:
+                await saving
+                self.metrics.failure("client_disconnected")
+            except Exception:
+                logger.exception(
+                    "could not save session %s after its client left", call.session_id[:8]
+                )
+            finally:
+                self._retire(call)
+                await call.lease.release()
+
+        finisher = asyncio.create_task(finish())
+        self._finishers.add(finisher)  # kept alive until done
+        finisher.add_done_callback(self._finishers.discard)
