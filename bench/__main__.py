@@ -51,7 +51,8 @@ from bench.load import LoadSpec
 from bench.model import cached_bundle
 from bench.procstat import CLOCK_TICKS
 from bench.report import quotient
-from bench.server import Server, run_load
+from bench.server import run_load
+from harness.server import ServiceProcess
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,12 @@ def _figures(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(
-    server: Server, config: BenchConfig, streams: int, requests: int, tokens: int, sse: bool = False
+    server: ServiceProcess,
+    config: BenchConfig,
+    streams: int,
+    requests: int,
+    tokens: int,
+    sse: bool = False,
 ) -> dict[str, Any]:
     """One load run against `server`; any error fails the benchmark."""
     spec = LoadSpec(
@@ -198,7 +204,7 @@ def _load(
     return _figures(run)
 
 
-def _history_cost(server: Server, config: BenchConfig, vocab: list[str]) -> dict[str, Any]:
+def _history_cost(server: ServiceProcess, config: BenchConfig, vocab: list[str]) -> dict[str, Any]:
     """Seconds per token of `history_new` tokens continuing a long or a short session."""
     words = [w for w in vocab[2:] if w.isalnum()]
 
@@ -237,12 +243,12 @@ def _history_cost(server: Server, config: BenchConfig, vocab: list[str]) -> dict
 
 
 def _metrics_overhead(
-    bundle: Path, config: BenchConfig, on: Server, workdir: Path, settings: dict[str, str]
+    bundle: Path, config: BenchConfig, on: ServiceProcess, workdir: Path, settings: dict[str, str]
 ) -> dict[str, Any]:
     """Throughput with metrics on (`on`) and off (a second server), rounds alternating."""
     runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
     streams, requests = config.metrics_streams, config.metrics_requests
-    with Server(
+    with ServiceProcess(
         bundle, workdir / "server-metrics-off.log", **settings, metrics_enabled="false"
     ) as off:
         _load(off, config, streams, 1, config.tokens)  # warm-up
@@ -376,7 +382,7 @@ def run(
     # 3. the server
     result["server"] = {}
     rounds = []
-    with Server(bundle, workdir / "server.log", **settings) as server:
+    with ServiceProcess(bundle, workdir / "server.log", **settings) as server:
         _load(server, config, 4, 1, 8)  # warm-up
         raw_at: dict[int, dict[str, Any]] = {}
         for streams, requests in sorted(config.ws_streams.items()):

@@ -110,7 +110,7 @@ def build_random_bundle(
 
     from export.bundle_writer import build_bundle
     from export.options import ExportOptions
-    from training.checkpoint import BEST, FORMAT, FORMAT_VERSION, TOKENIZER, save_checkpoint
+    from training.checkpoint import BEST, TOKENIZER, checkpoint_payload, save_checkpoint
     from training.model import LSTMConfig, RecipeLSTM
     from training.presets import TrainConfig
 
@@ -124,22 +124,13 @@ def build_random_bundle(
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         run.mkdir()
-        book_tokenizer(vocab_size).save(run / TOKENIZER)
-        # every key of the checkpoint format: an untrained run at epoch 0
-        save_checkpoint(
-            run / BEST,
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "model_config": config.to_dict(),
-                "model_state": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "train_config": train_config.to_dict(),
-                "tokenizer_file": TOKENIZER,
-                "epoch": 0,
-                "history": [],
-            },
+        tokenizer = book_tokenizer(vocab_size)
+        tokenizer.save(run / TOKENIZER)
+        # an untrained run at epoch 0
+        payload = checkpoint_payload(
+            model, optimizer, train_config.to_dict(), tokenizer, epoch=0, history=[]
         )
+        save_checkpoint(run / BEST, payload)
         work = Path(tmp) / "work"
         work.mkdir()
         options = ExportOptions(quantize="int8", data=int8_data) if int8_data else None

@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 import websockets
 
-from bench.server import Server
+from bench.procstat import rss_bytes
+from harness.server import ServiceProcess
 
 
 @dataclass
@@ -77,14 +78,14 @@ async def _client(url: str, tokens: int, deadline: float, result: SoakResult) ->
             await asyncio.sleep(0.1)
 
 
-async def _sample_rss(server: Server, deadline: float, result: SoakResult) -> None:
+async def _sample_rss(server: ServiceProcess, deadline: float, result: SoakResult) -> None:
     while time.monotonic() < deadline:
-        result.rss_samples_mb.append(round(server.rss() / 2**20, 2))
+        result.rss_samples_mb.append(round(rss_bytes(server.proc.pid) / 2**20, 2))
         await asyncio.sleep(1.0)
 
 
 async def soak(
-    server: Server, streams: int, seconds: float, tokens: int, warmup_s: float
+    server: ServiceProcess, streams: int, seconds: float, tokens: int, warmup_s: float
 ) -> SoakResult:
     result = SoakResult(streams=streams, seconds=seconds, warmup_s=warmup_s)
     started = time.monotonic()
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else args.seconds * 0.2
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(
+        server = ServiceProcess(
             args.bundle,
             Path(tmp) / "server.log",
             max_batch=str(max(args.streams, 1)),

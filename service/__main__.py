@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from service.runtime import Runtime
+from service.state import ServiceState
 
 logger = logging.getLogger("simmer")
 
@@ -30,7 +30,7 @@ class DrainingServer(uvicorn.Server):
     A second signal exits at once.
     """
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: ServiceState, grace_s: float) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.grace_s = grace_s

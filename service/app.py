@@ -20,6 +20,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.static_files import create_static_files_router
+from litestar.types import ControllerRouterHandler, ExceptionHandlersMap
 from pydantic import ValidationError
 
 from service.errors import DomainError, Rendered, render
@@ -28,9 +29,9 @@ from service.metrics import Metrics
 from service.openapi import complete_openapi
 from service.protocol import Limits, invalid_field, invalid_request_of
 from service.routes import http, openai, ws
-from service.runtime import Runtime
 from service.security import AccessMiddleware, KeyRing, RateLimiter
 from service.settings import Settings
+from service.state import ServiceState
 from simmer.bundle import ModelBundle
 
 logger = logging.getLogger("simmer")
@@ -54,7 +55,7 @@ _STATUS_CODES = {
 
 def _answer(request: Request[Any, Any, Any], error: Rendered) -> Response[dict[str, Any]]:
     """The one error answer; every /v1/ failure is counted by its code."""
-    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    runtime: ServiceState | None = getattr(request.app.state, "runtime", None)
     if runtime is not None and request.url.path.startswith("/v1/"):
         runtime.metrics.failure(error.code)
     return Response(error.body(), status_code=error.status, headers=error.headers or None)
@@ -98,11 +99,62 @@ async def playground() -> Response[bytes]:
     return Response(page.read_bytes(), media_type="text/html; charset=utf-8")
 
 
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="simmer",
+        version="0.1.0",
+        description="Stateful streaming generation with the book's recipe LSTM.",
+        path="/schema",
+        render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+    )
+
+
+ROUTES: list[ControllerRouterHandler] = [
+    playground,
+    http.generate,
+    http.create_session,
+    http.get_session,
+    http.delete_session,
+    http.export_session,
+    http.healthz,
+    http.readyz,
+    http.metrics,
+    ws.stream,
+    openai.completions,
+    openai.models,
+    create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False),
+]
+
+ERROR_HANDLERS: ExceptionHandlersMap = {
+    DomainError: handle_domain,
+    ValidationException: handle_validation,
+    ValidationError: handle_pydantic,
+    HTTPException: handle_http,
+    Exception: handle_internal,
+}
+
+
+def access_control(settings: Settings, metrics: Metrics) -> DefineMiddleware:
+    """API keys and rate limits, in front of every route."""
+    limiter = (
+        RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        if settings.rate_limit_per_s > 0
+        else None
+    )
+    return DefineMiddleware(
+        AccessMiddleware,
+        keys=KeyRing(settings.all_api_keys()),
+        limiter=limiter,
+        protect_metrics=settings.metrics_require_key,
+        on_reject=metrics.failure,
+    )
+
+
 def create_app(settings: Settings | None = None, bundle: ModelBundle | None = None) -> Litestar:
     """Build the app. `bundle`, when given, is an already verified bundle to serve."""
     settings = settings or Settings()
     metrics = Metrics(enabled=settings.metrics_enabled)
-    runtime = Runtime(
+    runtime = ServiceState(
         settings=settings,
         metrics=metrics,
         limits=Limits(
@@ -111,65 +163,23 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             default_max_tokens=settings.default_max_tokens,
         ),
     )
+    if settings.state_secret:
+        runtime.state_secret = settings.state_secret.encode()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with serving(runtime, bundle):
             yield
 
-    openapi = OpenAPIConfig(
-        title="simmer",
-        version="0.1.0",
-        description="Stateful streaming generation with the book's recipe LSTM.",
-        path="/schema",
-        render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
-    )
-    keys = KeyRing(settings.all_api_keys())
-    limiter = (
-        RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
-        if settings.rate_limit_per_s > 0
-        else None
-    )
-    access = DefineMiddleware(
-        AccessMiddleware,
-        keys=keys,
-        limiter=limiter,
-        protect_metrics=settings.metrics_require_key,
-        on_reject=metrics.failure,
-    )
     app = Litestar(
-        route_handlers=[
-            playground,
-            http.generate,
-            http.create_session,
-            http.get_session,
-            http.delete_session,
-            http.export_session,
-            http.healthz,
-            http.readyz,
-            http.metrics,
-            ws.stream,
-            openai.completions,
-            openai.models,
-            create_static_files_router(
-                path="/static", directories=[STATIC], include_in_schema=False
-            ),
-        ],
+        route_handlers=ROUTES,
         lifespan=[lifespan],
-        middleware=[access],
-        exception_handlers={
-            DomainError: handle_domain,
-            ValidationException: handle_validation,
-            ValidationError: handle_pydantic,
-            HTTPException: handle_http,
-            Exception: handle_internal,
-        },
-        openapi_config=openapi,
+        middleware=[access_control(settings, metrics)],
+        exception_handlers=ERROR_HANDLERS,
+        openapi_config=openapi_config(),
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
     complete_openapi(app, settings)
-    if settings.state_secret:
-        runtime.state_secret = settings.state_secret.encode()
     app.state.runtime = runtime
     return app

@@ -18,11 +18,12 @@ from pathlib import Path
 from service.engine.core import EngineCore, build_engine
 from service.engine.model import ModelSession
 from service.engine.output import Hooks, StepStats
-from service.generation.service import GenerationService, ModelShape
+from service.generation.service import GenerationService
+from service.generation.sessions import ModelShape
 from service.metrics import Metrics
-from service.runtime import Runtime
 from service.sessions import SessionStore, create_store, refresh_locks_forever, sweep_forever
 from service.settings import Settings
+from service.state import ServiceState
 from service.supervisor import Supervisor
 from simmer.bundle import ModelBundle, load_bundle
 
@@ -85,7 +86,7 @@ async def _open_bundle(given: ModelBundle | None, path: Path) -> ModelBundle:
 
 
 @asynccontextmanager
-async def serving(runtime: Runtime, bundle: ModelBundle | None) -> AsyncIterator[None]:
+async def serving(runtime: ServiceState, bundle: ModelBundle | None) -> AsyncIterator[None]:
     settings, metrics = runtime.settings, runtime.metrics
     supervisor = runtime.supervisor = Supervisor(
         on_failure=lambda name: metrics.task_failures.labels(name).inc()

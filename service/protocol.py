@@ -171,12 +171,6 @@ class WSGenerate(SamplingFields):
     type: Literal["generate"]
 
 
-class WSCancel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["cancel"]
-
-
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -203,21 +197,6 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     logprobs: list[TokenLogprobs] | None = None
-
-
-class TokenEventModel(BaseModel):
-    type: Literal["token"] = "token"
-    text: str
-    index: int
-    count: int = 1
-    logprobs: list[TokenLogprobs] | None = None
-
-
-class DoneEventModel(BaseModel):
-    type: Literal["done"] = "done"
-    finish_reason: FinishReason
-    usage: Usage
-    session_id: str
 
 
 class SessionCreate(BaseModel):

@@ -170,8 +170,3 @@ class Settings(BaseSettings):
                 if line and not line.startswith("#"):
                     keys.append(line)
         return keys
-
-    def redis_dsn_safe(self) -> str:
-        """The Redis URL without any password, for logs."""
-        _, sep, tail = self.redis_url.rpartition("@")
-        return f"redis://***@{tail}" if sep else self.redis_url

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.server import Server
-from bench.server import free_port as free_port  # the tests import it from here
+from harness.redis import RedisProcess, redis_answers
+from harness.server import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EPICURIOUS = Path(
@@ -55,71 +52,24 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Pat
     return out
 
 
-def _redis_answers(url: str) -> bool:
-    import redis
-
+def start_redis(workdir: Path, db: int = 0) -> RedisProcess:
+    """A started private redis-server; a test fails, with the reason, if it cannot start."""
+    redis_proc = RedisProcess(workdir, db)
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1)
-        ok = bool(client.ping())
-        client.close()
-        return ok
-    except redis.RedisError:
-        return False
-
-
-class RedisProcess:
-    """A private redis-server on a free port, which a test may kill and start again."""
-
-    def __init__(self, workdir: Path, db: int = 0) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/{db}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        server = shutil.which("redis-server")
-        if server is None:
-            pytest.fail("redis-server is not installed (make test installs it)")
-        self.proc = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not _redis_answers(self.url):
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail("private redis-server did not start")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
+        redis_proc.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    return redis_proc
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """SIMMER_TEST_REDIS_URL (default db 15 on 127.0.0.1:6379), or a private redis-server."""
     url = os.environ.get("SIMMER_TEST_REDIS_URL", DEFAULT_TEST_REDIS)
-    if _redis_answers(url):
+    if redis_answers(url):
         yield url
         return
-    private = RedisProcess(tmp_path_factory.mktemp("redis"), db=15)
-    private.start()
+    private = start_redis(tmp_path_factory.mktemp("redis"), db=15)
     yield private.url
     private.kill()
 
@@ -136,15 +86,23 @@ def clean_redis(redis_url: str) -> Iterator[str]:
     client.close()
 
 
-# One class starts real servers for the benchmark, the soak and these tests.
-ServerProcess = Server
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private redis-server of the test's own, which it may kill and start again."""
+    redis_proc = start_redis(tmp_path)
+    yield redis_proc
+    redis_proc.kill()
+
+
+# The name the tests know harness.server.ServiceProcess by.
+ServerProcess = ServiceProcess
 
 
 def launch_server(
     bundle: Path, log_dir: Path, wait: bool = True, module: str = "service", **settings: str
 ) -> ServerProcess:
     """A real `python -m service` (or `module`) with SIMMER_<KEY>=value for each keyword."""
-    server = Server(bundle, log_dir / f"server-{free_port()}.log", module, **settings)
+    server = ServiceProcess(bundle, log_dir / f"server-{free_port()}.log", module, **settings)
     if wait:
         try:
             server.wait_ready()

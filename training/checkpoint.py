@@ -44,6 +44,32 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line."""
 
 
+def checkpoint_payload(
+    model: RecipeLSTM,
+    optimizer: torch.optim.Optimizer,
+    train_config: dict[str, Any],
+    tokenizer: Tokenizer,
+    epoch: int,
+    history: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The checkpoint dict for `model` after `epoch` epochs, every required key filled;
+    `extra` adds the optional ones (step, best_val_loss, rng_state, corpus...)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": model.config.to_dict(),
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer_state": optimizer.state_dict(),
+        "train_config": train_config,
+        "tokenizer_file": TOKENIZER,
+        "tokenizer": tokenizer.to_dict(),
+        "epoch": epoch,
+        "history": history,
+        **extra,
+    }
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
     atomic_write(path, lambda handle: torch.save(payload, handle))

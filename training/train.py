@@ -41,12 +41,11 @@ from simmer.tokenizer import PAD_ID, Tokenizer
 from training.checkpoint import (
     BEST,
     CHECKPOINT,
-    FORMAT,
-    FORMAT_VERSION,
     METRICS,
     PLOT,
     TOKENIZER,
     CheckpointError,
+    checkpoint_payload,
     save_checkpoint,
 )
 from training.data import encode_windows, split_train_val
@@ -62,7 +61,7 @@ Progress = Callable[[int, int, dict[str, float]], None]
 
 # ---------------------------------------------------------------------------- runtime
 @dataclass(frozen=True)
-class Runtime:
+class Placement:
     """Where a run executes: its device and its place in a data-parallel world."""
 
     device: torch.device
@@ -99,7 +98,7 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def start_runtime(device: str = "auto") -> Runtime:
+def start_runtime(device: str = "auto") -> Placement:
     """The runtime for this process; under torchrun, join the process group first.
 
     torchrun passes RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in the
@@ -108,14 +107,14 @@ def start_runtime(device: str = "auto") -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device, local_rank)
     if not launched_by_torchrun():
-        return Runtime(chosen)
+        return Placement(chosen)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
-    return Runtime(chosen, rank=dist.get_rank(), world_size=dist.get_world_size())
+    return Placement(chosen, rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
-def stop_runtime(runtime: Runtime, finished: bool = True) -> None:
+def stop_runtime(runtime: Placement, finished: bool = True) -> None:
     """Leave the process group; after a clean finish, wait for every process first."""
     if runtime.distributed:
         if finished:
@@ -123,7 +122,7 @@ def stop_runtime(runtime: Runtime, finished: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def all_sum(runtime: Runtime, values: torch.Tensor) -> torch.Tensor:
+def all_sum(runtime: Placement, values: torch.Tensor) -> torch.Tensor:
     """`values` summed over every process (itself when not distributed)."""
     if runtime.distributed:
         values = values.clone()
@@ -193,7 +192,7 @@ def autocast(device: torch.device) -> AbstractContextManager[Any]:
 
 @torch.no_grad()
 def evaluate(
-    model: RecipeLSTM, windows: torch.Tensor, batch_size: int, runtime: Runtime
+    model: RecipeLSTM, windows: torch.Tensor, batch_size: int, runtime: Placement
 ) -> dict[str, float]:
     """Validation losses; each process takes every world_size-th window, then sums."""
     was_training = model.training
@@ -297,7 +296,7 @@ def train(
     progress: Progress | None = None,
     *,
     resume: dict[str, Any] | None = None,
-    runtime: Runtime | None = None,
+    runtime: Placement | None = None,
     tokenizer: Tokenizer | None = None,
 ) -> TrainResult:
     """Train on `texts`; write checkpoint, best checkpoint, tokenizer, metrics and plot.
@@ -307,7 +306,7 @@ def train(
     `tokenizer` fixes the vocabulary of a fresh run (default: learnt from the training
     split). Nothing is written to `out_dir` before the first epoch ends.
     """
-    rt = runtime or Runtime(torch.device("cpu"))
+    rt = runtime or Placement(torch.device("cpu"))
     out = Path(out_dir)
     torch.manual_seed(config.seed)
 
@@ -447,23 +446,19 @@ def train(
         rt.log(epoch_line(record, config.epochs))
         for temperature, text in record["samples"].items():
             rt.log(f"  sample T={temperature}: {text}")
-        payload = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_config": model_config.to_dict(),
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer_state": optimizer.state_dict(),
-            "train_config": config.to_dict(),
-            "tokenizer_file": TOKENIZER,
-            "tokenizer": tokenizer.to_dict(),
-            "epoch": epoch,
-            "step": step,
-            "history": history,
-            "best_val_loss": best,
-            "rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None,
-            "corpus": {"texts": len(texts), "fingerprint": fingerprint},
-        }
+        payload = checkpoint_payload(
+            model,
+            optimizer,
+            config.to_dict(),
+            tokenizer,
+            epoch,
+            history,
+            step=step,
+            best_val_loss=best,
+            rng_state=torch.get_rng_state(),
+            cuda_rng_state=torch.cuda.get_rng_state() if rt.device.type == "cuda" else None,
+            corpus={"texts": len(texts), "fingerprint": fingerprint},
+        )
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out / TOKENIZER)
         save_checkpoint(out / CHECKPOINT, payload)

@@ -38,8 +38,8 @@ class ModelOutput:
 
 @dataclass(frozen=True)
 class SoftmaxOutput(ModelOutput):
-    weights: np.ndarray  # (B, nb * width): softmax(logits * inv_t), zero past the vocabulary
-    sums: np.ndarray  # (B, nb) block sums of the weights
+    probs: np.ndarray  # (B, nb * width): softmax(logits * inv_t), zero past the vocabulary
+    sums: np.ndarray  # (B, nb) block sums of the probabilities
 
 
 class ModelSession:
@@ -114,8 +114,8 @@ class ModelSession:
         if self._run_softmax is None:
             raise RuntimeError("the bundle has no step_softmax graph")
         feeds = {"tokens": tokens, "h0": h, "c0": c, "inv_t": inv_t.reshape(-1, 1)}
-        logits, hn, cn, weights, sums = self._run_softmax(_SOFTMAX_OUTPUTS, feeds, None)
-        return SoftmaxOutput(logits, hn, cn, weights, sums)
+        logits, hn, cn, probs, sums = self._run_softmax(_SOFTMAX_OUTPUTS, feeds, None)
+        return SoftmaxOutput(logits, hn, cn, probs, sums)
 
     def warm_up(self, batches: tuple[int, ...] = (1, 8)) -> float:
         """Run a few steps so the first real request does not pay for allocation."""

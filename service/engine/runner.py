@@ -129,7 +129,7 @@ class ModelRunner:
                 fused = self.model.run_softmax(feed, h_in, c_in, rows.params.inv_t)
                 self.calls += 1
                 logits, h, c = fused.logits, fused.h, fused.c
-                sampled = pick_weighted(fused.weights, fused.sums, rows.rngs)
+                sampled = pick_weighted(fused.probs, fused.sums, rows.rngs)
             else:
                 out = self.model.run(feed, h_in, c_in)
                 self.calls += 1

@@ -16,7 +16,6 @@ import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable
-from dataclasses import dataclass
 
 from service.engine.core import EngineClosed, EngineCore, EngineDown
 from service.engine.output import TextStream
@@ -26,33 +25,21 @@ from service.errors import (
     EngineFailed,
     EngineUnavailable,
     InvalidRequest,
-    SessionBusy,
     SessionLockLost,
-    SessionModelMismatch,
     ShuttingDown,
-    session_expired,
-    session_not_found,
 )
 from service.generation.admission import Admission
 from service.generation.call import Call, context_of
 from service.generation.events import DoneEvent, Event, SessionEvent
 from service.generation.lease import SessionLease
 from service.generation.observer import GenerationObserver
+from service.generation.sessions import ModelShape, Sessions
 from service.metrics import Metrics
 from service.protocol import GenerationRequest
-from service.sessions import NO_TOKEN, SessionState, SessionStore, new_session_id
+from service.sessions import NO_TOKEN, SessionStore, new_session_id
 from simmer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What a session of the served model looks like."""
-
-    version: str
-    num_layers: int
-    hidden_size: int
 
 
 class GenerationService:
@@ -74,7 +61,7 @@ class GenerationService:
         self.metrics = metrics
         self.model = model
         self.max_prompt_tokens = max_prompt_tokens
-        self.session_ttl_s = session_ttl_s
+        self.sessions = Sessions(store, model, session_ttl_s, metrics)
         self.admission = Admission(engine.max_batch + max_waiting)
         self._calls: dict[str, Call] = {}  # by session id
         self._finishers: set[asyncio.Task[None]] = set()
@@ -86,51 +73,6 @@ class GenerationService:
     @property
     def draining(self) -> bool:
         return self.admission.draining
-
-    # --- sessions -------------------------------------------------------------------
-
-    async def load(self, session_id: str, owner: str) -> SessionState:
-        state = await self.store.get(session_id)
-        if state is None and await self.store.expired(session_id):
-            raise session_expired(session_id, self.session_ttl_s)
-        if state is None or state.owner != owner:
-            # another key's session looks exactly like a missing one: ids cannot be probed
-            raise session_not_found(session_id, self.session_ttl_s)
-        if state.model != self.model.version:
-            raise SessionModelMismatch(
-                f"session {session_id!r} belongs to model {state.model}, not {self.model.version}",
-                "session_id",
-            )
-        return state
-
-    def fresh_state(self, owner: str) -> SessionState:
-        model = self.model
-        return SessionState.fresh(model.num_layers, model.hidden_size, owner, model.version)
-
-    async def create_session(
-        self, owner: str, state: SessionState | None = None
-    ) -> tuple[str, SessionState]:
-        """A new session: fresh, or holding an imported state."""
-        session_id = new_session_id()
-        state = state or self.fresh_state(owner)
-        state.owner = owner
-        state.last_used = time.time()
-        await self.store.put(session_id, state)
-        self.metrics.sessions_created.inc()
-        return session_id, state
-
-    async def delete_session(self, session_id: str, owner: str) -> None:
-        await self.load(session_id, owner)
-        try:
-            async with SessionLease(self.store, session_id):
-                await self.store.delete(session_id)
-        except SessionBusy as exc:
-            raise SessionBusy(
-                f"session {session_id!r} is generating; cancel it first", exc.param
-            ) from exc
-
-    def expires_at(self, state: SessionState) -> float:
-        return state.last_used + self.session_ttl_s
 
     # --- control --------------------------------------------------------------------
 
@@ -184,10 +126,10 @@ class GenerationService:
         self.admission.check()
         if request.session_id is not None:
             session_id, created = request.session_id, False
-            state = await self.load(session_id, owner)
+            state = await self.sessions.load(session_id, owner)
         else:
             session_id, created = new_session_id(), True
-            state = self.fresh_state(owner)
+            state = self.sessions.fresh(owner)
         feed = ([state.pending] if state.pending != NO_TOKEN else []) + prompt_ids
         if not feed:
             raise InvalidRequest(

@@ -18,7 +18,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import DomainError, Rendered, render
 from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
-from service.portable import seal, unseal
 from service.protocol import (
     ErrorResponse,
     GenerateRequest,
@@ -28,7 +27,8 @@ from service.protocol import (
     SessionStateExport,
 )
 from service.routes.frames import done_json, logprobs_json, sse, token_json, usage_json
-from service.runtime import Runtime
+from service.sessions.portable import seal, unseal
+from service.state import ServiceState
 
 ERROR_DESCRIPTIONS = {
     400: "Malformed request body",
@@ -57,8 +57,8 @@ def owner_of(request: Request[Any, Any, Any]) -> str:
     return str(request.scope.get("simmer_owner", ""))
 
 
-def runtime_of(state: State) -> Runtime:
-    runtime: Runtime = state.runtime
+def runtime_of(state: State) -> ServiceState:
+    runtime: ServiceState = state.runtime
     return runtime
 
 
@@ -201,7 +201,7 @@ async def collect(
     return Collected(done, pieces, logprobs, offsets)
 
 
-def _info(runtime: Runtime, session_id: str, state: Any) -> SessionInfo:
+def _info(runtime: ServiceState, session_id: str, state: Any) -> SessionInfo:
     generation = runtime.service()
     return SessionInfo(
         session_id=session_id,
@@ -210,7 +210,7 @@ def _info(runtime: Runtime, session_id: str, state: Any) -> SessionInfo:
         pending_token=state.pending >= 0,
         created=state.created,
         last_used=state.last_used,
-        expires_at=generation.expires_at(state),
+        expires_at=generation.sessions.expires_at(state),
     )
 
 
@@ -234,7 +234,7 @@ async def create_session(
             generation.model.num_layers,
             generation.model.hidden_size,
         )
-    session_id, session = await generation.create_session(owner_of(request), imported)
+    session_id, session = await generation.sessions.create(owner_of(request), imported)
     return _info(runtime, session_id, session)
 
 
@@ -248,7 +248,7 @@ async def export_session(
 ) -> SessionStateExport:
     runtime = runtime_of(state)
     generation = runtime.service()
-    session = await generation.load(session_id, owner_of(request))
+    session = await generation.sessions.load(session_id, owner_of(request))
     blob = seal(session, runtime.state_secret, generation.model.version)
     return SessionStateExport(session_id=session_id, model=generation.model.version, state=blob)
 
@@ -258,7 +258,7 @@ async def get_session(
     session_id: str, state: State, request: Request[Any, Any, Any]
 ) -> SessionInfo:
     runtime = runtime_of(state)
-    session = await runtime.service().load(session_id, owner_of(request))
+    session = await runtime.service().sessions.load(session_id, owner_of(request))
     return _info(runtime, session_id, session)
 
 
@@ -269,7 +269,7 @@ async def get_session(
     responses=errors(404, 409, 503),
 )
 async def delete_session(session_id: str, state: State, request: Request[Any, Any, Any]) -> None:
-    await runtime_of(state).service().delete_session(session_id, owner_of(request))
+    await runtime_of(state).service().sessions.delete(session_id, owner_of(request))
 
 
 @get(

@@ -24,13 +24,13 @@ from service.generation.events import DoneEvent, SessionEvent, TokenEvent
 from service.protocol import WSGenerate, invalid_request_of
 from service.routes.frames import done_json, encode, token_json
 from service.routes.http import runtime_of
-from service.runtime import Runtime
+from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
 
 
 class _Connection:
-    def __init__(self, socket: WebSocket[Any, Any, Any], runtime: Runtime) -> None:
+    def __init__(self, socket: WebSocket[Any, Any, Any], runtime: ServiceState) -> None:
         self.socket = socket
         self.runtime = runtime
         self.session_id: str | None = None

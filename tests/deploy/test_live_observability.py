@@ -24,7 +24,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from tests.conftest import ServerProcess, free_port
+from harness.server import free_port
+from tests.conftest import ServerProcess
 from tests.deploy.deploy_assets import (
     JOB,
     PROMETHEUS_DIR,

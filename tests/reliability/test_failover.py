@@ -7,15 +7,14 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 
+from harness.redis import RedisProcess
 from service.settings import Settings
-from tests.conftest import RedisProcess, ServerProcess
+from tests.conftest import ServerProcess
 
 GREEDY = {"top_k": 1, "ignore_eos": True}
 PROMPT = "recipe for lemon tart |"
@@ -26,14 +25,6 @@ REFRESH_S = float(Settings.model_fields["session_lock_refresh_s"].default)
 # which left the replica before it was killed. The margin only covers that renewal still
 # being on its way to Redis, so it can be generous without weakening the test.
 MARGIN_S = 1.0
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    redis_proc = RedisProcess(tmp_path)
-    redis_proc.start()
-    yield redis_proc
-    redis_proc.kill()
 
 
 def generate(server: ServerProcess, **body: Any) -> httpx.Response:

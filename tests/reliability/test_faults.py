@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +19,11 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import ROOT, RedisProcess, ServerProcess, free_port
+from harness.redis import RedisProcess
+from harness.server import free_port
+from tests.conftest import ROOT, ServerProcess
 
 GREEDY = {"top_k": 1, "ignore_eos": True}
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    redis_proc = RedisProcess(tmp_path)
-    redis_proc.start()
-    yield redis_proc
-    redis_proc.kill()
 
 
 def generate(server: ServerProcess, **body: Any) -> dict[str, Any]:

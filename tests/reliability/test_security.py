@@ -239,8 +239,8 @@ def test_state_for_another_model_is_refused() -> None:
     import numpy as np
 
     from service.errors import InvalidState, render
-    from service.portable import seal, unseal
     from service.sessions import SessionState
+    from service.sessions.portable import seal, unseal
 
     state = SessionState.fresh(1, 8)
     state.h = np.ones((1, 8), np.float32)

@@ -26,7 +26,8 @@ from service.engine.runner import StepOutput
 from service.engine.sampler import RowParams, sample_rows
 from service.engine.scheduler import StepPlan
 from service.generation.events import DoneEvent, TokenEvent
-from service.generation.service import GenerationService, ModelShape
+from service.generation.service import GenerationService
+from service.generation.sessions import ModelShape
 from service.metrics import Metrics
 from service.protocol import MAX_INT32, MAX_SEED, Limits, SamplingFields
 from service.sessions import MemorySessionStore

@@ -12,7 +12,8 @@ from service.engine.core import EngineCore, build_engine
 from service.engine.model import ModelOutput, ModelSession
 from service.engine.params import SamplingParams, seeded_for
 from service.generation.events import DoneEvent, SessionEvent, TokenEvent
-from service.generation.service import GenerationService, ModelShape
+from service.generation.service import GenerationService
+from service.generation.sessions import ModelShape
 from service.metrics import Metrics
 from service.protocol import GenerationRequest
 from service.sessions import MemorySessionStore, SessionState

@@ -1,4 +1,4 @@
-"""What the app holds while it runs: built in the lifespan, read by the handlers."""
+"""The service's state while it runs: built in the lifespan, read by the handlers."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from simmer.bundle import ModelBundle
 
 
 @dataclass
-class Runtime:
+class ServiceState:
     settings: Settings
     metrics: Metrics
     limits: Limits

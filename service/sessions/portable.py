@@ -15,7 +15,7 @@ import hmac
 from dataclasses import replace
 
 from service.errors import InvalidState, StateModelMismatch
-from service.sessions import SessionState
+from service.sessions.state import SessionState
 
 MAGIC = b"SMRS"
 FORMAT = 1
