@@ -23,7 +23,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler, ExceptionHandlersMap
 from pydantic import ValidationError
 
-from service.errors import DomainError, Rendered, render
+from service.errors import INTERNAL, DomainError, Rendered, render
 from service.lifespan import serving
 from service.metrics import Metrics
 from service.openapi import complete_openapi
@@ -90,7 +90,7 @@ def handle_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 def handle_internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _answer(request, Rendered(500, "internal_error", "internal server error"))
+    return _answer(request, INTERNAL)
 
 
 @get("/", include_in_schema=False, media_type="text/html")

@@ -146,6 +146,9 @@ class Rendered:
         return error_event(self.code, self.message, self.param)
 
 
+INTERNAL = Rendered(500, "internal_error", "internal server error")  # a bug, said plainly
+
+
 def render(exc: DomainError) -> Rendered:
     entry = http_error(exc)
     headers = {**(entry.headers or {}), **exc.headers}

@@ -15,6 +15,7 @@ Nothing here knows about HTTP or onnxruntime.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ import numpy as np
 
 from service.engine.request import Request, RequestStatus, TopLogprobs
 from simmer.tokenizer import PAD_ID, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 # coalescing under load (see OutputProcessor.stride_for)
 COALESCE_MIN_BATCH = 8  # smaller batches always stream every token at once
@@ -139,22 +142,40 @@ class OutputProcessor:
         for row, request in enumerate(requests):
             if request.done:
                 continue  # ended by the loop after the worker took this step
-            request.status = RequestStatus.RUNNING
-            request._state = (h, c, row)
-            token = tokens[row]
-            if token == PAD_ID:
-                self.finish(request, "eos")
-                continue
-            if top and row in top:
-                request.top.append(top[row])
-            request.tokens.append(token)
-            reason = request.check(token) if request.check is not None else None
-            if reason is not None:
-                self.finish(request, reason)
-            elif len(request.tokens) >= request.max_new_tokens:
-                self.finish(request, "length")
-            elif stride == 1 or len(request.tokens) % stride == 1:
-                request.event.set()  # else its consumer is woken with the next tokens
+            try:
+                self._keep(request, row, tokens[row], h, c, top, stride)
+            except Exception:  # a stop check that raised, say: only this request fails
+                logger.exception("cannot apply a token to request %d", request.request_id)
+                self.finish(request, "error")
+                if self.hooks.on_failure is not None:
+                    self.hooks.on_failure()
+
+    def _keep(
+        self,
+        request: Request,
+        row: int,
+        token: int,
+        h: np.ndarray,
+        c: np.ndarray,
+        top: dict[int, TopLogprobs],
+        stride: int,
+    ) -> None:
+        """One row of a step: keep its token, or end the request."""
+        request.status = RequestStatus.RUNNING
+        request._state = (h, c, row)
+        if token == PAD_ID:
+            self.finish(request, "eos")
+            return
+        if top and row in top:
+            request.top.append(top[row])
+        request.tokens.append(token)
+        reason = request.check(token) if request.check is not None else None
+        if reason is not None:
+            self.finish(request, reason)
+        elif len(request.tokens) >= request.max_new_tokens:
+            self.finish(request, "length")
+        elif stride == 1 or len(request.tokens) % stride == 1:
+            request.event.set()  # else its consumer is woken with the next tokens
 
     def stride_for(self, batch: int, worker_cpu: float) -> int:
         """The stride for this step: wake each stream's consumer every `stride` tokens.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import DomainError, Rendered, render
+from service.errors import INTERNAL, DomainError, Rendered, render
 from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
 from service.protocol import (
     ErrorResponse,
@@ -38,8 +39,11 @@ ERROR_DESCRIPTIONS = {
     413: "Request body too large",
     422: "Invalid field; `param` names it",
     429: "Rate limited; see Retry-After",
+    500: "The engine failed during this generation (engine_error)",
     503: "Overloaded, shutting down, not ready, or the session store is unavailable",
 }
+
+logger = logging.getLogger(__name__)
 
 
 def errors(*codes: int) -> dict[int, ResponseSpec]:
@@ -50,7 +54,7 @@ def errors(*codes: int) -> dict[int, ResponseSpec]:
     }
 
 
-V1_ERRORS = (400, 404, 409, 413, 422, 503)
+V1_ERRORS = (400, 404, 409, 413, 422, 500, 503)
 
 
 def owner_of(request: Request[Any, Any, Any]) -> str:
@@ -82,6 +86,10 @@ async def sse_stream(
         error = render(exc)
         on_error(error.code)
         yield sse(error.event())
+    except Exception:  # a bug: the client still gets an error event and the stream ends
+        logger.exception("stream failed")
+        on_error(INTERNAL.code)
+        yield sse(INTERNAL.event())
     finally:
         await events.aclose()
 

@@ -7,6 +7,7 @@ Unknown fields are accepted and ignored, as OpenAI clients send extras.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -15,7 +16,7 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from service.errors import DomainError, ModelNotFound, render
+from service.errors import INTERNAL, DomainError, ModelNotFound, render
 from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
 from service.protocol import CompletionRequest, now, openai_finish_reason
 from service.routes.frames import SSE_DONE, sse, usage_json
@@ -28,6 +29,8 @@ from service.routes.http import (
     owner_of,
     runtime_of,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _logprobs(steps: list[Logprob], offsets: list[int] | tuple[int, ...]) -> dict[str, Any]:
@@ -92,6 +95,10 @@ async def _openai_stream(
         error = render(exc)
         on_error(error.code)
         yield sse({"error": error.event()})
+    except Exception:  # a bug: the client still gets an error chunk and the stream ends
+        logger.exception("stream failed")
+        on_error(INTERNAL.code)
+        yield sse({"error": INTERNAL.event()})
     finally:
         await events.aclose()
     yield SSE_DONE

@@ -19,7 +19,7 @@ from litestar import WebSocket, websocket
 from litestar.datastructures import State
 from pydantic import ValidationError
 
-from service.errors import DomainError, InvalidRequest, Rendered, SessionBusy, render
+from service.errors import INTERNAL, DomainError, InvalidRequest, Rendered, SessionBusy, render
 from service.generation.events import DoneEvent, SessionEvent, TokenEvent
 from service.protocol import WSGenerate, invalid_request_of
 from service.routes.frames import done_json, encode, token_json
@@ -83,7 +83,7 @@ class _Connection:
             # anything else is a bug: the client hears of it, the connection stays usable
             logger.exception("WebSocket generation failed")
             self._failed(created)
-            await self.error(Rendered(500, "internal_error", "internal server error"))
+            await self.error(INTERNAL)
         finally:
             self.generating = False
 
