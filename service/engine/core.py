@@ -259,6 +259,8 @@ class EngineCore:
     def _take_commands(self, block: bool) -> bool:
         """Hand queued commands to the scheduler; with `block`, wait for the first one.
         False once Close has come."""
+        if not block and self._inbox.empty():
+            return True  # the common case between steps: nothing to take
         try:
             command = self._inbox.get() if block else self._inbox.get_nowait()
         except queue.Empty:

@@ -46,6 +46,7 @@ class Scheduler:
     _running: dict[int, _Running] = field(default_factory=dict)  # by request_id, in order
     _free: list[int] = field(default_factory=list)
     _changed: bool = True
+    _steady: StepPlan | None = None  # the plan while the running set stays the same
 
     def __post_init__(self) -> None:
         self._free = list(range(self.max_batch - 1, -1, -1))
@@ -81,6 +82,7 @@ class Scheduler:
             self._running[request.request_id] = _Running(request, slot)
             admitted.append((request, slot))
             self._changed = True
+            self._steady = None
         return admitted
 
     def refuse(self, request: Request) -> None:
@@ -91,15 +93,15 @@ class Scheduler:
         """The next step over every running request, or None when nothing runs."""
         if not self._running:
             return None
+        if not self._changed and self._steady is not None:
+            return self._steady  # every row is fed already: no prefill, no change
         running = list(self._running.values())
-        plan = StepPlan(
-            requests=[entry.request for entry in running],
-            slots=np.array([entry.slot for entry in running], np.int64),
-            prefill=[row for row, entry in enumerate(running) if entry.sampled == 0],
-            changed=self._changed,
-        )
+        requests = [entry.request for entry in running]
+        slots = np.array([entry.slot for entry in running], np.int64)
+        prefill = [row for row, entry in enumerate(running) if entry.sampled == 0]
         self._changed = False
-        return plan
+        self._steady = StepPlan(requests, slots, [], changed=False)
+        return StepPlan(requests, slots, prefill, changed=True)
 
     def update(self, plan: StepPlan, tokens: list[int]) -> None:
         """After a step: count each row's token; retire those that ended (stop token,
@@ -123,6 +125,7 @@ class Scheduler:
         entry = self._running.pop(request_id)
         self._free.append(entry.slot)
         self._changed = True
+        self._steady = None
 
 
 def queue_time(request: Request) -> float:
