@@ -93,7 +93,7 @@ class StoreUnavailable(DomainError):
 
 
 @dataclass(frozen=True)
-class HTTPError:
+class HTTPAnswer:
     status: int
     code: str
     headers: dict[str, str] | None = None
@@ -101,32 +101,32 @@ class HTTPError:
 
 RETRY = {"Retry-After": "1"}
 
-HTTP_ERRORS: dict[type[DomainError], HTTPError] = {
-    Unauthorized: HTTPError(401, "unauthorized", {"WWW-Authenticate": "Bearer"}),
-    RateLimited: HTTPError(429, "rate_limited"),
-    InvalidRequest: HTTPError(422, "invalid_request"),
-    InvalidState: HTTPError(400, "invalid_state"),
-    StateModelMismatch: HTTPError(400, "state_model_mismatch"),
-    SessionNotFound: HTTPError(404, "session_not_found"),
-    ModelNotFound: HTTPError(404, "model_not_found"),
-    SessionBusy: HTTPError(409, "session_busy"),
-    SessionModelMismatch: HTTPError(409, "session_model_mismatch"),
-    SessionLockLost: HTTPError(409, "session_lock_lost"),
-    EngineFailed: HTTPError(500, "engine_error"),
-    Overloaded: HTTPError(503, "overloaded", RETRY),
-    ShuttingDown: HTTPError(503, "shutting_down", RETRY),
-    NotReady: HTTPError(503, "not_ready", RETRY),
-    EngineUnavailable: HTTPError(503, "engine_unavailable", RETRY),
-    StoreUnavailable: HTTPError(503, "store_unavailable", RETRY),
+HTTP_ERRORS: dict[type[DomainError], HTTPAnswer] = {
+    Unauthorized: HTTPAnswer(401, "unauthorized", {"WWW-Authenticate": "Bearer"}),
+    RateLimited: HTTPAnswer(429, "rate_limited"),
+    InvalidRequest: HTTPAnswer(422, "invalid_request"),
+    InvalidState: HTTPAnswer(400, "invalid_state"),
+    StateModelMismatch: HTTPAnswer(400, "state_model_mismatch"),
+    SessionNotFound: HTTPAnswer(404, "session_not_found"),
+    ModelNotFound: HTTPAnswer(404, "model_not_found"),
+    SessionBusy: HTTPAnswer(409, "session_busy"),
+    SessionModelMismatch: HTTPAnswer(409, "session_model_mismatch"),
+    SessionLockLost: HTTPAnswer(409, "session_lock_lost"),
+    EngineFailed: HTTPAnswer(500, "engine_error"),
+    Overloaded: HTTPAnswer(503, "overloaded", RETRY),
+    ShuttingDown: HTTPAnswer(503, "shutting_down", RETRY),
+    NotReady: HTTPAnswer(503, "not_ready", RETRY),
+    EngineUnavailable: HTTPAnswer(503, "engine_unavailable", RETRY),
+    StoreUnavailable: HTTPAnswer(503, "store_unavailable", RETRY),
 }
 
 
-def http_error(exc: DomainError) -> HTTPError:
+def http_error(exc: DomainError) -> HTTPAnswer:
     """The table's entry for `exc`: its own class's, else its nearest base's."""
     for kind in type(exc).__mro__:
         if kind in HTTP_ERRORS:
             return HTTP_ERRORS[kind]
-    return HTTPError(500, "internal_error")
+    return HTTPAnswer(500, "internal_error")
 
 
 @dataclass(frozen=True)

@@ -133,4 +133,5 @@ async def serving(runtime: ServiceState, bundle: ModelBundle | None) -> AsyncIte
         runtime.ready = False
         await supervisor.close()
         await engine.close()
+        await generation.wait_finishers(timeout_s=5.0)  # their saves, before the store closes
         await store.close()

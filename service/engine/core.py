@@ -68,6 +68,16 @@ class Close:
 Command = Submit | Cancel | Close
 
 
+@dataclass(frozen=True)
+class Load:
+    """The scheduler's counts as the worker last reported them."""
+
+    running: int = 0
+    waiting: int = 0  # seen by the worker, no slot yet
+    free: int = 0
+    seen: int = 0  # submissions the worker has taken from its inbox so far
+
+
 @dataclass
 class StepResult:
     """What the worker hands the loop after a step, or with nothing but news."""
@@ -78,6 +88,7 @@ class StepResult:
     refused: list[Request] = field(default_factory=list)  # could not be loaded: "error"
     failed: bool = False  # the step raised: every request in `requests` ends with "error"
     cpu: float = 0.0  # the worker thread's CPU seconds since its previous result
+    load: Load = field(default_factory=Load)  # the scheduler once this result was made
 
 
 class EngineCore:
@@ -95,23 +106,30 @@ class EngineCore:
         self._progress_at = time.monotonic()  # the worker's last sign of life
         self._cpu_at = 0.0
         self._ids = itertools.count(1)
+        self._submitted = 0  # loop side: submissions so far
+        self._seen = 0  # worker side: submissions taken from the inbox
+        self._load = Load(free=max_batch)  # loop side: the last load the worker reported
+        # every request the loop ends (a stop string, a cancel...) frees its slot too
+        output.release = lambda request: self._inbox.put(Cancel(request))
 
     # --- the event loop's side ------------------------------------------------------
 
     @property
     def num_running(self) -> int:
-        return self.scheduler.num_running
+        return self._load.running
 
     @property
     def num_waiting(self) -> int:
-        return max(0, len(self.output.live) - self.scheduler.num_running)
+        """Waiting for a slot, or not yet seen by the worker."""
+        return self._load.waiting + self._submitted - self._load.seen
 
     @property
     def free_slots(self) -> int:
-        return self.scheduler.free_slots
+        return self._load.free
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.output.start()
         self._thread = threading.Thread(target=self._work_loop, name="simmer-engine", daemon=True)
         self._thread.start()
 
@@ -125,16 +143,14 @@ class EngineCore:
         request.request_id = next(self._ids)
         request.enqueued_at = time.perf_counter()
         self.output.track(request)
+        self._submitted += 1
         self._inbox.put(Submit(request))
         return request
 
     def cancel(self, request: Request, reason: str = "cancelled") -> None:
         """End `request` now with `reason` (its state is that of its last kept token);
         the worker frees its slot before its next step."""
-        if request.done:
-            return
         self.output.finish(request, reason)
-        self._inbox.put(Cancel(request))
 
     async def close(self, join_timeout_s: float = 10.0) -> None:
         """Stop the worker and end what it held with "shutdown". A worker hung inside a
@@ -148,7 +164,12 @@ class EngineCore:
     def _deliver(self, result: StepResult) -> None:
         """Apply one result on the event loop, then let the worker run one step further."""
         try:
+            self._load = result.load
             self._apply(result)
+        except Exception:  # a hook that raised, say: its requests fail, the loop goes on
+            logger.exception("cannot apply an engine step; ending its requests")
+            for request in [*result.requests, *result.refused]:
+                self.output.finish(request, "error")
         finally:
             self._in_flight.release()
 
@@ -168,7 +189,6 @@ class EngineCore:
         step = result.output
         if step is None:
             return
-        output.steps += 1
         if hooks.on_step is not None:
             hooks.on_step(StepStats(len(result.requests), step.seconds))
         tokens = step.tokens.tolist()
@@ -233,22 +253,23 @@ class EngineCore:
     def _work_pass(self) -> bool:
         """One pass; False once closed (or the loop is gone)."""
         idle = not self.scheduler.num_running and not self.scheduler.num_waiting
-        if not self._take_commands(block=idle):
+        taken = self._take_commands(block=idle)
+        if taken is None:
             return False
         admitted, refused = self._admit()
-        plan = self.scheduler.plan()
-        if plan is None:
-            return self._post(StepResult([], None, admitted, refused)) if refused else True
         try:
+            plan = self.scheduler.plan()
+            if plan is None:
+                # nothing to step; the loop still hears of what changed (counts, refusals)
+                news = StepResult([], None, admitted, refused)
+                return self._post(news) if taken or refused else True
             out = self._step(plan)
-        except Exception:
-            logger.exception("engine step failed; ending %d requests", len(plan.requests))
-            self.runner.drop()
-            failed = self.scheduler.clear()
-            result = StepResult(failed, None, admitted, refused, failed=True)
-        else:
             self.scheduler.update(plan, out.tokens.tolist())
             result = StepResult(plan.requests, out, admitted, refused)
+        except Exception:
+            logger.exception("engine step failed; ending the running requests")
+            self.runner.drop()
+            result = StepResult(self.scheduler.clear(), None, admitted, refused, failed=True)
         now = time.thread_time()
         result.cpu, self._cpu_at = now - self._cpu_at, now
         return self._post(result)
@@ -256,27 +277,30 @@ class EngineCore:
     def _step(self, plan: StepPlan) -> StepOutput:
         return self.runner.execute(plan)
 
-    def _take_commands(self, block: bool) -> bool:
+    def _take_commands(self, block: bool) -> int | None:
         """Hand queued commands to the scheduler; with `block`, wait for the first one.
-        False once Close has come."""
+        How many it took, or None once Close has come."""
         if not block and self._inbox.empty():
-            return True  # the common case between steps: nothing to take
+            return 0  # the common case between steps: nothing to take
         try:
             command = self._inbox.get() if block else self._inbox.get_nowait()
         except queue.Empty:
-            return True
+            return 0
         self._progress_at = time.monotonic()
+        taken = 0
         while True:
             if isinstance(command, Close):
-                return False
+                return None
+            taken += 1
             if isinstance(command, Submit):
+                self._seen += 1
                 self.scheduler.add(command.request)
             else:
                 self.scheduler.cancel(command.request)
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
-                return True
+                return taken
 
     def _admit(self) -> tuple[list[float], list[Request]]:
         """Load newly admitted requests into their slots: their queue times, and those
@@ -299,6 +323,10 @@ class EngineCore:
 
     def _post(self, result: StepResult) -> bool:
         """Hand a result to the loop, waiting while PIPELINE_DEPTH are unapplied."""
+        scheduler = self.scheduler
+        result.load = Load(
+            scheduler.num_running, scheduler.num_waiting, scheduler.free_slots, self._seen
+        )
         self._in_flight.acquire()
         loop = self._loop
         try:

@@ -1,7 +1,8 @@
 """The output processor, on the event loop: step results become kept tokens.
 
 For each result the engine core posts, it appends every row's token to its request,
-checks the stop token, stop strings (`TextStream`, through the request's `check`),
+checks the stop token, stop strings (`service.engine.text.TextStream`, through the
+request's `check`),
 the token limit and cancellation, and wakes the request's consumer. A request it ends
 keeps the state of the step whose token it kept last, plus that token as its pending
 feed, so its session is exactly what the kept tokens imply; tokens the worker sampled
@@ -18,12 +19,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from service.engine.request import Request, RequestStatus, TopLogprobs
-from simmer.tokenizer import PAD_ID, Tokenizer
+from simmer.tokenizer import PAD_ID
 
 logger = logging.getLogger(__name__)
 
@@ -49,57 +50,22 @@ class Hooks:
     on_failure: Callable[[], None] | None = None  # a failed step or a refused request
 
 
-@dataclass
-class TextStream:
-    """Incremental detokenisation with stop strings, one request's `check`."""
-
-    tokenizer: Tokenizer
-    prev: int | None  # the two tokens before the next one, oldest first, for spacing
-    last: int | None
-    stop: tuple[str, ...]
-    text: str = ""
-    ends: list[int] = field(default_factory=list)  # the text's length after each token
-    cut: int | None = None  # where a stop string begins
-
-    def add(self, token: int) -> str | None:
-        piece = self.tokenizer.piece(self.prev, self.last, token)
-        self.prev, self.last = self.last, token
-        self.text += piece
-        self.ends.append(len(self.text))
-        if self.stop:
-            window = max(map(len, self.stop)) + len(piece)
-            start = max(0, len(self.text) - window)
-            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
-            if hits:
-                self.cut = min(hits)
-                return "stop"
-        return None
-
-    def safe_length(self, done: bool) -> int:
-        """How much text may be shown: all when done, else all but a possible stop prefix."""
-        if self.cut is not None:
-            return self.cut
-        if done or not self.stop:
-            return len(self.text)
-        hold = 0
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(stop[:n]):
-                    hold = max(hold, n)
-                    break
-        return len(self.text) - hold
-
-
 class OutputProcessor:
     def __init__(self, hooks: Hooks | None = None, max_stride: int = 16) -> None:
         self.hooks = hooks or Hooks()
         self.max_stride = max_stride
         self.live: dict[int, Request] = {}  # submitted and not finished, by request_id
-        self.steps = 0  # steps applied
+        # told of every request this ends, so the worker frees its slot (set by the core)
+        self.release: Callable[[Request], None] | None = None
         self._stride = 1
         self._loop_share = 0.0
         self._loop_cpu_at = time.thread_time()
         self._until_adjust = COALESCE_EVERY
+
+    def start(self) -> None:
+        """On the event loop's thread, before the first result: coalescing measures the
+        CPU time of this thread."""
+        self._loop_cpu_at = time.thread_time()
 
     def track(self, request: Request) -> None:
         self.live[request.request_id] = request
@@ -119,6 +85,8 @@ class OutputProcessor:
         request.status = RequestStatus.FINISHED
         self.live.pop(request.request_id, None)
         request.event.set()
+        if self.release is not None:
+            self.release(request)
 
     def finish_all(self, reason: str) -> int:
         """End every live request with `reason`; returns how many."""

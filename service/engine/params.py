@@ -37,8 +37,8 @@ class SamplingParams:
 
     @property
     def inv_temperature(self) -> float:
-        """1/T, or 1 for greedy rows (whose distribution is reported at T = 1)."""
-        return 1.0 if self.temperature < MIN_TEMPERATURE else 1.0 / self.temperature
+        """1/T, or 1 for greedy requests (which never sample)."""
+        return 1.0 if self.greedy else 1.0 / self.temperature
 
 
 def seeded_for(params: SamplingParams, context_tokens: int) -> SamplingParams:

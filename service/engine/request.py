@@ -1,9 +1,11 @@
 """A generation in flight, as the engine sees it: a `Request` with a status.
 
 The event loop owns a request. The engine core's worker thread reads the fields set
-before submission (feed, state, params, limits) and never writes to the request: what
-it learns it sends back in step results, and what the loop decides (a cancel, a stop
-string) it sends to the worker as commands. So nothing here is shared mutable state.
+before submission (feed, state, params, limits) and writes only the request's own
+random generator (`rng`, which only it uses); what it learns it sends back in step
+results, and what the loop decides (a cancel, a stop string) it sends to the worker as
+commands. The loop writes the final `h`, `c` and `feed` when the request finishes: the
+worker read them when it loaded the request into its slot, before its first step.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ class ModelRunner:
         self._h[:, slot] = request.h
         self._c[:, slot] = request.c
         self._greedy[slot] = params.greedy
-        self._inv_t[slot] = 1.0 if params.greedy else params.inv_temperature
+        self._inv_t[slot] = params.inv_temperature
         # k at or above the vocabulary keeps every word, as k = 0 does
         self._top_k[slot] = params.top_k if params.top_k < self.model.vocab_size else 0
         self._top_p[slot] = params.top_p

@@ -221,20 +221,10 @@ class RowParams:
     def of(cls, params: list[SamplingParams]) -> RowParams:
         top_k = np.array([p.top_k for p in params], dtype=np.int64)
         greedy = np.array([p.greedy for p in params], dtype=bool)
-        inv_t = np.array([1.0 if p.greedy else p.inv_temperature for p in params], np.float32)
+        inv_t = np.array([p.inv_temperature for p in params], np.float32)
         top_p = np.array([p.top_p for p in params], dtype=np.float64)
         seeded = np.array([p.seed is not None for p in params], dtype=bool)
         return cls(inv_t, top_k, top_p, greedy, seeded)
-
-    @classmethod
-    def concat(cls, parts: list[RowParams]) -> RowParams:
-        return cls(
-            inv_t=np.concatenate([p.inv_t for p in parts]),
-            top_k=np.concatenate([p.top_k for p in parts]),
-            top_p=np.concatenate([p.top_p for p in parts]),
-            greedy=np.concatenate([p.greedy for p in parts]),
-            seeded=np.concatenate([p.seeded for p in parts]),
-        )
 
 
 def _sample_full(

@@ -14,7 +14,6 @@ between steps back into the slots before anything is loaded into them.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -126,8 +125,3 @@ class Scheduler:
         self._free.append(entry.slot)
         self._changed = True
         self._steady = None
-
-
-def queue_time(request: Request) -> float:
-    """Seconds since the request was submitted."""
-    return time.perf_counter() - request.enqueued_at

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from service.engine.output import TextStream
 from service.engine.request import Request, TopLogprobs
+from service.engine.text import TextStream
 from service.generation.events import Logprob, TokenEvent
 from service.generation.lease import SessionLease
 from service.generation.observer import GenerationObserver

@@ -18,9 +18,9 @@ import time
 from collections.abc import AsyncGenerator, Awaitable
 
 from service.engine.core import EngineClosed, EngineCore, EngineDown
-from service.engine.output import TextStream
 from service.engine.params import seeded_for
 from service.engine.request import Request
+from service.engine.text import TextStream
 from service.errors import (
     EngineFailed,
     EngineUnavailable,
@@ -189,18 +189,24 @@ class GenerationService:
 
     async def _events(self, call: Call) -> AsyncGenerator[Event, None]:
         request = call.request
-        handed_off = False
+        handed_off = saving_started = False
         try:
             yield SessionEvent(call.session_id, call.created)
-            while not request.done:
+            while True:
                 await request.event.wait()
                 request.event.clear()
+                # whether it was done *before* this event: tokens kept while the consumer
+                # was away at the yield below still go out with the next event
+                done = request.done
                 event = call.next_event()
                 if event is not None:
                     yield event
+                if done:
+                    break
             if request.finish_reason == "error":
                 # the engine failed this step: the session stays as its last call left it
                 raise EngineFailed("the engine failed during this generation")
+            saving_started = True
             saving = asyncio.ensure_future(self._save(call))
             try:
                 await asyncio.shield(saving)
@@ -228,6 +234,10 @@ class GenerationService:
                 self.engine.cancel(request)
                 handed_off = True
                 self._finish_later(call, self._save(call))
+            elif not saving_started and request.finish_reason != "error":
+                # it finished, but its consumer went away before the session was saved
+                handed_off = True
+                self._finish_later(call, self._save(call))
             if not handed_off:
                 self._retire(call)
 
@@ -239,6 +249,11 @@ class GenerationService:
                 f"session {call.session_id!r} lost its generation lock; this call was not saved",
                 "session_id",
             )
+
+    async def wait_finishers(self, timeout_s: float) -> None:
+        """Let the sessions still being saved for gone clients be written (at shutdown)."""
+        if self._finishers:
+            await asyncio.wait(set(self._finishers), timeout=timeout_s)
 
     def _retire(self, call: Call) -> None:
         if self._calls.get(call.session_id) is call:

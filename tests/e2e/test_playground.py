@@ -125,10 +125,13 @@ def test_generate_streams_word_by_word_and_continue_extends_the_same_session(
     generate_and_wait(page)
 
     # The output grew once per token event as the events arrived, never all at once.
+    # (How many events carry the 60 tokens depends on how fast the page reads them: a
+    # stream that falls behind gets several tokens per event, so only the growth per
+    # event is asserted, not a count of events.)
     tokens = log.of_type("token")
     lengths: list[int] = page.evaluate("window.outputLengths")
     text = page.get_by_test_id("output").text_content() or ""
-    assert len(tokens) >= 10
+    assert tokens and sum(t["count"] for t in tokens) == 60
     assert lengths == sorted(lengths)
     assert len(set(lengths)) == len(tokens) + 1  # the prompt, then each token event
     assert lengths[-1] == len(text)

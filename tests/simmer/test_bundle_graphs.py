@@ -24,6 +24,7 @@ from simmer.bundle import (
     sha256_file,
     write_bundle,
 )
+from tests.simmer.test_bundle import refusal
 
 ALL = (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE)
 
@@ -39,14 +40,6 @@ def edit_manifest(bundle: Path, edit: Callable[[dict[str, Any]], object]) -> Non
     manifest = json.loads((bundle / MANIFEST).read_text())
     edit(manifest)
     (bundle / MANIFEST).write_text(json.dumps(manifest))
-
-
-def refusal(path: Path) -> str:
-    with pytest.raises(BundleError) as caught:
-        load_bundle(path)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
 
 
 def vocab_of(bundle: Path) -> int:

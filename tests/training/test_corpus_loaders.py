@@ -1,20 +1,16 @@
-"""Corpus loaders, the book's tokenizer on its own example, windows and the split."""
+"""Corpus loaders, windows of tokens and the train/validation split."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from simmer.tokenizer import PAD, UNK, Tokenizer
+from simmer.tokenizer import Tokenizer
 from training.data import CorpusError, encode_windows, load_corpus, split_train_val
-
-BOOK_EXAMPLE = "Recipe for Roasted Vegetables | Chop 1/4 cup."
 
 # Invented recipes, in the Kaggle Epicurious schema (with the fields a loader ignores).
 INVENTED: list[dict[str, Any]] = [
@@ -43,33 +39,6 @@ INVENTED_KEPT = [
     "Recipe for Toast With Jam | Toast the bread. Spread 1/4 cup jam on top.",
     "Recipe for Buttered Peas | 1. Boil the peas for 3 minutes. 2. Drain; add butter!",
 ]
-
-
-def test_book_example_tokenizes_like_the_book() -> None:
-    tokenizer = Tokenizer.train([BOOK_EXAMPLE], vocab_size=100)
-    ids = tokenizer.encode(BOOK_EXAMPLE)
-    words = [tokenizer.id_to_word(i) for i in ids]
-    assert words == [
-        "recipe", "for", "roasted", "vegetables", "|", "chop", "1", "/", "4", "cup", ".",
-    ]  # fmt: skip
-    assert tokenizer.decode(ids) == "recipe for roasted vegetables | chop 1/4 cup."
-
-
-def test_vocabulary_keeps_the_most_frequent_words_after_pad_and_unk(tmp_path: Path) -> None:
-    texts = ["stir stir stir the pot", "stir the soup", "bake"]
-    tokenizer = Tokenizer.train(texts, vocab_size=4)
-    assert tokenizer.vocab == [PAD, UNK, "stir", "the"]
-    assert tokenizer.encode("Bake the SOUP") == [1, 3, 1]
-    tokenizer.save(tmp_path / "tokenizer.json")
-    saved = json.loads((tmp_path / "tokenizer.json").read_text())
-    assert saved["vocab"] == tokenizer.vocab
-    assert saved["lowercase"] is True
-    assert Tokenizer.load(tmp_path / "tokenizer.json") == tokenizer
-
-
-def test_tokenizer_imports_without_torch() -> None:
-    code = "import sys, simmer.tokenizer; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_epicurious_loader_formats_and_drops_unusable_recipes(write_json: Any) -> None:

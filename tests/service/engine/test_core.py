@@ -374,3 +374,26 @@ def test_a_dead_worker_fails_its_work_refuses_more_and_shows_as_stalled(
     assert not alive
     assert stalled > 0  # work waits on a worker that will never step again
     assert [seq.finish_reason for seq in seqs] == ["error", "error"]
+
+
+def test_a_request_the_loop_stops_frees_its_slot_within_the_pipeline_depth(
+    engine: CountingModel,
+) -> None:
+    async def main() -> tuple[Request, int]:
+        scheduler = build_engine(engine, 8)
+        scheduler.start()
+        request = _seq(engine, [5], 200)
+        request.check = lambda token: "stop"  # a stop string at the first token
+        await _run_all(scheduler, [request])
+        while scheduler.num_running:  # noqa: ASYNC110 - the worker reports its counts
+            await asyncio.sleep(0.001)
+        free = scheduler.free_slots
+        await scheduler.close()
+        return request, free
+
+    engine.calls = []
+    request, free = asyncio.run(main())
+    assert request.finish_reason == "stop" and len(request.tokens) == 1
+    assert free == 8
+    # the worker may have run ahead by the pipeline depth, never to max_new_tokens
+    assert len(engine.calls) <= PIPELINE_DEPTH + 3

@@ -138,3 +138,32 @@ def test_a_consumer_cancelled_while_its_session_is_written_loses_nothing(
     assert locks_ok  # nobody could continue from the state before the write
     assert state is not None  # the write was not cut short
     assert state.n_tokens == prompt_tokens + 6
+
+
+def test_a_slow_consumer_still_receives_every_token_and_all_the_text(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    engine = ModelSession(bundle, ["CPUExecutionProvider"])
+    greedy = SamplingParams(top_k=1, ignore_eos=True)
+
+    async def run(delay_s: float) -> list[tuple[str, int, int]]:
+        scheduler = build_engine(engine, 4)
+        scheduler.start()
+        service = _service(scheduler, MemorySessionStore(60, 10), bundle)
+        calls = []
+        for prompt in ("recipe for soup |", "recipe for bread |", "recipe for tea |"):
+            text, streamed, done_count = "", 0, -1
+            request = GenerationRequest(prompt, None, max_tokens=16, sampling=greedy)
+            async for event in service.generate(request):
+                if isinstance(event, TokenEvent):
+                    text += event.text
+                    streamed += event.count
+                    await asyncio.sleep(delay_s)  # a socket write that takes a while
+                elif isinstance(event, DoneEvent):
+                    done_count = event.completion_tokens
+            calls.append((text, streamed, done_count))
+        await scheduler.close()
+        return calls
+
+    fast, slow = asyncio.run(run(0.0)), asyncio.run(run(0.01))
+    assert slow == fast
+    assert all(streamed == done == 16 for _, streamed, done in slow)

@@ -1,4 +1,5 @@
-"""load_bundle refuses a bundle it cannot trust, with one line, and loads nothing of it."""
+"""simmer.bundle: load_bundle refuses a bundle it cannot trust, with one line, and loads
+nothing of it; write_bundle never publishes one."""
 
 from __future__ import annotations
 
