@@ -36,7 +36,7 @@ from service.generation.observer import GenerationObserver
 from service.generation.sessions import ModelShape, Sessions
 from service.metrics import Metrics
 from service.protocol import GenerationRequest
-from service.sessions import NO_TOKEN, SessionStore, new_session_id
+from service.sessions import NO_TOKEN, SessionState, SessionStore, new_session_id
 from simmer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -124,24 +124,14 @@ class GenerationService:
                 "prompt",
             )
         self.admission.check()
-        if request.session_id is not None:
-            session_id, created = request.session_id, False
-            state = await self.sessions.load(session_id, owner)
-        else:
-            session_id, created = new_session_id(), True
-            state = self.sessions.fresh(owner)
+        session_id, created, state = await self._session_for(request.session_id, owner)
         feed = ([state.pending] if state.pending != NO_TOKEN else []) + prompt_ids
         if not feed:
             raise InvalidRequest(
                 "prompt is empty and the session has nothing to continue from", "prompt"
             )
         context = context_of(state, prompt_ids)
-        text = TextStream(
-            self.tokenizer,
-            context[-2] if len(context) >= 2 else None,
-            context[-1] if context else None,
-            request.stop,
-        )
+        text = TextStream(self.tokenizer, *_last_two(context), request.stop)
         async with SessionLease(self.store, session_id) as lease:
             if created:
                 self.metrics.sessions_created.inc()
@@ -174,6 +164,14 @@ class GenerationService:
                     yield event
             finally:
                 await events.aclose()
+
+    async def _session_for(
+        self, session_id: str | None, owner: str
+    ) -> tuple[str, bool, SessionState]:
+        """The session a call continues, or a new one: (id, created, state)."""
+        if session_id is not None:
+            return session_id, False, await self.sessions.load(session_id, owner)
+        return new_session_id(), True, self.sessions.fresh(owner)
 
     def _submit(self, request: Request) -> Request:
         """Admit a generation and hand its request to the engine."""
@@ -280,3 +278,8 @@ class GenerationService:
         finisher = asyncio.create_task(finish())
         self._finishers.add(finisher)  # kept alive until done
         finisher.add_done_callback(self._finishers.discard)
+
+
+def _last_two(tokens: list[int]) -> tuple[int | None, int | None]:
+    """The last two tokens, oldest first; None where there are fewer."""
+    return (tokens[-2] if len(tokens) >= 2 else None, tokens[-1] if tokens else None)
