@@ -128,6 +128,28 @@ def test_idle_sessions_expire_and_are_counted(
     run(main())
 
 
+def test_an_idle_expiry_is_told_from_a_delete_or_a_session_never_stored_and_counted_once(
+    make_store: Callable[..., tuple[SessionStore, Evictions]],
+) -> None:
+    async def main() -> None:
+        store, evictions = make_store(ttl_s=0.3)
+        await store.put("a", _state())
+        await store.put("b", _state())
+        assert await store.delete("b") is True
+        assert await store.expired("a") is False  # alive
+        await asyncio.sleep(0.5)
+        assert await store.get("a") is None
+        await store.sweep()
+        await store.sweep()  # a second pass counts nothing new
+        assert await store.expired("a") is True
+        assert await store.expired("b") is False
+        assert await store.expired("never-stored") is False
+        assert evictions == [("explicit", 1), ("idle", 1)]
+        await store.close()
+
+    run(main())
+
+
 def test_lock_is_exclusive_until_unlocked(
     make_store: Callable[..., tuple[SessionStore, Evictions]],
 ) -> None:
@@ -198,7 +220,7 @@ def test_a_lock_taken_over_by_another_replica_is_lost_and_fences_the_old_holder(
         new = RedisSessionStore(clean_redis, 60, "simmer-test")
         assert await old.lock("a") is True
         assert await new.lock("a") is False
-        _lapse(clean_redis, "simmer-test:lock:a")
+        _lapse(clean_redis, "simmer-test:{a}:lock")
         assert await new.lock("a") is True
         assert await new.put_locked("a", _state(seed=1)) is True
         assert await old.refresh_locks(["a"]) == ["a"]  # lost
@@ -243,7 +265,7 @@ def test_the_refresher_stops_a_generation_whose_lock_was_taken_over(clean_redis:
             told.set()
 
         async with _refreshing(old, ["a", "b"], stop, 2.0, 0.05):
-            _lapse(clean_redis, "simmer-test:lock:a")
+            _lapse(clean_redis, "simmer-test:{a}:lock")
             assert await new.lock("a") is True
             await asyncio.wait_for(told.wait(), 30)
             await asyncio.sleep(0.3)  # several more ticks: a lost lock is reported once
@@ -286,7 +308,7 @@ def test_the_refresher_stops_a_generation_before_a_lock_it_cannot_renew_lapses(
 
         def stop(session_id: str) -> None:
             stopped.append(session_id)
-            lease_left_ms.append(int(probe.pttl(f"simmer-test:lock:{session_id}")))
+            lease_left_ms.append(int(probe.pttl(f"simmer-test:{{{session_id}}}:lock")))
             told.set()
 
         async with _refreshing(store, ["a"], stop, 3.0, 1.0):
