@@ -67,9 +67,16 @@ class RedisProcess:
             str(self.cluster_node_timeout_ms),
             "--cluster-config-file",
             f"nodes-{self.port}.conf",
+            "--logfile",
+            f"redis-{self.port}.log",
             # the other shards keep serving while one has no master
             "--cluster-require-full-coverage",
             "no",
+            # a replica takes over however long ago it last heard from its master
+            "--cluster-replica-validity-factor",
+            "0",
+            "--repl-diskless-sync-delay",
+            "0",
         ]
 
     def start(self) -> None:
@@ -169,18 +176,28 @@ class RedisCluster:
 
     def wait_ok(self, timeout_s: float = 60) -> None:
         """Return once every running node says cluster_state:ok and sees every slot
-        served; RuntimeError after `timeout_s`."""
+        served, and every replica is in sync with its master; RuntimeError after
+        `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
             infos = [cluster_info(port) for port in self.live_ports()]
             if all(
                 info.get("cluster_state") == "ok" and info.get("cluster_slots_ok") == "16384"
                 for info in infos
-            ):
+            ) and all(self._in_sync(port) for port in self.live_ports()):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster is not ok after {timeout_s} s: {infos}")
             time.sleep(0.1)
+
+    @staticmethod
+    def _in_sync(port: int) -> bool:
+        """A master, or a replica whose link to its master is up."""
+        try:
+            info = _command(port, "INFO", "replication")
+        except redis.RedisError:
+            return False
+        return bool(info.get("role") == "master" or info.get("master_link_status") == "up")
 
     def master_of(self, key: str) -> int:
         """The port of the master that serves `key`'s slot now."""

@@ -35,6 +35,7 @@ write.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -143,6 +144,26 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+class _ClusterScript:
+    """A Lua script run on the shard of its keys: EVALSHA, or EVAL (which caches it
+    there) where that shard has not seen it yet, a new master after a failover say.
+    redis-py's own Script loads a missing script on every master first, which fails for
+    every shard while any one master is down."""
+
+    def __init__(self, client: Any, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+        from redis.exceptions import NoScriptError
+
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.client.eval(self.source, len(keys), *keys, *args)
+
+
 class RedisSessionStore:
     """Redis store: one slot per session (record, lock, marker), nothing global written.
 
@@ -167,7 +188,7 @@ class RedisSessionStore:
         self._lock_token = secrets.token_hex(8)  # this process's mark on the locks it holds
         self._locked: set[str] = set()  # sessions this process locked and has not unlocked
         self._unavailable = _unavailable_errors()
-        script = self._redis.register_script
+        script = partial(_ClusterScript, self._redis) if cluster else self._redis.register_script
         self._get, self._put, self._put_locked = script(_GET), script(_PUT), script(_PUT_LOCKED)
         self._touch, self._delete, self._expired = script(_TOUCH), script(_DELETE), script(_EXPIRED)
         self._count_eviction = script(_COUNT_EVICTION)
