@@ -11,21 +11,26 @@ same code right for both:
   writes its session's record and marker, in its own slot, and nothing else. Work is
   spread over the shards as the sessions are.
 
-What that costs, against a global index scored by last use:
+What that costs, against a global index scored by last use (figures from
+`python -m bench.cluster` on a 2-core machine, README "Capacity plan"):
 
 - `len` (the `simmer_sessions_active` gauge, read at each /metrics scrape) is a SCAN of
   the session keys, per master, summed: exact while no shard fails over mid-scan, but
-  O(keys) work on every node at each call, about 1 s per million keys a node holds
-  (SCAN is cheap per key, but it is every key). DBSIZE would be O(1), but counts locks,
-  markers and anything else in the database; a prefix that owns its database could use it.
+  O(keys) work at each call, about 6 s per million sessions, most of it in the client.
+  Fine to a million sessions or so; past that the gauge needs another source (a count the
+  sweeper keeps, or a sample). DBSIZE would be O(1) per node, but counts locks and
+  markers too (and anything else in the database).
 - Idle expiry is Redis's own TTL. To tell "expired" from "never existed" without an
   index, every put also writes the marker `<prefix>:{<id>}:expired`, which outlives the
-  record by TOMBSTONE_TTL_S: `expired(id)` is "marker, but no record". The marker costs
-  about 100 bytes of memory per session.
-- `sweep` counts idle evictions by a SCAN of the markers (O(sessions) per pass, per
-  node): a marker still "live" whose record is gone is an idle eviction, and one script
-  turns it to "counted", so however many replicas sweep, each is counted once. A session
-  whose marker lapsed unseen (no sweep ran for TOMBSTONE_TTL_S) is not counted.
+  record by TOMBSTONE_TTL_S: `expired(id)` is "marker, but no record". A marker takes
+  about 140 bytes (MEMORY USAGE), and one stays a day after each expired session.
+- `sweep` counts idle evictions from the markers: a marker still "live" whose record is
+  gone is an idle eviction, and one script turns it to "counted", so however many
+  replicas sweep, each is counted once. Each sweep goes on with SWEEP_STEPS SCAN steps
+  per master from where the last one stopped, so its cost is bounded; an eviction is
+  counted within one pass over the keys. One that no pass reaches before its marker lapses
+  (TOMBSTONE_TTL_S: only with far more keys per master than sweeps cover in a day) is
+  not counted.
 
 Locks are `SET NX` keys with a timeout, so any replica can refuse a concurrent call;
 each holds this process's token, which the scripts check before they unlock, renew or
@@ -34,7 +39,6 @@ write.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,6 +53,7 @@ TOMBSTONE_TTL_S = 86_400  # how long Redis remembers that a session expired
 LIVE, COUNTED = b"live", b"counted"  # a marker's values: record alive, idle eviction counted
 SCAN_COUNT = 1000  # keys a SCAN step looks at
 BATCH = 256  # script calls sent together by sweep and refresh_locks
+SWEEP_STEPS = 20  # SCAN steps one sweep takes on each master (about 20,000 keys)
 
 # Each script's keys are the keys of one session (one slot).
 # KEYS: session, marker; ARGV: session TTL (ms), marker TTL (ms)
@@ -114,7 +119,10 @@ def _open(url: str, cluster: bool) -> Any:
     if cluster:
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url(url, **options)
+        # Past its per-node pool (100 by default) the cluster client refuses a command
+        # (MaxConnectionsError) rather than queueing it; one replica can have max_batch
+        # plus max_waiting calls (1,280 by default) at one node at once.
+        return RedisCluster.from_url(url, max_connections=2048, **options)
     import redis.asyncio as aioredis
 
     return aioredis.Redis.from_url(url, health_check_interval=10, **options)
@@ -188,6 +196,7 @@ class RedisSessionStore:
         self._lock_token = secrets.token_hex(8)  # this process's mark on the locks it holds
         self._locked: set[str] = set()  # sessions this process locked and has not unlocked
         self._unavailable = _unavailable_errors()
+        self._sweep_cursors: dict[str, int] = {}  # master -> where the next sweep scans on
         script = partial(_ClusterScript, self._redis) if cluster else self._redis.register_script
         self._get, self._put, self._put_locked = script(_GET), script(_PUT), script(_PUT_LOCKED)
         self._touch, self._delete, self._expired = script(_TOUCH), script(_DELETE), script(_EXPIRED)
@@ -226,19 +235,17 @@ class RedisSessionStore:
     async def _run_scripts(
         self, script: Any, calls: Sequence[tuple[list[str], list[Any]]]
     ) -> list[Any]:
-        """Run `script` once per (keys, args): pipelined on one node; on a cluster, each
-        sent to its own shard, BATCH at a time."""
+        """Run `script` once per (keys, args), pipelined BATCH at a time: one round trip
+        per batch, and on a cluster per batch and shard. A cluster pipeline sends EVAL
+        (the source, cached by each shard), since it cannot reload a script it lacks."""
         results: list[Any] = []
         for start in range(0, len(calls), BATCH):
-            batch = calls[start : start + BATCH]
-            if self.cluster:
-                results += await asyncio.gather(
-                    *(script(keys=keys, args=args) for keys, args in batch)
-                )
-                continue
             async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args in batch:
-                    await script(keys=keys, args=args, client=pipe)
+                for keys, args in calls[start : start + BATCH]:
+                    if self.cluster:
+                        pipe.eval(script.source, len(keys), *keys, *args)
+                    else:
+                        await script(keys=keys, args=args, client=pipe)
                 results += await pipe.execute()
         return results
 
@@ -314,11 +321,37 @@ class RedisSessionStore:
             if not ok and session_id in self._locked  # not unlocked while this was on its way
         ]
 
+    async def _markers_step(self) -> list[bytes]:
+        """The next markers of each master: SWEEP_STEPS SCAN steps on from where the last
+        sweep stopped there, so a sweep costs the same however many sessions there are."""
+        nodes = self._redis.get_primaries() if self.cluster else []
+        pattern = f"{self.prefix}:{{*}}:expired"
+        keys: list[bytes] = []
+        for node in nodes or [None]:
+            name = "" if node is None else node.name
+            cursor = self._sweep_cursors.get(name, 0)
+            for _ in range(SWEEP_STEPS):
+                if node is None:
+                    cursor, found = await self._redis.scan(cursor, match=pattern, count=SCAN_COUNT)
+                else:
+                    cursors, found = await self._redis.scan(
+                        cursor, match=pattern, count=SCAN_COUNT, target_nodes=node
+                    )
+                    cursor = cursors[name]
+                keys += found
+                if cursor == 0:
+                    break  # a pass over this master is complete; the next begins anew
+            self._sweep_cursors[name] = cursor
+        return keys
+
     async def sweep(self) -> int:
-        """Count the sessions Redis has expired since the last sweep (idle evictions):
-        the markers still live whose record is gone, each counted once by any replica."""
+        """Count the sessions Redis has expired (idle evictions): the markers still live
+        whose record is gone, each counted once by any replica. Each sweep looks at the
+        next SWEEP_STEPS x SCAN_COUNT keys of each master, so an eviction is counted
+        within one pass over the keys (many sweeps on a big store)."""
         head, tail = len(self.prefix) + 2, -len("}:expired")
-        session_ids = [key.decode()[head:tail] for key in await self._scan("expired")]
+        markers = await self._call(self._markers_step)
+        session_ids = [key.decode()[head:tail] for key in markers]
         calls: list[tuple[list[str], list[Any]]] = [(self._keys(sid), []) for sid in session_ids]
         counted = await self._call(lambda: self._run_scripts(self._count_eviction, calls))
         evicted = sum(int(n) for n in counted)

@@ -186,6 +186,30 @@ def test_an_idle_expiry_is_told_from_a_delete_or_a_session_never_stored_and_coun
     run(main())
 
 
+def test_a_big_stores_sweep_is_spread_over_sweeps_and_counts_every_eviction_once(
+    redis_target: RedisTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.sessions import redis_store
+
+    monkeypatch.setattr(redis_store, "SWEEP_STEPS", 1)
+    monkeypatch.setattr(redis_store, "SCAN_COUNT", 10)
+
+    async def main() -> list[int]:
+        evictions: Evictions = []
+        store = redis_target.store(0.3, on_evict=lambda reason, n: evictions.append((reason, n)))
+        for n in range(100):
+            await store.put(f"s{n}", _state())
+        await asyncio.sleep(0.5)
+        counts = [await store.sweep() for _ in range(200)]
+        assert sum(n for reason, n in evictions if reason == "idle") == 100
+        await store.close()
+        return counts
+
+    counts = run(main())
+    assert sum(counts) == 100
+    assert counts[0] < 100  # one sweep looked at part of the store only
+
+
 def test_lock_is_exclusive_until_unlocked(
     make_store: Callable[..., tuple[SessionStore, Evictions]],
 ) -> None:
