@@ -222,6 +222,16 @@ class RedisCluster:
             return sorted({int(master[1]) for _, _, master, *_ in ranges})
         raise RuntimeError("no node of the cluster answers")
 
+    def wait_failover(self, port: int, timeout_s: float = 60) -> None:
+        """Return once a replica serves the slots of the (killed) master on `port`, and
+        the cluster is ok; RuntimeError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while port in self.masters():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took over from port {port} in {timeout_s} s")
+            time.sleep(0.1)
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
+
     def kill(self, port: int) -> None:
         """SIGKILL the node on `port`, as a crash would."""
         for node in self.nodes:
