@@ -157,8 +157,12 @@ class RedisCluster:
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("redis-cli is not installed (make test installs it)")
-        for node in self.nodes:
-            node.start()
+        try:
+            for node in self.nodes:
+                node.start()
+        except RuntimeError:
+            self.stop()  # the nodes that did start
+            raise
         created = subprocess.run(
             [cli, "--cluster", "create"]
             + [f"127.0.0.1:{node.port}" for node in self.nodes]
@@ -169,7 +173,11 @@ class RedisCluster:
         if created.returncode != 0:
             self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-300:]!r}")
-        self.wait_ok(timeout_s)
+        try:
+            self.wait_ok(timeout_s)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def live_ports(self) -> list[int]:
         return [node.port for node in self.nodes if node.proc is not None]
