@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.procstat import rss_bytes
 from service.sessions import MemorySessionStore, RedisSessionStore, SessionState, new_session_id
+from service.sessions.redis_store import TOMBSTONE_TTL_S
 
 MODEL_VERSION = "0123456789ab"  # bundle versions are 12 hex digits
 OWNER = "k_" + "0" * 14  # an API-key fingerprint
@@ -74,8 +75,8 @@ async def _fill_redis(client: Any, prefix: str, count: int, layers: int, hidden:
         pipe = client.pipeline(transaction=False)
         for sid in ids[start : start + 1000]:
             state = _state(layers, hidden)
-            pipe.set(f"{prefix}:session:{sid}", state.encode(), px=ttl_ms)
-            pipe.zadd(f"{prefix}:sessions", {sid: state.last_used})
+            pipe.set(f"{prefix}:{{{sid}}}:session", state.encode(), px=ttl_ms)
+            pipe.set(f"{prefix}:{{{sid}}}:expired", b"live", px=ttl_ms + TOMBSTONE_TTL_S * 1000)
         await pipe.execute()
     return ids
 

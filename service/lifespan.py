@@ -50,6 +50,7 @@ def open_store(settings: Settings, metrics: Metrics) -> SessionStore:
         prefix=settings.redis_prefix,
         on_evict=metrics.on_evict,
         lock_ttl_s=settings.session_lock_ttl_s,
+        redis_cluster=settings.redis_cluster,
     )
 
 

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis URL for the redis session store."
     )
+    redis_cluster: bool = Field(
+        False,
+        description="Treat redis_url as a seed node of a Redis Cluster (the cluster client "
+        "finds the other nodes); each session's keys share one slot.",
+    )
     redis_prefix: str = Field(
         "simmer", description="Key prefix for everything simmer keeps in Redis."
     )

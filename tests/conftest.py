@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny trained bundle, a real Redis, and a real server process."""
+"""Shared fixtures: a tiny trained bundle, a real Redis (one node, or a Redis Cluster), and
+a real server process."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.redis import RedisProcess, redis_answers
+from harness.redis import RedisCluster, RedisProcess, redis_answers
 from harness.server import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,43 @@ def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     redis_proc = start_redis(tmp_path)
     yield redis_proc
     redis_proc.kill()
+
+
+def start_redis_cluster(workdir: Path) -> RedisCluster:
+    """A started private Redis Cluster (three masters, one replica each); a test fails,
+    with the reason, if it cannot start."""
+    cluster = RedisCluster(workdir)
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        cluster.stop()
+        pytest.fail(str(exc))
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real Redis Cluster on loopback ports, shared by the test session; a test that
+    kills nodes starts its own (`private_redis_cluster`)."""
+    cluster = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def clean_redis_cluster(redis_cluster: RedisCluster) -> Iterator[str]:
+    """The shared cluster's seed URL, every master emptied before and after the test."""
+    redis_cluster.flush()
+    yield redis_cluster.url
+    redis_cluster.flush()
+
+
+@pytest.fixture
+def private_redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A Redis Cluster of the test's own, whose masters it may kill."""
+    cluster = start_redis_cluster(tmp_path)
+    yield cluster
+    cluster.stop()
 
 
 # The name the tests know harness.server.ServiceProcess by.

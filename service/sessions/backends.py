@@ -16,7 +16,8 @@ def create_store(
     prefix: str,
     on_evict: EvictionHook = no_hook,
     lock_ttl_s: float = 2.0,
+    redis_cluster: bool = False,
 ) -> SessionStore:
     if kind == "redis":
-        return RedisSessionStore(redis_url, ttl_s, prefix, on_evict, lock_ttl_s)
+        return RedisSessionStore(redis_url, ttl_s, prefix, on_evict, lock_ttl_s, redis_cluster)
     return MemorySessionStore(ttl_s, max_sessions, on_evict)

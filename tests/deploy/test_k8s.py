@@ -22,6 +22,7 @@ from tests.deploy.deploy_assets import (
     k8s_manifests,
     k8s_object,
     load_yaml,
+    load_yaml_docs,
     settings_env_names,
     settings_from_env,
 )
@@ -115,6 +116,34 @@ def test_configmap_holds_valid_settings_for_redis_sessions() -> None:
     assert container("Deployment", "simmer")["envFrom"] == [
         {"configMapRef": {"name": "simmer-config"}}
     ]
+
+
+def test_the_redis_cluster_component_switches_sessions_to_the_charts_cluster() -> None:
+    component_dir = K8S_DIR / "redis-cluster"
+    component = load_yaml(component_dir / "kustomization.yaml")
+    assert component["kind"] == "Component"
+    # offered, commented out, in the base kustomization
+    assert "#   - redis-cluster" in (K8S_DIR / "kustomization.yaml").read_text()
+    patches = [
+        doc
+        for entry in component["patches"]
+        for doc in load_yaml_docs(component_dir / entry["path"])
+    ]
+    (config_patch,) = [doc for doc in patches if doc["kind"] == "ConfigMap"]
+    assert config_patch["metadata"]["name"] == "simmer-config"
+    settings = settings_from_env({**config(), **config_patch["data"]})
+    assert settings.store == "redis" and settings.redis_cluster is True
+    # the seed is the chart release's Service, on the port the chart serves
+    values = load_yaml(component_dir / "values.yaml")
+    assert urlsplit(settings.redis_url).hostname == "simmer-redis-cluster"
+    assert urlsplit(settings.redis_url).port == 6379
+    assert values["cluster"] == {"nodes": 6, "replicas": 1}
+    assert "cluster-require-full-coverage no" in values["redis"]["configmap"]
+    # the single Redis it replaces is removed, and it exists to be removed
+    deleted = {(doc["kind"], doc["metadata"]["name"]) for doc in patches if doc.get("$patch")}
+    assert deleted == {("StatefulSet", "simmer-redis"), ("Service", "simmer-redis")}
+    for kind, name in deleted:
+        k8s_object(kind, name)
 
 
 def test_services_and_budget_select_the_pods_they_front() -> None:

@@ -1,4 +1,5 @@
-"""harness.redis: a private redis-server that starts, dies like a crash, and comes back."""
+"""harness.redis: a private redis-server that starts, dies like a crash, and comes back;
+a private Redis Cluster whose replicas take over."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from harness.redis import RedisProcess, redis_answers
+from harness.redis import RedisCluster, RedisProcess, redis_answers
 
 
 def test_a_private_redis_answers_until_killed_and_again_on_the_same_port(tmp_path: Path) -> None:
@@ -34,3 +35,22 @@ def test_a_missing_redis_server_raises_one_line_naming_it(
     with pytest.raises(RuntimeError, match="redis-server is not installed") as caught:
         RedisProcess(tmp_path).start()
     assert "\n" not in str(caught.value)
+
+
+def test_a_private_cluster_has_three_masters_and_a_replica_takes_over_a_killed_one(
+    tmp_path: Path,
+) -> None:
+    cluster = RedisCluster(tmp_path)
+    cluster.start()
+    try:
+        masters = cluster.masters()
+        assert len(masters) == 3
+        owner = cluster.master_of("simmer:{a}:session")
+        assert owner in masters
+        assert cluster.master_of("simmer:{a}:lock") == owner  # one hash tag, one shard
+        cluster.kill(owner)
+        cluster.wait_failover(owner)
+        assert cluster.master_of("simmer:{a}:session") not in masters
+        assert len(cluster.masters()) == 3
+    finally:
+        cluster.stop()

@@ -137,7 +137,7 @@ def test_a_replica_that_loses_its_lock_stops_and_cannot_overwrite_the_session(
 
     # A's lease ends under it (as when A stalls, or loses Redis, for longer than a lease)
     client = redis.Redis.from_url(private_redis.url)
-    assert client.delete(f"{prefix}:lock:{session_id}") == 1
+    assert client.delete(f"{prefix}:{{{session_id}}}:lock") == 1
     client.close()
     cont = generate(b, session_id=session_id, max_tokens=2, **GREEDY)
     assert cont.status_code == 200, cont.text

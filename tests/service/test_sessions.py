@@ -1,10 +1,12 @@
-"""One test suite for both session stores, the real Redis included."""
+"""One test suite for both session stores, the real Redis included: one node, and a
+Redis Cluster of three masters."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,19 +39,53 @@ def _state(layers: int = 1, hidden: int = 128, seed: int = 0) -> SessionState:
     return state
 
 
-@pytest.fixture(params=["memory", "redis"])
-def make_store(
-    request: pytest.FixtureRequest, clean_redis: str
-) -> Callable[..., tuple[SessionStore, Evictions]]:
+@dataclass(frozen=True)
+class RedisTarget:
+    """An emptied test Redis: one node, or a cluster seeded at `url`."""
+
+    url: str
+    cluster: bool
+
+    def store(self, ttl_s: float = 60.0, **options: Any) -> RedisSessionStore:
+        return RedisSessionStore(self.url, ttl_s, "simmer-test", cluster=self.cluster, **options)
+
+    def client(self) -> Any:
+        """A blocking client of the same Redis."""
+        import redis
+        from redis.cluster import RedisCluster
+
+        if self.cluster:
+            return RedisCluster.from_url(self.url)
+        return redis.Redis.from_url(self.url)
+
+
+def _redis_target(request: pytest.FixtureRequest, mode: str) -> RedisTarget:
+    if mode == "cluster":
+        return RedisTarget(request.getfixturevalue("clean_redis_cluster"), cluster=True)
+    return RedisTarget(request.getfixturevalue("clean_redis"), cluster=False)
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
+    """The Redis tests run against one node and against a cluster."""
+    return _redis_target(request, request.param)
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+def make_store(request: pytest.FixtureRequest) -> Callable[..., tuple[SessionStore, Evictions]]:
+    target = None
+    if request.param != "memory":
+        target = _redis_target(request, "cluster" if request.param == "redis-cluster" else "single")
+
     def make(ttl_s: float = 60.0, max_sessions: int = 1000) -> tuple[SessionStore, Evictions]:
         evictions: Evictions = []
 
         def hook(reason: str, count: int) -> None:
             evictions.append((reason, count))
 
-        if request.param == "memory":
+        if target is None:
             return MemorySessionStore(ttl_s, max_sessions, hook), evictions
-        return RedisSessionStore(clean_redis, ttl_s, "simmer-test", hook), evictions
+        return target.store(ttl_s, on_evict=hook), evictions
 
     return make
 
@@ -128,6 +164,52 @@ def test_idle_sessions_expire_and_are_counted(
     run(main())
 
 
+def test_an_idle_expiry_is_told_from_a_delete_or_a_session_never_stored_and_counted_once(
+    make_store: Callable[..., tuple[SessionStore, Evictions]],
+) -> None:
+    async def main() -> None:
+        store, evictions = make_store(ttl_s=0.3)
+        await store.put("a", _state())
+        await store.put("b", _state())
+        assert await store.delete("b") is True
+        assert await store.expired("a") is False  # alive
+        await asyncio.sleep(0.5)
+        assert await store.get("a") is None
+        await store.sweep()
+        await store.sweep()  # a second pass counts nothing new
+        assert await store.expired("a") is True
+        assert await store.expired("b") is False
+        assert await store.expired("never-stored") is False
+        assert evictions == [("explicit", 1), ("idle", 1)]
+        await store.close()
+
+    run(main())
+
+
+def test_a_big_stores_sweep_is_spread_over_sweeps_and_counts_every_eviction_once(
+    redis_target: RedisTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.sessions import redis_store
+
+    monkeypatch.setattr(redis_store, "SWEEP_STEPS", 1)
+    monkeypatch.setattr(redis_store, "SCAN_COUNT", 10)
+
+    async def main() -> list[int]:
+        evictions: Evictions = []
+        store = redis_target.store(0.3, on_evict=lambda reason, n: evictions.append((reason, n)))
+        for n in range(100):
+            await store.put(f"s{n}", _state())
+        await asyncio.sleep(0.5)
+        counts = [await store.sweep() for _ in range(200)]
+        assert sum(n for reason, n in evictions if reason == "idle") == 100
+        await store.close()
+        return counts
+
+    counts = run(main())
+    assert sum(counts) == 100
+    assert counts[0] < 100  # one sweep looked at part of the store only
+
+
 def test_lock_is_exclusive_until_unlocked(
     make_store: Callable[..., tuple[SessionStore, Evictions]],
 ) -> None:
@@ -181,24 +263,22 @@ def test_refreshing_locks_loses_none_that_are_held_or_released(
     run(main())
 
 
-def _lapse(redis_url: str, lock_key: str) -> None:
+def _lapse(target: RedisTarget, lock_key: str) -> None:
     """End a lock's lease now, as if its holder had stalled past it."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
+    client = target.client()
     client.delete(lock_key)
     client.close()
 
 
 def test_a_lock_taken_over_by_another_replica_is_lost_and_fences_the_old_holder(
-    clean_redis: str,
+    redis_target: RedisTarget,
 ) -> None:
     async def main() -> None:
-        old = RedisSessionStore(clean_redis, 60, "simmer-test")
-        new = RedisSessionStore(clean_redis, 60, "simmer-test")
+        old = redis_target.store()
+        new = redis_target.store()
         assert await old.lock("a") is True
         assert await new.lock("a") is False
-        _lapse(clean_redis, "simmer-test:lock:a")
+        _lapse(redis_target, "simmer-test:{a}:lock")
         assert await new.lock("a") is True
         assert await new.put_locked("a", _state(seed=1)) is True
         assert await old.refresh_locks(["a"]) == ["a"]  # lost
@@ -230,10 +310,12 @@ async def _refreshing(
             await refresher
 
 
-def test_the_refresher_stops_a_generation_whose_lock_was_taken_over(clean_redis: str) -> None:
+def test_the_refresher_stops_a_generation_whose_lock_was_taken_over(
+    redis_target: RedisTarget,
+) -> None:
     async def main() -> list[str]:
-        old = RedisSessionStore(clean_redis, 60, "simmer-test", lock_ttl_s=2.0)
-        new = RedisSessionStore(clean_redis, 60, "simmer-test", lock_ttl_s=2.0)
+        old = redis_target.store(lock_ttl_s=2.0)
+        new = redis_target.store(lock_ttl_s=2.0)
         assert await old.lock("a") is True and await old.lock("b") is True
         stopped: list[str] = []
         told = asyncio.Event()
@@ -243,7 +325,7 @@ def test_the_refresher_stops_a_generation_whose_lock_was_taken_over(clean_redis:
             told.set()
 
         async with _refreshing(old, ["a", "b"], stop, 2.0, 0.05):
-            _lapse(clean_redis, "simmer-test:lock:a")
+            _lapse(redis_target, "simmer-test:{a}:lock")
             assert await new.lock("a") is True
             await asyncio.wait_for(told.wait(), 30)
             await asyncio.sleep(0.3)  # several more ticks: a lost lock is reported once
@@ -257,8 +339,10 @@ def test_the_refresher_stops_a_generation_whose_lock_was_taken_over(clean_redis:
 class CutOffRedisStore(RedisSessionStore):
     """A Redis store whose lock renewals stop reaching Redis once `cut` is set."""
 
-    def __init__(self, url: str, lock_ttl_s: float) -> None:
-        super().__init__(url, 60, "simmer-test", lock_ttl_s=lock_ttl_s)
+    def __init__(self, target: RedisTarget, lock_ttl_s: float) -> None:
+        super().__init__(
+            target.url, 60, "simmer-test", lock_ttl_s=lock_ttl_s, cluster=target.cluster
+        )
         self.cut = False
         self.renewed = asyncio.Event()  # set at each renewal that reached Redis
 
@@ -271,14 +355,12 @@ class CutOffRedisStore(RedisSessionStore):
 
 
 def test_the_refresher_stops_a_generation_before_a_lock_it_cannot_renew_lapses(
-    clean_redis: str,
+    redis_target: RedisTarget,
 ) -> None:
-    import redis
-
-    probe = redis.Redis.from_url(clean_redis)
+    probe = redis_target.client()
 
     async def main() -> tuple[list[str], list[int]]:
-        store = CutOffRedisStore(clean_redis, lock_ttl_s=3.0)
+        store = CutOffRedisStore(redis_target, lock_ttl_s=3.0)
         assert await store.lock("a") is True
         stopped: list[str] = []
         lease_left_ms: list[int] = []  # what was left of the lock's lease when it was stopped
@@ -286,7 +368,7 @@ def test_the_refresher_stops_a_generation_before_a_lock_it_cannot_renew_lapses(
 
         def stop(session_id: str) -> None:
             stopped.append(session_id)
-            lease_left_ms.append(int(probe.pttl(f"simmer-test:lock:{session_id}")))
+            lease_left_ms.append(int(probe.pttl(f"simmer-test:{{{session_id}}}:lock")))
             told.set()
 
         async with _refreshing(store, ["a"], stop, 3.0, 1.0):
@@ -327,11 +409,10 @@ def test_memory_store_evicts_least_recently_used_past_its_cap() -> None:
     run(main())
 
 
-def test_redis_store_reports_an_outage_as_unavailable() -> None:
-    from service.errors import StoreUnavailable
-
+@pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster"])
+def test_redis_store_reports_an_outage_as_unavailable(cluster: bool) -> None:
     async def main() -> None:
-        store = RedisSessionStore("redis://127.0.0.1:1/0", 60)
+        store = RedisSessionStore("redis://127.0.0.1:1/0", 60, cluster=cluster)
         with pytest.raises(StoreUnavailable):
             await store.get("a")
         assert await store.ping() is False
