@@ -276,19 +276,18 @@ class RedisSessionStore:
         keys, ttls = self._keys(session_id), list(self._ttls_ms())
         return bool(await self._call(lambda: self._touch(keys=keys, args=ttls)))
 
-    async def _scan(self, suffix: str) -> list[bytes]:
-        """Every key `<prefix>:{*}:<suffix>`, from every master."""
-
-        async def scan() -> list[bytes]:
-            pattern = f"{self.prefix}:{{*}}:{suffix}"
-            return [key async for key in self._redis.scan_iter(match=pattern, count=SCAN_COUNT)]
-
-        keys: list[bytes] = await self._call(scan)
-        return keys
-
     async def len(self) -> int:
-        """The session records on every master, counted by SCAN (see the module docstring)."""
-        return len(await self._scan("session"))
+        """The session records on every master, counted by SCAN (see the module docstring);
+        counted as they come, so a large store is never held in memory as a list."""
+        pattern = f"{self.prefix}:{{*}}:session"
+
+        async def count() -> int:
+            found = 0
+            async for _ in self._redis.scan_iter(match=pattern, count=SCAN_COUNT):
+                found += 1
+            return found
+
+        return int(await self._call(count))
 
     async def lock(self, session_id: str) -> bool:
         """A lock that lapses after lock_ttl_s unless refreshed, so a crash frees it soon."""
