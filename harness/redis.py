@@ -27,16 +27,26 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+# Cluster node ports and their bus ports (port + 10000) stay below the kernel's range for
+# outgoing connections (32768 and up on Linux), so no client socket can take one between
+# the check here and the node binding it; ports handed out stay reserved in this process.
+CLUSTER_PORTS = range(10_000, 22_000)
+_claimed: set[int] = set()
+
+
 def free_cluster_port() -> int:
-    """A free port P at most 55535 whose cluster bus port, P + 10000, is free too."""
+    """A free port P whose cluster bus port, P + 10000, is free too, not handed out before."""
     for _ in range(1000):
-        port = random.randrange(20_000, 55_535)
+        port = random.choice(CLUSTER_PORTS)
+        if {port, port + 10_000} & _claimed:
+            continue
         try:
             for candidate in (port, port + 10_000):
                 with socket.socket() as sock:
                     sock.bind(("127.0.0.1", candidate))
         except OSError:
             continue
+        _claimed.update((port, port + 10_000))
         return port
     raise RuntimeError("no free port pair for a cluster node")
 
