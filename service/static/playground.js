@@ -462,6 +462,7 @@ function readParams() {
     }
     params[name] = value;
   }
+  if ($("ignore-eos").checked) params.ignore_eos = true; // the stop token is never drawn
   return params;
 }
 

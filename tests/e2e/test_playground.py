@@ -9,6 +9,7 @@ is read from the page's own WebSocket frames, so the page is checked against the
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,14 @@ def wait_until(page: Page, condition: Callable[[], bool], what: str) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
-def open_playground(page: Page, server: ServerProcess) -> StreamLog:
+def open_playground(page: Page, server: ServerProcess, to_length: bool = True) -> StreamLog:
+    """Load the page. `to_length` ticks "write all max tokens": the tiny model may end a
+    recipe after any word, so a run whose length a test checks must not stop early."""
     log = StreamLog(page)
     page.goto(f"{server.base_url}/")
     expect(page.get_by_test_id("model")).to_have_attribute("data-tone", "ok")
+    if to_length:
+        page.get_by_test_id("ignore-eos").check()
     return log
 
 
@@ -158,6 +163,7 @@ def test_generate_streams_word_by_word_and_continue_extends_the_same_session(
     resend = [m for m in log.sent if m["type"] == "generate"][-1]
     assert resend["prompt"] == ""  # the history stays on the server
     assert resend["seed"] == 12  # the next seed: the same one again would replay its draws
+    assert resend["ignore_eos"] is True  # "write all max tokens" is ticked
     assert len(log.urls) == 1  # on the same connection
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -258,10 +264,13 @@ def test_new_session_starts_over_and_frees_the_old_one(
     expect(page.get_by_test_id("continue")).to_be_disabled()
     assert httpx.get(f"{playground_server.base_url}/v1/sessions/{old}").status_code == 404
 
-    generate_and_wait(page)
+    page.get_by_test_id("ignore-eos").uncheck()  # now the model may end the recipe early
+    page.get_by_test_id("generate").click()
+    expect(page.get_by_test_id("finish-reason")).to_have_text(re.compile("^(length|eos)$"))
     new = log.of_type("session")[-1]["session_id"]
     assert new != old
     expect(page.get_by_test_id("session-id")).to_have_text(new)
+    assert "ignore_eos" not in [m for m in log.sent if m["type"] == "generate"][-1]
 
 
 def test_with_api_keys_configured_the_key_field_unlocks_the_page_and_is_remembered(
@@ -293,6 +302,7 @@ def test_with_api_keys_configured_the_key_field_unlocks_the_page_and_is_remember
 
     page.reload()  # kept in localStorage
     expect(key).to_have_value("sk-playground-1")
+    page.get_by_test_id("ignore-eos").check()
     set_controls(page, max_tokens="5")
     generate_and_wait(page)
     assert parse_qs(urlparse(log.urls[-1]).query)["api_key"] == ["sk-playground-1"]
