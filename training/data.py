@@ -118,6 +118,30 @@ def encode_windows(texts: list[str], tokenizer: Tokenizer, seq_len: int = 200) -
     return windows
 
 
+def tail_windows(
+    texts: list[str], tokenizer: Tokenizer, seq_len: int = 200, burn_in: int = 25
+) -> tuple[np.ndarray, np.ndarray]:
+    """A second window for each text whose stop falls outside its first window.
+
+    Returns int64 (M, seq_len + 1) windows, each the text's last `seq_len` tokens and
+    then the stop (pad), and int64 (M,) `count_from`: the first target index that
+    counts. Targets before it are context: the first `burn_in` (the window starts from
+    a zero state in mid-recipe) and those the text's first window already counts.
+    """
+    rows: list[list[int]] = []
+    count_from: list[int] = []
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if len(ids) <= seq_len:  # the first window holds the stop target already
+            continue
+        start = len(ids) - seq_len  # the window is ids[start:] + [stop]
+        rows.append([*ids[start:], PAD_ID])
+        # target t is ids[start + 1 + t]; the first window counts ids[1 .. seq_len]
+        count_from.append(max(burn_in, seq_len - start))
+    windows = np.array(rows, dtype=np.int64).reshape(len(rows), seq_len + 1)
+    return windows, np.array(count_from, dtype=np.int64)
+
+
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted train and validation indices: a fixed-seed random `val_fraction` of the n texts.
 

@@ -223,7 +223,7 @@ class Losses:
             loss_words=means["loss_words"],
             perplexity_words=math.exp(means["loss_words"]),
             loss_stop=stop_sum / stop_targets if stop_targets else None,
-            loss_unmasked=means["loss_unmasked"],
+            loss_unmasked=sums["none_sum"] / max(1.0, sums["none_n"]),
             word_targets=round(sums["pads_n"]),
             stop_targets=stop_targets,
         )

@@ -63,15 +63,24 @@ class RecipeLSTM(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(
-        self, tokens: torch.Tensor, state: State | None = None
+        self,
+        tokens: torch.Tensor,
+        state: State | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State]:
-        """Logits at every position and the state after the last one."""
+        """Logits at every position (B, T, V) and the state after the last one.
+
+        With `positions`, a (B, T) bool mask, only those positions pass through the
+        output layer, where nearly all the FLOPs are: (K, V) for its K true entries.
+        """
         x = self.embedding(tokens)  # (B, T, E)
         # The recurrence stays fp32 under autocast: it is latency-bound, and cuDNN's bf16
         # LSTM is recent. The output layer, where the FLOPs are, runs in bf16 on CUDA.
         with torch.autocast(x.device.type, enabled=False):
             out, (h, c) = self.lstm(x.float(), state)  # (B, T, H); h, c: (L, B, H)
-        return self.head(self.dropout(out)), (h, c)  # (B, T, V)
+        if positions is not None:
+            out = out[positions]  # (K, H)
+        return self.head(self.dropout(out)), (h, c)  # (B, T, V) or (K, V)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

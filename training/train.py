@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -48,9 +48,9 @@ from training.checkpoint import (
     checkpoint_payload,
     save_checkpoint,
 )
-from training.data import encode_windows, split_train_val
+from training.data import encode_windows, split_train_val, tail_windows
 from training.model import LSTMConfig, RecipeLSTM
-from training.presets import TrainConfig
+from training.presets import LossMask, TrainConfig
 from training.sampling import generate
 
 SAMPLE_PROMPT = "recipe for"
@@ -164,12 +164,54 @@ def losses(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 LOSS_KEYS = ("stop_sum", "stop_n", "none_sum", "none_n", "pads_sum", "pads_n")
 
 
-def summarise(totals: torch.Tensor) -> dict[str, float]:
+def counted_targets(
+    x: torch.Tensor, y: torch.Tensor, count_from: torch.Tensor, mask: LossMask
+) -> torch.Tensor:
+    """(B, T) bool: the targets a training step counts under `mask` ("stop" or "pads").
+
+    Row b counts nothing before target index count_from[b] (a tail window's context).
+    """
+    keep = stop_aware_mask(x) if mask == "stop" else y != PAD_ID
+    index = torch.arange(x.size(1), device=x.device)
+    return keep & (index[None, :] >= count_from[:, None])
+
+
+def selected_losses(
+    logits: torch.Tensor, y: torch.Tensor, stop_weight: float = 1.0
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Losses over the counted targets alone: logits (K, V), their targets y (K,).
+
+    Returns the `LOSS_KEYS` parts (the unmasked loss, which needs every position, is
+    reported as zero targets) and the training objective: the summed cross-entropy
+    with the stop targets weighted by `stop_weight`.
+    """
+    ce = F.cross_entropy(logits.float(), y, reduction="none")  # (K,)
+    words = y != PAD_ID
+    nothing = torch.zeros((), device=ce.device)
+    parts = {
+        "stop_sum": ce.sum(),
+        "stop_n": torch.tensor(ce.numel(), device=ce.device),
+        "none_sum": nothing,
+        "none_n": nothing,
+        "pads_sum": (ce * words).sum(),
+        "pads_n": words.sum(),
+    }
+    objective = (ce * torch.where(words, 1.0, stop_weight)).sum()
+    return parts, objective
+
+
+class Summary(TypedDict):
+    loss: float
+    loss_unmasked: float | None  # None when not every position was computed
+    loss_words: float
+
+
+def summarise(totals: torch.Tensor) -> Summary:
     """Mean losses from summed `LOSS_KEYS` values."""
     t = dict(zip(LOSS_KEYS, totals.tolist(), strict=True))
     return {
         "loss": t["stop_sum"] / max(1.0, t["stop_n"]),
-        "loss_unmasked": t["none_sum"] / max(1.0, t["none_n"]),
+        "loss_unmasked": t["none_sum"] / t["none_n"] if t["none_n"] else None,
         "loss_words": t["pads_sum"] / max(1.0, t["pads_n"]),
     }
 
@@ -193,7 +235,7 @@ def autocast(device: torch.device) -> AbstractContextManager[Any]:
 @torch.no_grad()
 def evaluate(
     model: RecipeLSTM, windows: torch.Tensor, batch_size: int, runtime: Placement
-) -> dict[str, float]:
+) -> Summary:
     """Validation losses; each process takes every world_size-th window, then sums."""
     was_training = model.training
     model.eval()
@@ -237,13 +279,9 @@ def write_loss_plot(history: list[dict[str, Any]], path: Path) -> None:
             "s:",
             label="validation, word targets only",
         )
-    ax.plot(
-        epochs,
-        [h["train_loss_unmasked"] for h in history],
-        "--",
-        color="grey",
-        label="training, unmasked (as Keras)",
-    )
+    unmasked = [h["train_loss_unmasked"] for h in history]
+    if all(value is not None for value in unmasked):  # only a "none"-mask run has it
+        ax.plot(epochs, unmasked, "--", color="grey", label="training, unmasked (as Keras)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("Recipe LSTM: loss by epoch")
@@ -318,7 +356,15 @@ def train(
         check_resumable(resume, texts, fingerprint, config)
         tokenizer = Tokenizer.from_dict(resume["tokenizer"])
     windows = torch.from_numpy(encode_windows(texts, tokenizer, config.seq_len))
-    train_windows = windows[train_idx].to(rt.device)  # (N, T + 1)
+    train_windows = windows[train_idx]  # (N, T + 1)
+    count_from = torch.zeros(len(train_idx), dtype=torch.long)  # (N,)
+    if config.tail_windows:
+        tails, tails_from = tail_windows(
+            [texts[i] for i in train_idx], tokenizer, config.seq_len, config.tail_burn_in
+        )
+        train_windows = torch.cat([train_windows, torch.from_numpy(tails)])
+        count_from = torch.cat([count_from, torch.from_numpy(tails_from)])
+    train_windows, count_from = train_windows.to(rt.device), count_from.to(rt.device)
     val_windows = windows[val_idx].to(rt.device)
 
     model_config = LSTMConfig.for_training(config, tokenizer.vocab_size)
@@ -363,6 +409,7 @@ def train(
     rt.log(
         f"data: {len(train_idx)} train, {len(val_idx)} validation texts, "
         f"vocab {tokenizer.vocab_size}, {config.seq_len + 1}-token windows"
+        + (f", {len(train_windows) - len(train_idx)} tail windows" if config.tail_windows else "")
     )
     rt.log(
         f"run: device {rt.device}, world size {rt.world_size}, batch {config.batch_size} per "
@@ -380,24 +427,33 @@ def train(
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), dtype=torch.long, device=rt.device)
         totals = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=rt.device)
+        seen = 0  # input positions, over every process
         for batch_no, rows in enumerate(batches(order, config.batch_size), 1):
             batch = train_windows[rows]  # (B, T + 1)
             x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, config)
-            with autocast(rt.device):
-                logits, _ = trainable(x)  # (B, T, V)
-            parts = losses(logits, x, y)
+            if config.loss_mask == "none":  # every position, as Keras
+                with autocast(rt.device):
+                    logits, _ = trainable(x)  # (B, T, V)
+                parts = losses(logits, x, y)
+                objective = parts["none_sum"]
+            else:  # the output layer runs only where a target counts
+                counted = counted_targets(x, y, count_from[rows], config.loss_mask)
+                with autocast(rt.device):
+                    logits, _ = trainable(x, positions=counted)  # (K, V)
+                parts, objective = selected_losses(logits, y[counted], config.stop_weight)
             # Divide by the global target count: every target weighs the same however
             # the batch is split over processes (DDP averages, so scale by world size).
             count = all_sum(rt, parts[f"{config.loss_mask}_n"].detach().float())
-            loss = parts[f"{config.loss_mask}_sum"] * rt.world_size / count.clamp(min=1)
+            loss = objective * rt.world_size / count.clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             step += 1
+            seen += x.numel() * rt.world_size
             totals += torch.stack([parts[k].detach().double() for k in LOSS_KEYS])
             if progress is not None and rt.is_main:
                 elapsed = time.perf_counter() - started
@@ -408,11 +464,10 @@ def train(
                     {
                         "loss": float(totals[LOSS_KEYS.index(f"{mask}_sum")])
                         / max(1.0, float(totals[LOSS_KEYS.index(f"{mask}_n")])),
-                        "tokens_per_s": batch_no * x.numel() * rt.world_size / elapsed,
+                        "tokens_per_s": seen / elapsed,
                     },
                 )
         totals = all_sum(rt, totals)
-        positions = float(totals[LOSS_KEYS.index("none_n")])
         train_seconds = time.perf_counter() - started
         train_stats = summarise(totals)
         val = evaluate(model, val_windows, 2 * config.batch_size, rt) if len(val_idx) else None
@@ -426,7 +481,7 @@ def train(
             "val_loss_words": val["loss_words"] if val else None,
             "val_perplexity": math.exp(val["loss"]) if val else None,
             "val_perplexity_words": math.exp(val["loss_words"]) if val else None,
-            "tokens_per_s": positions / train_seconds,
+            "tokens_per_s": seen / train_seconds,
             "train_seconds": train_seconds,
             "lr": optimizer.param_groups[0]["lr"],
             "world_size": rt.world_size,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from simmer.tokenizer import Tokenizer
-from training.data import CorpusError, encode_windows, load_corpus, split_train_val
+from training.data import CorpusError, encode_windows, load_corpus, split_train_val, tail_windows
 
 # Invented recipes, in the Kaggle Epicurious schema (with the fields a loader ignores).
 INVENTED: list[dict[str, Any]] = [
@@ -124,6 +124,29 @@ def test_windows_keep_the_first_201_tokens_and_pad_short_recipes() -> None:
     assert not windows[1, len(short) :].any()
     x, y = windows[:, :-1], windows[:, 1:]
     assert (x[:, 1:] == y[:, :-1]).all()
+
+
+def test_tail_windows_end_each_long_recipe_with_its_stop_and_count_only_new_targets() -> None:
+    def recipe(words: int) -> str:
+        return "Recipe for Soup | " + " ".join(f"w{i}" for i in range(words))
+
+    texts = [recipe(600), recipe(10), recipe(205), recipe(196)]
+    tokenizer = Tokenizer.train(texts, vocab_size=1000)
+    lengths = [len(tokenizer.encode(t)) for t in texts]
+    assert lengths[2] > 200 >= lengths[3]  # 205 words outrun the window; 196 fit with the stop
+    windows, count_from = tail_windows(texts, tokenizer, seq_len=200, burn_in=25)
+    assert windows.shape == (2, 201) and windows.dtype == np.int64  # the 600- and 205-word ones
+    for row, text in zip(range(2), (texts[0], texts[2]), strict=True):
+        ids = tokenizer.encode(text)
+        assert windows[row].tolist() == [*ids[-200:], 0]  # the last 200 tokens, then the stop
+    # 600 words: far past the first window, so only the burn-in is context
+    assert count_from[0] == 25
+    # 205 words: the first window already counts all but the last few targets and the stop
+    start = lengths[2] - 200
+    assert count_from[1] == 200 - start
+    targets = windows[1, 1:]
+    assert targets[count_from[1] :].tolist() == [*tokenizer.encode(texts[2])[201:], 0]
+    assert tail_windows(texts[1:2], tokenizer)[0].shape == (0, 201)  # none needed
 
 
 def test_validation_split_is_ten_percent_fixed_by_seed_and_disjoint() -> None:

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from training.model import LSTMConfig, RecipeLSTM
 from training.presets import get_preset
-from training.train import losses, lr_at, stop_aware_mask
+from training.train import counted_targets, losses, lr_at, selected_losses, stop_aware_mask
 
 # One window of a 3-word recipe followed by padding, and one that fills the window.
 WINDOWS = torch.tensor([[5, 6, 7, 0, 0, 0], [4, 5, 6, 7, 8, 9]])
@@ -67,3 +68,44 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     assert lr_at(110, 110, config) == pytest.approx(1e-3)
     constant = get_preset("tiny")
     assert {lr_at(s, 50, constant) for s in range(50)} == {constant.lr}
+
+
+def test_selected_losses_match_the_full_losses_over_the_counted_targets() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 10)
+    full = losses(logits, X, Y)
+    for mask in ("stop", "pads"):
+        counted = counted_targets(X, Y, torch.zeros(2, dtype=torch.long), mask)
+        assert torch.equal(counted, stop_aware_mask(X) if mask == "stop" else Y != 0)
+        parts, objective = selected_losses(logits[counted], Y[counted])
+        assert torch.allclose(parts[f"{mask}_sum"], full[f"{mask}_sum"])
+        assert int(parts[f"{mask}_n"]) == int(full[f"{mask}_n"])
+        assert torch.allclose(objective, full[f"{mask}_sum"])
+    assert int(parts["none_n"]) == 0  # not every position was computed
+
+
+def test_count_from_hides_a_rows_context_targets() -> None:
+    counted = counted_targets(X, Y, torch.tensor([0, 3]), "stop")
+    assert counted[0].tolist() == [True, True, True, False, False]
+    assert counted[1].tolist() == [False, False, False, True, True]
+
+
+def test_stop_weight_scales_only_the_stop_targets_in_the_objective() -> None:
+    torch.manual_seed(2)
+    counted = stop_aware_mask(X)
+    logits, targets = torch.randn(int(counted.sum()), 10), Y[counted]
+    parts, plain = selected_losses(logits, targets, 1.0)
+    _, heavy = selected_losses(logits, targets, 3.0)
+    stop_ce = parts["stop_sum"] - parts["pads_sum"]  # the one stop target in X, Y
+    assert torch.allclose(heavy - plain, 2.0 * stop_ce)
+
+
+def test_the_model_computes_logits_only_at_the_asked_positions() -> None:
+    torch.manual_seed(3)
+    model = RecipeLSTM(LSTMConfig(vocab_size=10, embedding_dim=4, hidden_size=6)).eval()
+    counted = stop_aware_mask(X)
+    full, state = model(X)
+    some, same_state = model(X, positions=counted)
+    assert some.shape == (int(counted.sum()), 10)
+    assert torch.allclose(some, full[counted])
+    assert torch.equal(state[0], same_state[0])

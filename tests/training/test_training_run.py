@@ -137,3 +137,19 @@ def test_loaded_best_model_predicts_like_it_was_saved(tiny_run: Path) -> None:
     again.load_state_dict(payload["model_state"])
     tokens = torch.tensor([[2, 3, 4, 5]])
     torch.testing.assert_close(model(tokens)[0], again.eval()(tokens)[0])
+
+
+def test_tail_windows_and_a_stop_weight_train_and_report_every_validation_loss(
+    tmp_path: Path,
+    small_texts: list[str],
+    tiny_config: TrainConfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = tiny_config.with_overrides(epochs=1, tail_windows=True, stop_weight=2.0)
+    result = train(small_texts, config, tmp_path)
+    assert "tail windows" in capsys.readouterr().err
+    record = result.history[0]
+    assert record["train_loss_unmasked"] is None  # the output layer ran at counted targets only
+    assert record["val_loss_unmasked"] is not None
+    assert record["val_loss"] < math.log(Tokenizer.load(tmp_path / "tokenizer.json").vocab_size)
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
