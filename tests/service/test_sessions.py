@@ -324,11 +324,14 @@ def test_the_refresher_stops_a_generation_whose_lock_was_taken_over(
             stopped.append(session_id)
             told.set()
 
-        async with _refreshing(old, ["a", "b"], stop, 2.0, 0.05):
+        # Renewals every 0.25 s: each has that long to answer. (At 0.05 s, on a loaded
+        # machine, the timeout kept cancelling Redis commands mid-reply, and once the
+        # refresher never came back from a cancel.)
+        async with _refreshing(old, ["a", "b"], stop, 2.0, 0.25):
             _lapse(redis_target, "simmer-test:{a}:lock")
             assert await new.lock("a") is True
             await asyncio.wait_for(told.wait(), 30)
-            await asyncio.sleep(0.3)  # several more ticks: a lost lock is reported once
+            await asyncio.sleep(1.0)  # several more ticks: a lost lock is reported once
         await old.close()
         await new.close()
         return stopped
