@@ -60,6 +60,14 @@ class SessionBusy(DomainError):
     """The session is generating already (409)."""
 
 
+class RewindTooFar(DomainError):
+    """A rewind past the calls a session keeps (409)."""
+
+
+class NothingToPredict(DomainError):
+    """A session with no context yet has no next word to show (409)."""
+
+
 class SessionModelMismatch(DomainError):
     """The session belongs to another model version (409)."""
 
@@ -111,6 +119,8 @@ HTTP_ERRORS: dict[type[DomainError], HTTPAnswer] = {
     ModelNotFound: HTTPAnswer(404, "model_not_found"),
     SessionBusy: HTTPAnswer(409, "session_busy"),
     SessionModelMismatch: HTTPAnswer(409, "session_model_mismatch"),
+    RewindTooFar: HTTPAnswer(409, "rewind_too_far"),
+    NothingToPredict: HTTPAnswer(409, "session_empty"),
     SessionLockLost: HTTPAnswer(409, "session_lock_lost"),
     EngineFailed: HTTPAnswer(500, "engine_error"),
     Overloaded: HTTPAnswer(503, "overloaded", RETRY),

@@ -19,7 +19,7 @@ from service.engine.core import EngineCore, build_engine
 from service.engine.model import ModelSession
 from service.engine.output import Hooks, StepStats
 from service.generation.service import GenerationService
-from service.generation.sessions import ModelShape
+from service.generation.sessions import ModelShape, StateTokens
 from service.metrics import Metrics
 from service.sessions import SessionStore, create_store, refresh_locks_forever, sweep_forever
 from service.settings import Settings
@@ -107,6 +107,8 @@ async def serving(runtime: ServiceState, bundle: ModelBundle | None) -> AsyncIte
         max_prompt_tokens=settings.max_prompt_tokens,
         session_ttl_s=settings.session_ttl_s,
         max_waiting=settings.max_waiting,
+        session_history=settings.session_history,
+        state_tokens=StateTokens(runtime.state_secret, settings.state_max_age_s),
     )
     metrics.model_info.info(
         {

@@ -181,6 +181,13 @@ class Metrics:
             "Sessions created.",
             registry=r,
         )
+        self.session_resume = Counter(
+            "simmer_session_resume",
+            "Calls that continued a session, by where its state came from: this server's "
+            "memory store, Redis, or a signed state token the client sent.",
+            ["source"],
+            registry=r,
+        )
         self.sessions_evicted = Counter(
             "simmer_sessions_evicted",
             "Sessions removed, by reason.",

@@ -10,7 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Litestar
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Parameter,
+    Schema,
+)
 
 from service.protocol import REQUEST_MODELS, STRICT_REQUESTS
 from service.settings import Settings
@@ -77,6 +83,11 @@ def complete_openapi(app: Litestar, settings: Settings) -> None:
                         if isinstance(branch, Schema) and branch.type == OpenAPIType.INTEGER:
                             branch.maximum = limits[field]
                     prop.maximum = None
+    peek = schema.paths.get("/v1/sessions/{session_id}/next") if schema.paths else None
+    for parameter in (peek.get.parameters or []) if peek is not None and peek.get else []:
+        top = isinstance(parameter, Parameter) and parameter.name == "top"
+        if top and isinstance(parameter, Parameter) and isinstance(parameter.schema, Schema):
+            parameter.schema.maximum = settings.max_logprobs
     for path in ("/v1/generate", "/v1/completions"):
         item = schema.paths.get(path) if schema.paths else None
         operation = item.post if item is not None else None

@@ -88,9 +88,44 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
+    state: str | None = None  # a signed state token to continue from, instead of a session
+    return_state: bool = False  # give each choice's signed state token in its done event
+    n: int = 1  # choices: one prefill, then n forks sampled in the same batch
+
+    def __post_init__(self) -> None:
+        if self.state is not None and self.session_id is not None:
+            raise InvalidRequest("give state or session_id, not both", "state")
 
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+MAX_CHOICES = 16
+Choices = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=MAX_CHOICES,
+        description="How many choices to generate: the prompt is fed once, then each choice "
+        "is a fork of its own session, sampled in the same batch. With a seed, choice i "
+        "draws as a single request with seed + i would.",
+    ),
+]
+MAX_STATE_CHARS = 8_192  # a book-model token is about 1.6 KB
+StateToken = Annotated[
+    str,
+    Field(
+        max_length=MAX_STATE_CHARS,
+        description="A signed state token (from `return_state` or GET "
+        "/v1/sessions/{id}/state) to continue from instead of a session_id; the session "
+        "store is not read. The call's session is new and belongs to the caller.",
+    ),
+]
+ReturnState = Annotated[
+    bool,
+    Field(
+        description="Also answer the session's signed state token after this call "
+        "(`state`): any replica with the same SIMMER_STATE_SECRET continues from it.",
+    ),
+]
 
 
 def _stop_list(value: Any) -> Any:
@@ -122,13 +157,15 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = Field(
         False, description="Never end at the stop token: always generate max_tokens."
     )
+    state: StateToken | None = None
+    return_state: ReturnState = False
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, value: Any) -> Any:
         return _stop_list(value)
 
-    def to_generation(self, limits: Limits) -> GenerationRequest:
+    def to_generation(self, limits: Limits, n: int = 1) -> GenerationRequest:
         max_tokens = self.max_tokens if self.max_tokens is not None else limits.default_max_tokens
         if max_tokens > limits.max_new_tokens:
             raise InvalidRequest(
@@ -152,6 +189,9 @@ class SamplingFields(BaseModel):
                 ignore_eos=self.ignore_eos,
             ),
             stop=tuple(self.stop),
+            state=self.state,
+            return_state=self.return_state,
+            n=n,
         )
 
 
@@ -161,6 +201,7 @@ class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     stream: bool = Field(False, description="Answer text/event-stream token events.")
+    n: Choices = 1
 
 
 class WSGenerate(SamplingFields):
@@ -175,6 +216,11 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    fed_tokens: int = Field(
+        description="Tokens the engine was fed for this call: the new prompt, plus the "
+        "session's pending token. The session's history is never fed again."
+    )
+    session_tokens: int = Field(description="The session's whole length after this call.")
 
 
 class TopWord(BaseModel):
@@ -191,12 +237,26 @@ class TokenLogprobs(BaseModel):
     top: list[TopWord]
 
 
-class GenerateResponse(BaseModel):
+class GenerateChoice(BaseModel):
+    index: int
     session_id: str
     text: str
     finish_reason: FinishReason
     usage: Usage
     logprobs: list[TokenLogprobs] | None = None
+    state: str | None = Field(None, description="The signed state token, with return_state.")
+
+
+class GenerateResponse(BaseModel):
+    """Choice 0 at the top level; with n > 1, every choice in `choices` too."""
+
+    session_id: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    logprobs: list[TokenLogprobs] | None = None
+    state: str | None = Field(None, description="The signed state token, with return_state.")
+    choices: list[GenerateChoice] | None = Field(None, description="With n > 1: every choice.")
 
 
 class SessionCreate(BaseModel):
@@ -211,6 +271,36 @@ class SessionCreate(BaseModel):
     )
 
 
+class RewindRequest(BaseModel):
+    """POST /v1/sessions/{id}/rewind."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    turns: int = Field(
+        1,
+        ge=1,
+        le=255,
+        description="How many of the session's last calls to undo: the session goes back to "
+        "its state before them.",
+    )
+
+
+class NextWord(BaseModel):
+    token: str
+    id: int
+    logprob: float
+    prob: float
+
+
+class NextWords(BaseModel):
+    """GET /v1/sessions/{id}/next: the next-word distribution, the session unchanged."""
+
+    session_id: str
+    tokens: int = Field(description="Tokens in the session's context.")
+    temperature: float
+    top: list[NextWord]
+
+
 class SessionStateExport(BaseModel):
     session_id: str
     model: str
@@ -222,6 +312,7 @@ class SessionInfo(BaseModel):
     model: str
     tokens: int = Field(description="Tokens in the session's context.")
     pending_token: bool = Field(description="Whether a generated token waits to be fed.")
+    rewind_points: int = Field(description="How many of its last calls a rewind can undo.")
     created: float
     last_used: float
     expires_at: float
@@ -251,7 +342,14 @@ class CompletionRequest(BaseModel):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: TopK = Field(0, description="simmer extension: keep the k most likely words.")
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: Choices = 1
+    best_of: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Generate this many choices and answer the n of highest mean "
+        "log-probability (at least n; cannot stream when above n).",
+    )
     stream: bool = False
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: Seed | None = None
@@ -259,8 +357,14 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     ignore_eos: bool = Field(False, description="simmer extension: never end at the stop token.")
     session_id: str | None = Field(None, max_length=64, description="simmer extension.")
+    state: StateToken | None = Field(None, description="simmer extension: see /v1/generate.")
+    return_state: ReturnState = False
 
     def to_generation(self, limits: Limits) -> GenerationRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise InvalidRequest("best_of must be at least n", "best_of")
+        if self.stream and (self.best_of or self.n) > self.n:
+            raise InvalidRequest("best_of above n cannot be streamed", "best_of")
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -279,14 +383,21 @@ class CompletionRequest(BaseModel):
             stop=_stop_list(self.stop),
             logprobs=self.logprobs,
             ignore_eos=self.ignore_eos,
+            state=self.state,
+            return_state=self.return_state,
         )
-        return fields.to_generation(limits)
+        return fields.to_generation(limits, self.n)
 
 
 # request models that refuse unknown fields; the OpenAPI document says so too
-STRICT_REQUESTS: tuple[type[BaseModel], ...] = (GenerateRequest, SessionCreate)
+STRICT_REQUESTS: tuple[type[BaseModel], ...] = (GenerateRequest, SessionCreate, RewindRequest)
 # every request body: the OpenAPI document shows the bounds of each of their fields
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (GenerateRequest, CompletionRequest, SessionCreate)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    GenerateRequest,
+    CompletionRequest,
+    SessionCreate,
+    RewindRequest,
+)
 
 
 def invalid_field(param: str | None, detail: str) -> InvalidRequest:

@@ -126,6 +126,18 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(
         20, ge=1, description="Requests a key may make at once before limiting."
     )
+    state_max_age_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="Signed state tokens older than this are refused (400).",
+    )
+    session_history: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="Call starts each session keeps for POST /v1/sessions/{id}/rewind; each "
+        "adds the size of the LSTM state to the session (about 1 KiB for the book model).",
+    )
     state_secret: str | None = Field(
         None,
         repr=False,

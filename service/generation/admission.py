@@ -17,11 +17,11 @@ class Admission:
         self._idle = asyncio.Event()  # set while no generation is in progress
         self._idle.set()
 
-    def check(self) -> None:
-        """Raise if a new generation would be refused now."""
+    def check(self, count: int = 1) -> None:
+        """Raise if `count` new generations would be refused now."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
-        if self.active >= self.capacity:
+        if self.active + count > self.capacity:
             raise Overloaded("the server is at capacity; retry shortly")
 
     def enter(self) -> None:

@@ -11,6 +11,7 @@ from service.generation.events import Logprob, TokenEvent
 from service.generation.lease import SessionLease
 from service.generation.observer import GenerationObserver
 from service.sessions import NO_TOKEN, SessionState
+from service.sessions.state import Snapshot
 from simmer.tokenizer import Tokenizer
 
 
@@ -30,13 +31,20 @@ class Call:
     observer: GenerationObserver
     lease: SessionLease
     tokenizer: Tokenizer
+    feed: int  # tokens the engine feeds for this call: the pending token and the prompt
+    keep: int = 8  # call starts the session keeps for rewinding
+    choice: int | None = None  # with n > 1: which choice this call is
+    group: str | None = None  # with n > 1: choice 0's session, which stops them all
+    return_state: bool = False
     client_gone: bool = False  # its client left: counted as a disconnect, not a success
     shown_chars: int = 0
     sent_tokens: int = 0
-    logprobs: bool = field(init=False)
+    logprobs: bool = field(init=False)  # whether its token events carry logprobs
+    start: Snapshot = field(init=False)  # the session before this call, to rewind to
 
     def __post_init__(self) -> None:
         self.logprobs = self.request.params.logprobs > 0
+        self.start = self.state.snapshot()
 
     def next_event(self) -> TokenEvent | None:
         """The tokens and text that may go out now (text that could still turn out to
@@ -57,6 +65,7 @@ class Call:
             count=count,
             logprobs=self._logprobs(first, produced) if self.logprobs else None,
             offsets=tuple(text.ends[i - 1] if i else 0 for i in range(first, produced)),
+            choice=self.choice,
         )
         self.shown_chars, self.sent_tokens = safe, produced
         return event
@@ -73,6 +82,7 @@ class Call:
         """The session after this call: only what the engine actually fed."""
         state, request = self.state, self.request
         if request.steps_run:
+            state.remember(self.start, self.keep)
             state.h, state.c = request.h, request.c
             context = context_of(state, self.prompt_ids + request.tokens)
             state.prev = context[-2] if len(context) >= 2 else NO_TOKEN
@@ -81,6 +91,15 @@ class Call:
             state.n_tokens += len(self.prompt_ids) + len(request.tokens)
         state.last_used = time.time()
         return state
+
+    @property
+    def fed_tokens(self) -> int:
+        return self.feed if self.request.steps_run else 0
+
+    def mean_logprob(self) -> float | None:
+        """The mean log-probability of the generated tokens, when they were scored."""
+        top = self.request.top
+        return sum(t.logprob for t in top) / len(top) if top else None
 
 
 def _logprob(vocab: list[str], token: int, top: TopLogprobs) -> Logprob:

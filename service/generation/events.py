@@ -20,6 +20,7 @@ class Logprob:
 class SessionEvent:
     session_id: str
     created: bool
+    choice: int | None = None  # with n > 1: which choice (each has a session of its own)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class TokenEvent:
     count: int  # how many generated tokens it covers
     logprobs: list[Logprob] | None = None
     offsets: tuple[int, ...] = ()  # where each covered token's text begins, in the call's text
+    choice: int | None = None  # with n > 1
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class DoneEvent:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    fed_tokens: int = 0  # fed to the engine for this call: the prompt and the pending token
+    session_tokens: int = 0  # the session's length after the call
+    choice: int | None = None  # with n > 1
+    state: str | None = None  # the session's signed state token, when asked for
+    mean_logprob: float | None = None  # of the generated tokens, when they were scored
 
 
 Event = SessionEvent | TokenEvent | DoneEvent

@@ -12,19 +12,24 @@ what it generated is saved, then its lease is given back, in a task of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from service.engine.core import EngineClosed, EngineCore, EngineDown
-from service.engine.params import seeded_for
-from service.engine.request import Request
+from service.engine.params import SamplingParams, seeded_for
+from service.engine.request import Request, TopLogprobs
 from service.engine.text import TextStream
 from service.errors import (
     EngineFailed,
     EngineUnavailable,
     InvalidRequest,
+    NothingToPredict,
     SessionLockLost,
     ShuttingDown,
 )
@@ -33,9 +38,9 @@ from service.generation.call import Call, context_of
 from service.generation.events import DoneEvent, Event, SessionEvent
 from service.generation.lease import SessionLease
 from service.generation.observer import GenerationObserver
-from service.generation.sessions import ModelShape, Sessions
+from service.generation.sessions import ModelShape, Sessions, StateTokens
 from service.metrics import Metrics
-from service.protocol import GenerationRequest
+from service.protocol import MAX_SEED, GenerationRequest
 from service.sessions import NO_TOKEN, SessionState, SessionStore, new_session_id
 from simmer.tokenizer import Tokenizer
 
@@ -54,6 +59,8 @@ class GenerationService:
         max_prompt_tokens: int,
         session_ttl_s: float,
         max_waiting: int,
+        session_history: int = 8,
+        state_tokens: StateTokens | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -61,7 +68,9 @@ class GenerationService:
         self.metrics = metrics
         self.model = model
         self.max_prompt_tokens = max_prompt_tokens
-        self.sessions = Sessions(store, model, session_ttl_s, metrics)
+        self.sessions = Sessions(
+            store, model, session_ttl_s, metrics, history=session_history, tokens=state_tokens
+        )
         self.admission = Admission(engine.max_batch + max_waiting)
         self._calls: dict[str, Call] = {}  # by session id
         self._finishers: set[asyncio.Task[None]] = set()
@@ -83,12 +92,11 @@ class GenerationService:
     def cancel(self, session_id: str, client_gone: bool = False) -> bool:
         """Stop the generation running on `session_id` now; with `client_gone` it is
         counted as a client that disconnected, not as a success."""
-        call = self._calls.get(session_id)
-        if call is None:
-            return False
-        call.client_gone = call.client_gone or client_gone
-        self.engine.cancel(call.request)
-        return True
+        calls = [c for c in self._calls.values() if session_id in (c.session_id, c.group)]
+        for call in calls:  # with n > 1, every choice of the call
+            call.client_gone = call.client_gone or client_gone
+            self.engine.cancel(call.request)
+        return bool(calls)
 
     def stopper(self, session_id: str) -> functools.partial[bool]:
         """What stops `session_id`'s generation when its client has gone."""
@@ -123,41 +131,22 @@ class GenerationService:
                 f"prompt is {len(prompt_ids)} tokens; the limit is {self.max_prompt_tokens}",
                 "prompt",
             )
-        self.admission.check()
-        session_id, created, state = await self._session_for(request.session_id, owner)
+        self.admission.check(request.n)
+        session_id, created, state = await self._session_for(request, owner)
         feed = ([state.pending] if state.pending != NO_TOKEN else []) + prompt_ids
         if not feed:
             raise InvalidRequest(
                 "prompt is empty and the session has nothing to continue from", "prompt"
             )
-        context = context_of(state, prompt_ids)
-        text = TextStream(self.tokenizer, *_last_two(context), request.stop)
+        plan = _Plan(request, prompt_ids, feed, arrived)
+        if request.n > 1:
+            async for event in self._choices(plan, session_id, created, state, owner):
+                yield event
+            return
         async with SessionLease(self.store, session_id) as lease:
             if created:
                 self.metrics.sessions_created.inc()
-            engine_request = self._submit(
-                Request(
-                    feed=feed,
-                    h=state.h,
-                    c=state.c,
-                    params=seeded_for(request.sampling, state.n_tokens),
-                    max_new_tokens=request.max_tokens,
-                    check=text.add,
-                )
-            )
-            observer = GenerationObserver(self.metrics, arrived)
-            call = Call(
-                session_id,
-                created,
-                state,
-                prompt_ids,
-                engine_request,
-                text,
-                observer,
-                lease,
-                self.tokenizer,
-            )
-            self._calls[session_id] = call
+            call = self._start(plan, session_id, created, state, lease, state.h, state.c)
             events = self._events(call)
             try:
                 async for event in events:
@@ -165,13 +154,148 @@ class GenerationService:
             finally:
                 await events.aclose()
 
+    async def peek(
+        self, session_id: str, owner: str, top: int, temperature: float
+    ) -> tuple[SessionState, TopLogprobs]:
+        """The session's next-word distribution at `temperature`, its `top` words, from
+        one engine step on the pending token; the session is not changed."""
+        state = await self.sessions.load(session_id, owner)
+        if state.pending == NO_TOKEN:
+            raise NothingToPredict(
+                f"session {session_id!r} has no context yet: generate, or feed it a prompt, first",
+                "session_id",
+            )
+        # its own seed: the one word it draws (and drops) takes nothing from other requests
+        params = SamplingParams(temperature=temperature, seed=0, logprobs=top, ignore_eos=True)
+        request = await self._run_step([state.pending], state, params)
+        return state, request.top[0]
+
+    async def _run_step(
+        self, tokens: list[int], state: SessionState, params: SamplingParams
+    ) -> Request:
+        """One engine request that feeds `tokens` from `state` and draws one word (never
+        the stop token, so it always ends after that step, by length)."""
+        self.admission.check()
+        request = self._submit(
+            Request(feed=tokens, h=state.h, c=state.c, params=params, max_new_tokens=1)
+        )
+        try:
+            while not request.done:
+                await request.event.wait()
+                request.event.clear()
+        except BaseException:
+            self.engine.cancel(request)
+            raise
+        finally:
+            self.admission.leave()
+        if request.finish_reason == "error":
+            raise EngineFailed("the engine failed during this generation")
+        return request
+
     async def _session_for(
-        self, session_id: str | None, owner: str
+        self, request: GenerationRequest, owner: str
     ) -> tuple[str, bool, SessionState]:
-        """The session a call continues, or a new one: (id, created, state)."""
-        if session_id is not None:
-            return session_id, False, await self.sessions.load(session_id, owner)
+        """The session a call continues, or a new one: (id, created, state). A call from
+        a state token makes a new session of it, without reading the store."""
+        if request.session_id is not None:
+            return request.session_id, False, await self.sessions.resume(request.session_id, owner)
+        if request.state is not None:
+            return new_session_id(), True, self.sessions.unseal(request.state, owner, resume=True)
         return new_session_id(), True, self.sessions.fresh(owner)
+
+    def _start(
+        self,
+        plan: _Plan,
+        session_id: str,
+        created: bool,
+        state: SessionState,
+        lease: SessionLease,
+        h: np.ndarray,
+        c: np.ndarray,
+        choice: int | None = None,
+        group: str | None = None,
+    ) -> Call:
+        """Submit one call's engine request, from (h, c) with the rest of its feed."""
+        request = plan.request
+        context = context_of(state, plan.prompt_ids)
+        text = TextStream(self.tokenizer, *_last_two(context), request.stop)
+        params = request.sampling
+        if choice and params.seed is not None:  # choice i draws as seed + i alone would
+            params = replace(params, seed=(params.seed + choice) % (MAX_SEED + 1))
+        engine_request = self._submit(
+            Request(
+                feed=plan.feed if choice is None else plan.feed[-1:],
+                h=h,
+                c=c,
+                params=seeded_for(params, state.n_tokens),
+                max_new_tokens=request.max_tokens,
+                check=text.add,
+            )
+        )
+        call = Call(
+            session_id,
+            created,
+            state,
+            plan.prompt_ids,
+            engine_request,
+            text,
+            GenerationObserver(self.metrics, plan.arrived),
+            lease,
+            self.tokenizer,
+            feed=len(plan.feed),
+            keep=self.sessions.history,
+            choice=choice,
+            return_state=request.return_state,
+            group=group,
+        )
+        self._calls[session_id] = call
+        return call
+
+    async def _choices(
+        self, plan: _Plan, session_id: str, created: bool, state: SessionState, owner: str
+    ) -> AsyncGenerator[Event, None]:
+        """n choices: feed all but the last token once, then n forks of that state, each
+        feeding the last token and sampling in the same batch. Choice 0 is the session
+        the call continues (or a new one); the others are new sessions."""
+        n = plan.request.n
+        ids = [session_id] + [new_session_id() for _ in range(n - 1)]
+        async with contextlib.AsyncExitStack() as stack:
+            leases = [await stack.enter_async_context(SessionLease(self.store, i)) for i in ids]
+            h, c = await self._prefill(plan.feed[:-1], state)
+            self.metrics.sessions_created.inc(n - 1 + created)
+            calls = [
+                self._start(
+                    plan,
+                    ids[i],
+                    created or i > 0,
+                    state.copy() if i else state,
+                    leases[i],
+                    h,
+                    c,
+                    choice=i,
+                    group=session_id,
+                )
+                for i in range(n)
+            ]
+            for call in calls:
+                yield SessionEvent(call.session_id, call.created, call.choice)
+            streams = [self._events(call, announce=False) for call in calls]
+            merged = _merge(streams)
+            try:
+                async for event in merged:
+                    yield event
+            finally:
+                await merged.aclose()
+
+    async def _prefill(
+        self, tokens: list[int], state: SessionState
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The state after feeding `tokens` from `state` (itself when there are none)."""
+        if not tokens:
+            return state.h, state.c
+        params = SamplingParams(temperature=0.0, ignore_eos=True)
+        request = await self._run_step(tokens, state, params)
+        return request.h, request.c
 
     def _submit(self, request: Request) -> Request:
         """Admit a generation and hand its request to the engine."""
@@ -185,11 +309,12 @@ class GenerationService:
             self.admission.leave()
             raise ShuttingDown(str(exc)) from exc
 
-    async def _events(self, call: Call) -> AsyncGenerator[Event, None]:
+    async def _events(self, call: Call, announce: bool = True) -> AsyncGenerator[Event, None]:
         request = call.request
         handed_off = saving_started = False
         try:
-            yield SessionEvent(call.session_id, call.created)
+            if announce:
+                yield SessionEvent(call.session_id, call.created, call.choice)
             while True:
                 await request.event.wait()
                 request.event.clear()
@@ -223,6 +348,11 @@ class GenerationService:
                 request.finish_reason or "error",
                 len(call.prompt_ids),
                 len(request.tokens),
+                fed_tokens=call.fed_tokens,
+                session_tokens=call.state.n_tokens,
+                choice=call.choice,
+                state=self.sessions.seal(call.state) if call.return_state else None,
+                mean_logprob=call.mean_logprob(),
             )
         finally:
             if not request.done:
@@ -278,6 +408,49 @@ class GenerationService:
         finisher = asyncio.create_task(finish())
         self._finishers.add(finisher)  # kept alive until done
         finisher.add_done_callback(self._finishers.discard)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every choice of one call shares."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    feed: list[int]  # the pending token, then the prompt
+    arrived: float
+
+
+async def _merge(streams: list[AsyncGenerator[Event, None]]) -> AsyncGenerator[Event, None]:
+    """The events of several streams as they come. The first error ends the merged
+    stream; closing it closes every stream (each then saves what it generated)."""
+    queue: asyncio.Queue[tuple[Event | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(stream: AsyncGenerator[Event, None]) -> None:
+        try:
+            async for event in stream:
+                await queue.put((event, None))
+        except Exception as exc:
+            await queue.put((None, exc))
+            return
+        finally:
+            await stream.aclose()
+        await queue.put((None, None))
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            event, error = await queue.get()
+            if error is not None:
+                raise error
+            if event is None:
+                open_streams -= 1
+            else:
+                yield event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _last_two(tokens: list[int]) -> tuple[int | None, int | None]:

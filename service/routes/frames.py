@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from service.generation.events import DoneEvent, Logprob, TokenEvent
+from service.generation.events import DoneEvent, Logprob, SessionEvent, TokenEvent
 
 _encode = msgspec.json.Encoder().encode
 
@@ -49,6 +49,8 @@ def token_json(event: TokenEvent) -> dict[str, Any]:
     }
     if event.logprobs is not None:
         out["logprobs"] = logprobs_json(event.logprobs)
+    if event.choice is not None:
+        out["choice"] = event.choice
     return out
 
 
@@ -57,13 +59,27 @@ def usage_json(event: DoneEvent) -> dict[str, int]:
         "prompt_tokens": event.prompt_tokens,
         "completion_tokens": event.completion_tokens,
         "total_tokens": event.prompt_tokens + event.completion_tokens,
+        "fed_tokens": event.fed_tokens,
+        "session_tokens": event.session_tokens,
     }
 
 
 def done_json(event: DoneEvent) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "type": "done",
         "finish_reason": event.finish_reason,
         "usage": usage_json(event),
         "session_id": event.session_id,
     }
+    if event.choice is not None:
+        out["choice"] = event.choice
+    if event.state is not None:
+        out["state"] = event.state
+    return out
+
+
+def session_json(event: SessionEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "session", "session_id": event.session_id}
+    if event.choice is not None:
+        out["choice"] = event.choice
+    return out

@@ -5,30 +5,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request, Response, delete, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import INTERNAL, DomainError, Rendered, render
+from service.engine.params import MIN_TEMPERATURE
+from service.errors import INTERNAL, DomainError, InvalidRequest, Rendered, render
 from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
 from service.protocol import (
+    MAX_INT32,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    NextWord,
+    NextWords,
+    RewindRequest,
     SessionCreate,
     SessionInfo,
     SessionStateExport,
 )
-from service.routes.frames import done_json, logprobs_json, sse, token_json, usage_json
-from service.sessions.portable import seal, unseal
+from service.routes.frames import (
+    done_json,
+    logprobs_json,
+    session_json,
+    sse,
+    token_json,
+    usage_json,
+)
+from service.sessions import SessionState
 from service.state import ServiceState
 
 ERROR_DESCRIPTIONS = {
@@ -75,13 +89,16 @@ async def sse_stream(
     counted with `on_error`, and then the end of the stream."""
     try:
         if isinstance(first, SessionEvent):
-            yield sse({"type": "session", "session_id": first.session_id})
+            yield sse(session_json(first))
         async for event in events:
             if isinstance(event, TokenEvent):
                 yield sse(token_json(event))
             elif isinstance(event, DoneEvent):
-                await events.aclose()  # unlock the session before the client can reuse it
+                if event.choice is None:
+                    await events.aclose()  # unlock the session before the client reuses it
                 yield sse(done_json(event))
+            elif isinstance(event, SessionEvent):
+                yield sse(session_json(event))
     except DomainError as exc:
         error = render(exc)
         on_error(error.code)
@@ -125,23 +142,29 @@ async def generate(
     data: GenerateRequest, state: State, request: Request[Any, Any, Any]
 ) -> Response[GenerateResponse] | Stream:
     runtime = runtime_of(state)
-    params = data.to_generation(runtime.limits)
+    params = data.to_generation(runtime.limits, data.n)
     events = runtime.service().generate(params, owner_of(request))
     first = await anext(events)  # bad input raises here, before any byte is sent
     if data.stream:
         return event_stream(sse_stream(first, events, runtime.metrics.failure))
     assert isinstance(first, SessionEvent)
-    result = await collect(events, request, runtime.service().stopper(first.session_id))
-    if result is None:
+    results = await collect_choices(events, request, runtime.service().stopper(first.session_id))
+    if results is None:
         return client_gone()
-    body = GenerateResponse.model_validate(
+    choices = [
         {
-            "session_id": first.session_id,
+            "index": index,
+            "session_id": result.done.session_id,
             "text": result.text,
             "finish_reason": result.done.finish_reason,
             "usage": usage_json(result.done),
             "logprobs": logprobs_json(result.logprobs) if params.sampling.logprobs else None,
+            "state": result.done.state,
         }
+        for index, result in enumerate(results)
+    ]
+    body = GenerateResponse.model_validate(
+        {**choices[0], "choices": choices if len(choices) > 1 else None}
     )
     return Response(body)
 
@@ -155,21 +178,38 @@ def client_gone() -> Response[Any]:
 
 @dataclass
 class Collected:
-    """A whole generation, for a JSON answer."""
+    """A whole generation (one choice of it), for a JSON answer."""
 
-    done: DoneEvent
+    finished: DoneEvent | None = None
     pieces: list[str] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # where each token's text begins
+
+    @property
+    def done(self) -> DoneEvent:
+        assert self.finished is not None  # `collect` returns finished generations only
+        return self.finished
 
     @property
     def text(self) -> str:
         return "".join(self.pieces)
 
 
+async def collect_choices(
+    events: AsyncGenerator[Event, None],
+    request: Request[Any, Any, Any],
+    stop: Callable[[], object],
+) -> list[Collected] | None:
+    """`collect`, for a call of one or more choices: each one's generation, in order."""
+    results = await collect(events, request, stop)
+    if results is None:
+        return None
+    return [results[key] for key in sorted(results, key=lambda k: k or 0)]
+
+
 async def collect(
     events: AsyncGenerator[Event, None], request: Request[Any, Any, Any], stop: Callable[[], object]
-) -> Collected | None:
+) -> dict[int | None, Collected] | None:
     """The rest of a generation's events, gathered for one JSON answer.
 
     A client that disconnects before the answer is ready stops the generation within a
@@ -188,34 +228,33 @@ async def collect(
         stop()
 
     watcher = asyncio.create_task(watch())
-    pieces: list[str] = []
-    logprobs: list[Logprob] = []
-    offsets: list[int] = []
-    done: DoneEvent | None = None
+    parts: dict[int | None, Collected] = {}  # by choice (None: a call of one)
     try:
         async for event in events:  # to the end, so the generation's own clean-up runs now
             if isinstance(event, TokenEvent):
-                pieces.append(event.text)
-                offsets.extend(event.offsets)
-                logprobs.extend(event.logprobs or ())
+                part = parts.setdefault(event.choice, Collected())
+                part.pieces.append(event.text)
+                part.offsets.extend(event.offsets)
+                part.logprobs.extend(event.logprobs or ())
             elif isinstance(event, DoneEvent):
-                done = event
+                parts.setdefault(event.choice, Collected()).finished = event
     finally:
         watcher.cancel()
     if gone:
         return None
-    if done is None:
+    if not parts or any(part.finished is None for part in parts.values()):
         raise RuntimeError("the generation ended without a done event")
-    return Collected(done, pieces, logprobs, offsets)
+    return parts
 
 
-def _info(runtime: ServiceState, session_id: str, state: Any) -> SessionInfo:
+def _info(runtime: ServiceState, session_id: str, state: SessionState) -> SessionInfo:
     generation = runtime.service()
     return SessionInfo(
         session_id=session_id,
         model=state.model,
         tokens=state.n_tokens,
         pending_token=state.pending >= 0,
+        rewind_points=len(state.history),
         created=state.created,
         last_used=state.last_used,
         expires_at=generation.sessions.expires_at(state),
@@ -232,18 +271,80 @@ async def create_session(
     data: SessionCreate, state: State, request: Request[Any, Any, Any]
 ) -> SessionInfo:
     runtime = runtime_of(state)
-    generation = runtime.service()
-    imported = None
-    if data.state is not None:
-        imported = unseal(
-            data.state,
-            runtime.state_secret,
-            generation.model.version,
-            generation.model.num_layers,
-            generation.model.hidden_size,
-        )
-    session_id, session = await generation.sessions.create(owner_of(request), imported)
+    sessions = runtime.service().sessions
+    owner = owner_of(request)
+    imported = None if data.state is None else sessions.unseal(data.state, owner)
+    session_id, session = await sessions.create(owner, imported)
     return _info(runtime, session_id, session)
+
+
+@post(
+    "/v1/sessions/{session_id:str}/fork",
+    status_code=HTTP_201_CREATED,
+    summary="Fork a session: a new session with the same state, nothing re-read",
+    description="The fork starts from the session's last saved state (a generation running "
+    "on it is not waited for) and keeps its rewind points.",
+    responses=errors(404, 409, 503),
+)
+async def fork_session(
+    session_id: str, state: State, request: Request[Any, Any, Any]
+) -> SessionInfo:
+    runtime = runtime_of(state)
+    fork_id, fork = await runtime.service().sessions.fork(session_id, owner_of(request))
+    return _info(runtime, fork_id, fork)
+
+
+@post(
+    "/v1/sessions/{session_id:str}/rewind",
+    status_code=HTTP_200_OK,
+    summary="Undo a session's last calls",
+    description="Restores the state from before the last `turns` calls. Each session keeps "
+    "the start of its last `session_history` calls (409 beyond them, or while it "
+    "generates).",
+    responses=errors(400, 404, 409, 413, 422, 503),
+)
+async def rewind_session(
+    session_id: str, data: RewindRequest, state: State, request: Request[Any, Any, Any]
+) -> SessionInfo:
+    runtime = runtime_of(state)
+    session = await runtime.service().sessions.rewind(session_id, owner_of(request), data.turns)
+    return _info(runtime, session_id, session)
+
+
+@get(
+    "/v1/sessions/{session_id:str}/next",
+    summary="Peek at the next-word distribution without advancing the session",
+    description="The `top` most likely next words with their log-probabilities, at "
+    "temperature 1 unless `temperature` is given (no top-k or top-p). Greedy generation "
+    "from the session then starts with the first of them. 409 for a session with no "
+    "context yet.",
+    responses=errors(400, 404, 409, 422, 503),
+)
+async def peek_session(
+    session_id: str,
+    state: State,
+    request: Request[Any, Any, Any],
+    top: Annotated[int, Parameter(ge=1, le=MAX_INT32, description="How many words.")] = 5,
+    temperature: Annotated[
+        float, Parameter(ge=MIN_TEMPERATURE, le=100.0, description="softmax(logits / T).")
+    ] = 1.0,
+) -> NextWords:
+    runtime = runtime_of(state)
+    limit = runtime.limits.max_logprobs
+    if top > limit:
+        raise InvalidRequest(f"top must be between 1 and {limit}", "top")
+    generation = runtime.service()
+    session, words = await generation.peek(session_id, owner_of(request), top, temperature)
+    vocab = generation.tokenizer.vocab
+    return NextWords(
+        session_id=session_id,
+        tokens=session.n_tokens,
+        temperature=temperature,
+        top=[
+            NextWord(token=vocab[int(i)], id=int(i), logprob=float(lp), prob=math.exp(lp))
+            for i, lp in zip(words.ids, words.logprobs, strict=True)
+        ],
+    )
 
 
 @get(
@@ -255,10 +356,11 @@ async def export_session(
     session_id: str, state: State, request: Request[Any, Any, Any]
 ) -> SessionStateExport:
     runtime = runtime_of(state)
-    generation = runtime.service()
-    session = await generation.sessions.load(session_id, owner_of(request))
-    blob = seal(session, runtime.state_secret, generation.model.version)
-    return SessionStateExport(session_id=session_id, model=generation.model.version, state=blob)
+    sessions = runtime.service().sessions
+    session = await sessions.load(session_id, owner_of(request))
+    return SessionStateExport(
+        session_id=session_id, model=sessions.model.version, state=sessions.seal(session)
+    )
 
 
 @get("/v1/sessions/{session_id:str}", summary="Session metadata", responses=errors(404, 409, 503))

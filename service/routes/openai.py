@@ -7,9 +7,12 @@ Unknown fields are accepted and ignored, as OpenAI clients send extras.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import secrets
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -23,7 +26,7 @@ from service.routes.frames import SSE_DONE, sse, usage_json
 from service.routes.http import (
     V1_ERRORS,
     client_gone,
-    collect,
+    collect_choices,
     errors,
     event_stream,
     owner_of,
@@ -44,13 +47,31 @@ def _logprobs(steps: list[Logprob], offsets: list[int] | tuple[int, ...]) -> dic
     }
 
 
-def _chunk(
-    completion_id: str,
-    model: str,
+def _choice(
+    index: int,
     text: str,
     finish: str | None,
     session_id: str,
     logprobs: dict[str, Any] | None = None,
+    state: str | None = None,
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "text": text,
+        "index": index,
+        "logprobs": logprobs,
+        "finish_reason": finish,
+        "session_id": session_id,  # simmer extension: each choice is a session of its own
+    }
+    if state is not None:
+        choice["state"] = state
+    return choice
+
+
+def _chunk(
+    completion_id: str,
+    model: str,
+    choices: list[dict[str, Any]],
+    session_id: str,
     usage: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -58,12 +79,23 @@ def _chunk(
         "object": "text_completion",
         "created": now(),
         "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}],
+        "choices": choices,
         "session_id": session_id,
     }
     if usage is not None:
         body["usage"] = usage
     return body
+
+
+def _usage(done: list[DoneEvent]) -> dict[str, int]:
+    """The whole request's usage: the prompt once, every choice's completion. With n > 1
+    the prefill is shared: all but the last token fed once, the last once per choice."""
+    usage = usage_json(done[0])
+    completion = sum(d.completion_tokens for d in done)
+    usage["completion_tokens"] = completion
+    usage["total_tokens"] = usage["prompt_tokens"] + completion
+    usage["fed_tokens"] += sum(1 for d in done[1:] if d.fed_tokens)
+    return usage
 
 
 async def _openai_stream(
@@ -76,21 +108,25 @@ async def _openai_stream(
 ) -> AsyncGenerator[bytes, None]:
     assert isinstance(first, SessionEvent)
     session_id = first.session_id
+    sessions: dict[int, str] = {first.choice or 0: session_id}
+    finished: list[DoneEvent] = []
     try:
         async for event in events:
-            if isinstance(event, TokenEvent):
+            if isinstance(event, SessionEvent):
+                sessions[event.choice or 0] = event.session_id
+            elif isinstance(event, TokenEvent):
                 lp = _logprobs(event.logprobs or [], event.offsets) if want_logprobs else None
-                yield sse(_chunk(completion_id, model, event.text, None, session_id, lp))
+                index = event.choice or 0
+                choice = _choice(index, event.text, None, sessions[index], lp)
+                yield sse(_chunk(completion_id, model, [choice], session_id))
             elif isinstance(event, DoneEvent):
-                final = _chunk(
-                    completion_id,
-                    model,
-                    "",
-                    openai_finish_reason(event.finish_reason),
-                    session_id,
-                    usage=usage_json(event),
-                )
-                yield sse(final)
+                finished.append(event)
+                index = event.choice or 0
+                reason = openai_finish_reason(event.finish_reason)
+                choice = _choice(index, "", reason, event.session_id, state=event.state)
+                last = len(finished) == len(sessions)
+                usage = _usage(sorted(finished, key=lambda d: d.choice or 0)) if last else None
+                yield sse(_chunk(completion_id, model, [choice], session_id, usage))
     except DomainError as exc:
         error = render(exc)
         on_error(error.code)
@@ -108,7 +144,10 @@ async def _openai_stream(
     "/v1/completions",
     status_code=200,
     summary="OpenAI-compatible completions",
-    description="Streaming answers are text/event-stream chunks ending with `data: [DONE]`.",
+    description="Streaming answers are text/event-stream chunks ending with `data: [DONE]`. "
+    "With n > 1 each choice is a session of its own (`choices[i].session_id`); with "
+    "best_of, the n choices of highest mean log-probability are kept and the other "
+    "sessions deleted.",
     responses=errors(*V1_ERRORS),
 )
 async def completions(
@@ -119,10 +158,15 @@ async def completions(
     if data.model not in (None, "", model):
         raise ModelNotFound(f"model {data.model!r} is not served here", "model")
     params = data.to_generation(runtime.limits)
-    events = runtime.service().generate(params, owner_of(request))
+    want_logprobs = bool(params.sampling.logprobs)
+    candidates = data.best_of or data.n
+    if candidates > data.n:  # ranking needs every candidate's logprobs
+        sampling = replace(params.sampling, logprobs=max(1, params.sampling.logprobs))
+        params = replace(params, sampling=sampling, n=candidates)
+    generation = runtime.service()
+    events = generation.generate(params, owner_of(request))
     first = await anext(events)
     completion_id = "cmpl-" + secrets.token_hex(12)
-    want_logprobs = bool(params.sampling.logprobs)
     if data.stream:
         return event_stream(
             _openai_stream(
@@ -130,17 +174,33 @@ async def completions(
             )
         )
     assert isinstance(first, SessionEvent)
-    result = await collect(events, request, runtime.service().stopper(first.session_id))
-    if result is None:
+    results = await collect_choices(events, request, generation.stopper(first.session_id))
+    if results is None:
         return client_gone()
+    kept = results
+    if candidates > data.n:
+        ranked = sorted(results, key=lambda r: -(r.done.mean_logprob or -math.inf))
+        kept = ranked[: data.n]
+        for dropped in ranked[data.n :]:
+            with contextlib.suppress(DomainError):
+                await generation.sessions.delete(dropped.done.session_id, owner_of(request))
+    choices = [
+        _choice(
+            index,
+            result.text,
+            openai_finish_reason(result.done.finish_reason),
+            result.done.session_id,
+            _logprobs(result.logprobs, result.offsets) if want_logprobs else None,
+            result.done.state,
+        )
+        for index, result in enumerate(kept)
+    ]
     body = _chunk(
         completion_id,
         model,
-        result.text,
-        openai_finish_reason(result.done.finish_reason),
-        first.session_id,
-        _logprobs(result.logprobs, result.offsets) if want_logprobs else None,
-        usage_json(result.done),
+        choices,
+        kept[0].done.session_id,
+        _usage([r.done for r in results]),
     )
     return Response(body)
 

@@ -57,6 +57,12 @@ class _Connection:
                         "this connection holds a session already; open another connection",
                         "session_id",
                     )
+                if message.state is not None:
+                    raise InvalidRequest(
+                        "this connection holds a session already; continue from a state "
+                        "on a new connection",
+                        "state",
+                    )
                 message = message.model_copy(update={"session_id": self.session_id})
             params = message.to_generation(runtime.limits)
             events = runtime.service().generate(params, self.owner)

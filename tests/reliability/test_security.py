@@ -245,10 +245,10 @@ def test_state_for_another_model_is_refused() -> None:
     state = SessionState.fresh(1, 8)
     state.h = np.ones((1, 8), np.float32)
     blob = seal(state, b"secret", "model-a")
-    assert np.array_equal(unseal(blob, b"secret", "model-a", 1, 8).h, state.h)
+    assert np.array_equal(unseal(blob, b"secret", "model-a", 1, 8, 60).h, state.h)
     with pytest.raises(InvalidState) as refused:
-        unseal(blob, b"secret", "model-b", 1, 8)
+        unseal(blob, b"secret", "model-b", 1, 8, 60)
     answer = render(refused.value)
     assert answer.status == 400 and answer.code == "state_model_mismatch"
     with pytest.raises(InvalidState, match="does not fit"):
-        unseal(blob, b"secret", "model-a", 1, 16)
+        unseal(blob, b"secret", "model-a", 1, 16, 60)

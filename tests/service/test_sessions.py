@@ -100,6 +100,35 @@ def test_state_round_trips_exactly_in_about_a_kibibyte() -> None:
     assert 1024 < len(data) <= 1200
 
 
+def test_rewind_points_round_trip_and_cost_one_state_each() -> None:
+    state = _state()
+    plain = len(state.encode())
+    for turn in range(10):
+        start = state.snapshot()
+        state.h = state.h + 1
+        state.n_tokens += 5
+        state.remember(start, keep=8)
+        assert len(state.history) == min(turn + 1, 8)
+    data = state.encode()
+    assert len(data) == plain + 8 * (20 + 2 * 128 * 4)  # 8 points of 1,044 bytes
+    back = SessionState.decode(data)
+    assert [p.n_tokens for p in back.history] == [p.n_tokens for p in state.history]
+    assert all(
+        np.array_equal(a.h, b.h) and np.array_equal(a.c, b.c)
+        for a, b in zip(back.history, state.history, strict=True)
+    )
+    back.rewind(3)
+    assert back.n_tokens == state.history[-3].n_tokens and len(back.history) == 5
+    assert np.array_equal(back.h, state.history[-3].h)
+
+
+def test_a_record_from_before_rewind_points_still_reads() -> None:
+    state = _state()
+    old = b"SMR1" + state.encode()[4:-1]  # the version 1 layout: no rewind points
+    back = SessionState.decode(old)
+    assert np.array_equal(back.h, state.h) and back.n_tokens == 99 and back.history == []
+
+
 def test_truncated_record_is_refused() -> None:
     with pytest.raises(ValueError, match="truncated"):
         SessionState.decode(_state().encode()[:-4])
