@@ -303,7 +303,7 @@ def step_softmax_graph(model: onnx.ModelProto, vocab: int, width: int) -> onnx.M
     return fused
 
 
-def _checked(name: str, model: onnx.ModelProto, params: dict[str, int]) -> BuiltGraph:
+def checked(name: str, model: onnx.ModelProto, params: dict[str, int]) -> BuiltGraph:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -320,9 +320,9 @@ def build_graphs(model_path: Path, vocab: int) -> dict[str, BuiltGraph]:
     width, k = params["width"], params["exact_blocks"]
     blocks = {"width": width, "blocks": params["blocks"]}
     return {
-        STEP_SOFTMAX: _checked(STEP_SOFTMAX, step_softmax_graph(model, vocab, width), blocks),
-        SAMPLING_DIRECT: _checked(SAMPLING_DIRECT, direct_graph(vocab, width, opset), blocks),
-        SAMPLING_ENVELOPE: _checked(
+        STEP_SOFTMAX: checked(STEP_SOFTMAX, step_softmax_graph(model, vocab, width), blocks),
+        SAMPLING_DIRECT: checked(SAMPLING_DIRECT, direct_graph(vocab, width, opset), blocks),
+        SAMPLING_ENVELOPE: checked(
             SAMPLING_ENVELOPE, envelope_graph(vocab, width, k, opset), params
         ),
     }
