@@ -1,6 +1,7 @@
-"""The graphs the service runs besides the model, built with `onnx.helper` and proven here.
+"""The sampling graphs the service runs besides the model, built with `onnx.helper` and
+proven here (the scoring graph, exported from torch, is `export.scoring`'s).
 
-`build_bundle` ships three of them in every bundle (what each computes is in
+`build_bundle` ships all three in every bundle (what each computes is in
 `simmer.bundle`'s docstring); they depend only on the vocabulary size and, for the
 fused one, on the model graph, so the export builds and checks them once and the
 service only loads them:

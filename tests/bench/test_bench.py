@@ -91,7 +91,7 @@ def test_smoke_run_writes_json_chart_and_summary(tmp_path: Path, redis_url: str)
     # expiry marker (one slot per session, no global index)
     assert result["sessions"]["redis"]["keys_deleted"] == 2 * result["config"]["sessions"]
     by_name = {r["name"]: r for r in result["ratios"]}
-    assert len(by_name) == len(result["ratios"]) == 13
+    assert len(by_name) == len(result["ratios"]) == 14
     for item in result["ratios"]:
         assert_well_formed(item)
     assert by_name["Redis bytes/session"]["value"] is not None  # the Redis was there
