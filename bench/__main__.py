@@ -12,7 +12,10 @@ machine:
 
 1. the raw engine (onnxruntime decode steps, no server) at batch 1 to 256, under the
    server's thread setting and others;
-2. the book's generation loop on the same model (the whole prefix re-run per token);
+2. the book's generation loop on the same model (the whole prefix re-run per token),
+   on model.onnx (the output layer at the last position only) and as the book wrote
+   it, on the bundle's every-position graph `sequence_logprobs` (see `bench.engine`);
+   and the raw decode step with and without a scorer over that graph in the process;
 3. a real server process (`python -m service`) driven by a load generator in a process
    of its own: 1, 16, 64 and 256 concurrent WebSocket streams of 64 tokens, 64 SSE
    streams, 200-token generations, continuing a long session, and metrics on and off;
@@ -53,6 +56,7 @@ from bench.procstat import CLOCK_TICKS
 from bench.report import quotient
 from bench.server import run_load
 from harness.server import ServiceProcess
+from simmer.bundle import SEQUENCE_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,10 @@ class BenchConfig:
     long_single_requests: int = 4
     long_concurrent: int = 64
     book_requests: int = 6
+    book_written_requests: int = 3  # the book as written: about a second each, book-size
+    book_batching_repeats: int = 3
+    # the decode step beside a loaded scorer
+    scorer_rounds: int = 6
     # continuing a long session
     history_long: int = 2000
     history_short: int = 10
@@ -107,6 +115,9 @@ class BenchConfig:
             long_single_requests=1,
             long_concurrent=4,
             book_requests=1,
+            book_written_requests=1,
+            book_batching_repeats=1,
+            scorer_rounds=2,
             history_long=100,
             history_short=10,
             history_new=8,
@@ -282,12 +293,15 @@ def _round(
     raw_large: dict[str, Any],
     server_large: dict[str, Any],
     book: dict[str, Any],
+    book_written: dict[str, Any],
     simmer_single: dict[str, Any],
 ) -> dict[str, float | None]:
     """One round of the headline ratios, from figures taken one right after the other.
 
-    A ratio is None where its denominator was not measured or is 0.
+    A ratio is None where its denominator was not measured or is 0 (the book as written
+    is not measured for a bundle without the every-position graph).
     """
+    written = book_written.get("tokens_per_s")
     itl = server_small["itl_ms"]["p50"]  # None when every token came in one message
     server_cpu = server_large["server_cpu_per_token_us"]  # None below one clock tick
     return {
@@ -301,6 +315,9 @@ def _round(
         "book_tokens_per_s": book["tokens_per_s"],
         "simmer_single_tokens_per_s": simmer_single["tokens_per_s"],
         "simmer_book_single": quotient(simmer_single["tokens_per_s"], book["tokens_per_s"]),
+        "book_written_tokens_per_s": written,
+        "book_written_raw_steps": quotient(quotient(1e3, written), raw_small["step_ms"]),
+        "simmer_book_written_single": quotient(simmer_single["tokens_per_s"], written),
         "book_raw_steps": quotient(quotient(1e3, book["tokens_per_s"]), raw_small["step_ms"]),
     }
 
@@ -375,9 +392,31 @@ def run(
             bundle, server_threads, config.prompt, config.book_requests, config.long_tokens
         )
 
+    def book_written() -> dict[str, Any]:
+        return raw.book_baseline(
+            bundle,
+            server_threads,
+            config.prompt,
+            config.book_written_requests,
+            config.long_tokens,
+            as_written=True,
+        )
+
+    log(f"decode step with and without a scorer: {config.scorer_rounds} rounds")
+    result["decode_with_scorer"] = raw.decode_with_scorer(
+        bundle, server_threads, [small, large], config.engine_seconds, config.scorer_rounds
+    )
+
     # 2. book-style generation
     log(f"book-style baseline: {config.book_requests} x {config.long_tokens} tokens")
     result["book"] = book()
+    log(f"book as written: {config.book_written_requests} x {config.long_tokens} tokens")
+    result["book_as_written"] = book_written()
+    prefix = len(loaded.tokenizer.encode(config.prompt)) + config.long_tokens // 2
+    log(f"book as written, {config.long_concurrent} prefixes of {prefix} tokens: batched?")
+    result["book_as_written_batching"] = raw.book_batching(
+        bundle, server_threads, prefix, config.long_concurrent, config.book_batching_repeats
+    )
 
     # 3. the server
     result["server"] = {}
@@ -416,6 +455,7 @@ def run(
                 raw_at[large],
                 result["server"][f"ws-{large}"],
                 result["book"],
+                result["book_as_written"],
                 result["simmer_long"]["1"],
             )
         )
@@ -425,10 +465,18 @@ def run(
             server_small = _load(server, config, small, config.ws_streams[small], config.tokens)
             raw_large = adjacent(large)
             server_large = _load(server, config, large, config.ws_streams[large], config.tokens)
-            book_round = book()
+            book_round, written_round = book(), book_written()
             single = _load(server, config, 1, config.long_single_requests, config.long_tokens)
             rounds.append(
-                _round(raw_small, server_small, raw_large, server_large, book_round, single)
+                _round(
+                    raw_small,
+                    server_small,
+                    raw_large,
+                    server_large,
+                    book_round,
+                    written_round,
+                    single,
+                )
             )
     result["headline_rounds"] = rounds
 
@@ -459,6 +507,11 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
         return _median([r[key] for r in rounds])
 
     book = median("book_tokens_per_s")
+    written = median("book_written_tokens_per_s")
+    written_missing = result.get("book_as_written", {}).get(
+        "error", "the book-as-written tokens/s was 0 or missing in every round"
+    )
+    scorer = result.get("decode_with_scorer", {})
     redis = result["sessions"].get("redis", {})
     concurrent = result["simmer_long"][str(config.long_concurrent)]["tokens_per_s"]
     return [
@@ -499,12 +552,12 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             "the short-history continuation took no measurable time",
         ),
         report.ratio(
-            "simmer / book, 1 stream",
+            "simmer / book, last position only, 1 stream",
             median("simmer_book_single"),
             3.0,
             ">=",
-            f"tokens/s of {config.long_tokens}-token generations (the book re-runs the prefix), "
-            f"median of {count} rounds",
+            f"tokens/s of {config.long_tokens}-token generations (the book's loop re-runs the "
+            f"prefix through model.onnx), median of {count} rounds",
             "the book's tokens/s was 0 or missing in every round",
         ),
         report.ratio(
@@ -517,12 +570,51 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             "the book's tokens/s or the raw step time was 0 or missing in every round",
         ),
         report.ratio(
-            f"simmer / book, {config.long_concurrent} concurrent",
+            f"simmer / book, last position only, {config.long_concurrent} concurrent",
             quotient(concurrent, book),
             10.0,
             ">=",
             "the book serves requests one after another",
             "the book's tokens/s was 0 or missing in every round",
+        ),
+        report.ratio(
+            "simmer / book as written, 1 stream",
+            median("simmer_book_written_single"),
+            30.0,
+            ">=",
+            f"tokens/s of {config.long_tokens}-token generations; the book's loop re-runs the "
+            "prefix through the output layer and softmax at every position "
+            f"({SEQUENCE_LOGPROBS}), median of {count} rounds",
+            written_missing,
+        ),
+        report.ratio(
+            "book as written's cost per token, in raw batch-1 steps",
+            median("book_written_raw_steps"),
+            None,
+            "",
+            f"seconds per token of the book's loop as written / raw batch-{small} step, median "
+            f"of {count} rounds: the most simmer / book as written at 1 stream could reach",
+            written_missing,
+        ),
+        report.ratio(
+            f"simmer / book as written, {config.long_concurrent} concurrent",
+            quotient(concurrent, written),
+            100.0,
+            ">=",
+            f"the book's generator predicts one prefix per call: {config.long_concurrent} "
+            "streams are that many batch-1 re-runs per token step, the tokens/s of one stream "
+            "(book_as_written_batching: one batched call instead)",
+            written_missing,
+        ),
+        report.ratio(
+            "decode step with / without a scorer loaded",
+            scorer.get("ratio"),
+            1.1,
+            "<=",
+            f"raw decode step ({scorer.get('clock')}) at batch {small} and {large} with the "
+            f"{SEQUENCE_LOGPROBS} scorer opened and warmed vs none, median of "
+            f"{scorer.get('rounds')} alternating rounds; the larger of the two ratios",
+            scorer.get("error", "the decode step was not measured"),
         ),
         report.ratio(
             "memory store bytes/session",

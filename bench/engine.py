@@ -1,27 +1,50 @@
-"""The raw engine and the book-style baseline, measured in this process.
+"""The raw engine and the book-style baselines, measured in this process.
 
 Raw engine: `ModelSession.run` over batches of one decode step each, as the scheduler calls
 it, with no sampling, no scheduler and no server. Its CPU time is this process's
 (user + system, every thread), so onnxruntime's own threads are counted.
 
-Book-style baseline: the book's `TextGenerator` on the same onnxruntime model. For
+Book-style baselines: the book's `TextGenerator` on the same onnxruntime model. For
 every new token the whole prefix (prompt and every token so far) is fed again from a
-zero state, the last position's logits become probabilities with the temperature,
-and a token is drawn with `np.random.choice`. Requests are served one after another.
+zero state, the last position's row becomes probabilities with the temperature (the
+book's `probs ** (1 / temperature)`, renormalised), and a token is drawn with
+`np.random.choice`. Requests are served one after another. Two graphs run the loop:
+
+- "last position only": model.onnx, which applies the output layer at the last
+  position alone: the book's loop as simmer's own graph would run it;
+- "as written": the bundle's `sequence_logprobs` graph, which applies the output layer
+  and the (log-)softmax at every position, as the book's Keras model does
+  (`Dense(10000, softmax)` on `return_sequences=True`); `predict` returns every row and
+  the generator keeps the last. Log-softmax and softmax cost the same (one exp per
+  word and a sum per row); the loop uses exp(logprob / T), the book's p ** (1 / T).
+
+The book's generator predicts one prefix per call, so 64 concurrent book streams are
+64 batch-1 prefix re-runs per token step: the work of 64 requests one after another,
+at the tokens/s of one stream. `book_batching` measures whether one batched call over
+the 64 prefixes would have been faster.
+
+`decode_with_scorer` shows that decoding does not pay for the scoring graph: the raw
+decode step's cost with no scorer in the process and with one opened and warmed (its
+session and memory arena allocated), rounds alternating. With one intra-op thread the
+cost is the calling thread's CPU time, which other work on the machine does not enter.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from service.engine.model import ModelSession
-from simmer.bundle import load_bundle
+from service.engine.scoring import Scorer
+from simmer.bundle import SEQUENCE_LOGPROBS, ModelBundle, load_bundle
+from simmer.ort import open_session
 
 
 @dataclass(frozen=True)
@@ -85,9 +108,35 @@ def engine_table(
 
 # --- the book's TextGenerator ----------------------------------------------------------
 
+# a prefix (1, T) int64 -> the scores of the next word after its last position, (V,)
+NextRow = Callable[[np.ndarray], np.ndarray]
+
+
+def last_position(engine: ModelSession) -> NextRow:
+    """The book's predict on model.onnx: logits of the last position only."""
+
+    def row(tokens: np.ndarray) -> np.ndarray:
+        h, c = engine.zero_state(len(tokens))
+        logits: np.ndarray = engine.run(tokens, h, c).logits
+        return np.asarray(logits[0])
+
+    return row
+
+
+def every_position(session: ort.InferenceSession, layers: int, hidden: int) -> NextRow:
+    """The book's predict as written: logprobs at every position, the last row kept."""
+
+    def row(tokens: np.ndarray) -> np.ndarray:
+        state = np.zeros((layers, len(tokens), hidden), np.float32)
+        feeds = {"tokens": tokens, "h0": state, "c0": state}
+        logprobs: np.ndarray = session.run(["logprobs"], feeds)[0]  # (B, T, V)
+        return np.asarray(logprobs[0, -1])
+
+    return row
+
 
 def book_generate(
-    engine: ModelSession,
+    next_row: NextRow,
     prompt_ids: list[int],
     max_new: int,
     temperature: float,
@@ -96,11 +145,9 @@ def book_generate(
     """The book's loop: re-run the whole prefix for every token. Returns tokens generated."""
     tokens = list(prompt_ids)
     generated = 0
-    h, c = engine.zero_state(1)
     while generated < max_new:
-        out = engine.run(np.array([tokens], dtype=np.int64), h, c)
-        logits = out.logits[0].astype(np.float64)
-        probs = np.exp((logits - logits.max()) / temperature)
+        scores = next_row(np.array([tokens], dtype=np.int64)).astype(np.float64)
+        probs = np.exp((scores - scores.max()) / temperature)
         probs /= probs.sum()
         token = int(rng.choice(len(probs), p=probs))
         generated += 1
@@ -110,24 +157,40 @@ def book_generate(
     return generated
 
 
+def scoring_session(bundle: ModelBundle, threads: int) -> ort.InferenceSession | None:
+    """The bundle's sequence_logprobs graph under the engine's settings, or None."""
+    graph = bundle.graph(SEQUENCE_LOGPROBS)
+    return None if graph is None else open_session(graph.path, threads)
+
+
 def book_baseline(
-    bundle: Path, threads: int, prompt: str, requests: int, max_new: int
+    bundle: Path, threads: int, prompt: str, requests: int, max_new: int, as_written: bool = False
 ) -> dict[str, Any]:
-    """Requests one after another, book-style: tokens/s and seconds per request."""
+    """Requests one after another, book-style: tokens/s and seconds per request. With
+    `as_written`, on the every-position graph; an "error" where the bundle has none."""
     loaded = load_bundle(bundle)
-    engine = ModelSession(loaded, ["CPUExecutionProvider"], threads)
+    if as_written:
+        session = scoring_session(loaded, threads)
+        if session is None:
+            return {"error": f"the bundle has no {SEQUENCE_LOGPROBS} graph"}
+        next_row = every_position(session, loaded.num_layers, loaded.hidden_size)
+        graph = f"{SEQUENCE_LOGPROBS}.onnx (output layer and log-softmax at every position)"
+    else:
+        next_row = last_position(ModelSession(loaded, ["CPUExecutionProvider"], threads))
+        graph = "model.onnx (output layer at the last position only)"
     prompt_ids = loaded.tokenizer.encode(prompt)
     rng = np.random.default_rng(0)
-    book_generate(engine, prompt_ids, 4, 1.0, rng)  # warm-up
+    book_generate(next_row, prompt_ids, 4, 1.0, rng)  # warm-up
     total = 0
     latencies = []
     started = time.perf_counter()
     for _ in range(requests):
         at = time.perf_counter()
-        total += book_generate(engine, prompt_ids, max_new, 1.0, rng)
+        total += book_generate(next_row, prompt_ids, max_new, 1.0, rng)
         latencies.append(time.perf_counter() - at)
     wall = time.perf_counter() - started
     return {
+        "graph": graph,
         "threads": threads,
         "requests": requests,
         "max_tokens": max_new,
@@ -135,4 +198,106 @@ def book_baseline(
         "wall_s": wall,
         "tokens_per_s": total / wall,
         "request_latency_s": statistics.median(latencies),
+    }
+
+
+def book_batching(
+    bundle: Path, threads: int, prefix: int, streams: int, repeats: int
+) -> dict[str, Any]:
+    """One token step of `streams` book streams as written, at a prefix of `prefix`
+    tokens: one batched call over every prefix against one call per prefix (the book's
+    generator), median milliseconds of `repeats`."""
+    loaded = load_bundle(bundle)
+    session = scoring_session(loaded, threads)
+    if session is None:
+        return {"error": f"the bundle has no {SEQUENCE_LOGPROBS} graph"}
+    next_row = every_position(session, loaded.num_layers, loaded.hidden_size)
+    rng = np.random.default_rng(prefix)
+    tokens = rng.integers(2, loaded.vocab_size, (streams, prefix)).astype(np.int64)
+    times: dict[str, list[float]] = {"one_call": [], "separate_calls": []}
+    for _ in range(repeats + 1):  # the first round warms up
+        at = time.perf_counter()
+        next_row(tokens)  # every row computed; predict would return them all
+        one = time.perf_counter() - at
+        at = time.perf_counter()
+        for stream in range(streams):
+            next_row(tokens[stream : stream + 1])
+        times["one_call"].append(one)
+        times["separate_calls"].append(time.perf_counter() - at)
+    one_ms = statistics.median(times["one_call"][1:]) * 1e3
+    separate_ms = statistics.median(times["separate_calls"][1:]) * 1e3
+    return {
+        "streams": streams,
+        "prefix_tokens": prefix,
+        "repeats": repeats,
+        "one_call_ms": one_ms,
+        "separate_calls_ms": separate_ms,
+        "batching_speedup": separate_ms / one_ms if one_ms else None,
+    }
+
+
+# --- decoding beside the scorer ------------------------------------------------------------
+
+
+def step_cost_ms(engine: ModelSession, batch: int, seconds: float) -> float:
+    """The median cost of one decode step at `batch`, in ms, over about `seconds`. With one
+    intra-op thread onnxruntime computes on the calling thread, so that thread's CPU time
+    is the step's cost whatever else the machine runs; with more, the wall time."""
+    clock = time.thread_time if engine.intra_op_threads == 1 else time.perf_counter
+    rng = np.random.default_rng(batch)
+    tokens = rng.integers(2, engine.vocab_size, (batch, 1)).astype(np.int64)
+    out = engine.run(tokens, *engine.zero_state(batch))  # warm-up
+    samples: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < 5:
+        started = clock()
+        out = engine.run(tokens, out.h, out.c)
+        samples.append(clock() - started)
+    return statistics.median(samples) * 1e3
+
+
+def decode_with_scorer(
+    bundle: Path, threads: int, batches: list[int], seconds: float, rounds: int
+) -> dict[str, Any]:
+    """The decode step's cost (`step_cost_ms`) at each batch size without a scorer in the
+    process and with one (opened, warmed, and a full chunk scored so its memory is
+    allocated), the two taking turns first; per batch the median of each over the
+    rounds and their ratio (with / without), and the larger ratio."""
+    loaded = load_bundle(bundle)
+    if loaded.graph(SEQUENCE_LOGPROBS) is None:
+        return {"error": f"the bundle has no {SEQUENCE_LOGPROBS} graph"}
+    engine = ModelSession(loaded, ["CPUExecutionProvider"], threads)
+    steps: dict[str, dict[int, list[float]]] = {
+        kind: {batch: [] for batch in batches} for kind in ("without", "with")
+    }
+
+    def measure(kind: str) -> None:
+        for batch in batches:
+            steps[kind][batch].append(step_cost_ms(engine, batch, seconds / 2))
+
+    for number in range(rounds):
+        if number % 2:
+            measure("without")
+        scorer = Scorer.from_bundle(loaded)
+        assert scorer is not None  # the bundle has the graph
+        scorer.score(*scorer.zero_state(), [t % loaded.vocab_size for t in range(scorer.chunk)])
+        measure("with")
+        del scorer
+        if not number % 2:
+            measure("without")
+    figures = {
+        str(batch): {
+            "step_ms_without": statistics.median(steps["without"][batch]),
+            "step_ms_with": statistics.median(steps["with"][batch]),
+        }
+        for batch in batches
+    }
+    for figure in figures.values():
+        figure["ratio"] = figure["step_ms_with"] / figure["step_ms_without"]
+    return {
+        "rounds": rounds,
+        "threads": threads,
+        "clock": "thread CPU time" if threads == 1 else "wall time",
+        "batches": figures,
+        "ratio": max(figure["ratio"] for figure in figures.values()),
     }

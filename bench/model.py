@@ -7,11 +7,12 @@ the same path as a trained checkpoint: `export.bundle_writer.build_bundle`.
 
 from __future__ import annotations
 
+import json
 import string
 import tempfile
 from pathlib import Path
 
-from simmer.bundle import is_bundle
+from simmer.bundle import GRAPHS, MANIFEST, SEQUENCE_LOGPROBS, is_bundle
 from simmer.tokenizer import PAD, UNK, Tokenizer
 
 # A few real words so prompts encode to something other than [UNK].
@@ -145,9 +146,18 @@ def cached_bundle(
     hidden_size: int = 128,
     int8_data: Path | None = None,
 ) -> Path:
-    """The random bundle of this size under `cache` (int8 with `int8_data`), built once."""
+    """The random bundle of this size under `cache` (int8 with `int8_data`), built once,
+    and again when the cached one comes from an export without the scoring graph."""
     suffix = "-int8" if int8_data else ""
     out = cache / f"random-v{vocab_size}-e{embedding_dim}-h{hidden_size}{suffix}"
-    if not is_bundle(out):
+    if not is_bundle(out) or not _has_scoring_graph(out):
         build_random_bundle(out, vocab_size, embedding_dim, hidden_size, int8_data=int8_data)
     return out
+
+
+def _has_scoring_graph(bundle: Path) -> bool:
+    try:
+        manifest = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and SEQUENCE_LOGPROBS in (manifest.get(GRAPHS) or {})

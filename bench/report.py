@@ -77,6 +77,7 @@ def summary(result: dict[str, Any]) -> str:
             f"ITL {_fmt(run['itl_ms']['p50'], 3)}/{_fmt(run['itl_ms']['p99'], 3)}  "
             f"{run['tokens_per_message']:.2f}"
         )
+    lines.extend(_book_lines(result))
     rounds = result.get("headline_rounds", [])
     if rounds:
         lines.append("")
@@ -91,7 +92,9 @@ def summary(result: dict[str, Any]) -> str:
                 f"{_fmt(r['raw_step_ms_small'], 3)} ms = {_fmt(r['itl_ratio'])};  CPU "
                 f"{_fmt(raw_cpu, 1)} / {_fmt(server_cpu, 1)} us = {_fmt(r['cpu_efficiency'], 3)};"
                 f"  simmer/book 1 stream {_fmt(r['simmer_single_tokens_per_s'], 0)} / "
-                f"{_fmt(r['book_tokens_per_s'], 0)} = {_fmt(r['simmer_book_single'])}"
+                f"{_fmt(r['book_tokens_per_s'], 0)} = {_fmt(r['simmer_book_single'])}, "
+                f"as written {_fmt(r.get('book_written_tokens_per_s'), 0)} tok/s = "
+                f"{_fmt(r.get('simmer_book_written_single'))}"
             )
     lines.append("")
     lines.append("ratios")
@@ -101,6 +104,39 @@ def summary(result: dict[str, Any]) -> str:
         why = "" if item["reason"] is None else f" ({item['reason']})"
         lines.append(f"  {item['name']}: {_fmt(item['value'], 3)}{target}  {mark}{why}")
     return "\n".join(lines)
+
+
+def _book_lines(result: dict[str, Any]) -> list[str]:
+    """The book's loop on both graphs, one batched call against separate calls, and the
+    decode step beside a loaded scorer."""
+    lines = ["", "book-style generation (requests one after another)"]
+    for key, label in (("book", "last position only"), ("book_as_written", "as written")):
+        run = result.get(key, {})
+        if "error" in run or not run:
+            lines.append(f"  {label}: not measured ({run.get('error', 'missing')})")
+            continue
+        lines.append(
+            f"  {label}: {run['tokens_per_s']:,.0f} tok/s, "
+            f"{run['request_latency_s'] * 1e3:,.1f} ms per {run['max_tokens']}-token request"
+        )
+    batching = result.get("book_as_written_batching", {})
+    if "one_call_ms" in batching:
+        lines.append(
+            f"  as written, {batching['streams']} prefixes of {batching['prefix_tokens']} "
+            f"tokens: one call {batching['one_call_ms']:,.1f} ms, separate calls "
+            f"{batching['separate_calls_ms']:,.1f} ms (batching speedup "
+            f"{_fmt(batching['batching_speedup'])})"
+        )
+    scorer = result.get("decode_with_scorer", {})
+    if "batches" in scorer:
+        lines.append("")
+        lines.append("decode step without / with a scorer loaded (ms)")
+        for batch, figure in scorer["batches"].items():
+            lines.append(
+                f"  batch {batch:>3}: {figure['step_ms_without']:.3f} / "
+                f"{figure['step_ms_with']:.3f} = {figure['ratio']:.3f}"
+            )
+    return lines
 
 
 def chart(result: dict[str, Any], path: Path) -> None:

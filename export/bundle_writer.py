@@ -1,5 +1,5 @@
 """Checkpoint -> checked bundle: export, optimise, quantise, run the checks, build the graphs
-the service runs besides the model (`export.graphs`), write atomically."""
+the service runs besides the model (`export.graphs`, `export.scoring`), write atomically."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from export.options import ExportOptions
 from export.parity import Reference, run_checks, run_graph, text_batch, zero_state
 from export.quantize import Int8Reference, Int8Weights, write_int8_graph
 from export.runtime import choose_graph_optimization, open_session, step_times
+from export.scoring import build_scoring, check_scoring
 from export.validation import (
     TextSample,
     graph_loss,
@@ -33,6 +34,7 @@ from export.validation import (
 from simmer.bundle import (
     MANIFEST,
     MODEL,
+    SEQUENCE_LOGPROBS,
     TOKENIZER,
     check_replaceable,
     sha256_file,
@@ -44,11 +46,13 @@ from training.model import RecipeLSTM
 
 @dataclass(frozen=True)
 class CheckedGraph:
-    """A graph that passed every check, as it will be shipped."""
+    """A graph that passed every check, as it will be shipped, and the torch model it was
+    checked against."""
 
     path: Path
     runtime: dict[str, Any]
     checks: dict[str, Any]
+    reference: Reference
 
 
 def log(message: str) -> None:
@@ -95,7 +99,7 @@ def check_graph_file(
     if path != raw:
         check_onnx(path)
     checks = run_checks(reference, open_session(path), sample.token_lists(), prompts_from(sample))
-    return CheckedGraph(path, runtime, checks)
+    return CheckedGraph(path, runtime, checks, reference)
 
 
 def quantization_gate(loss_increase: float, options: ExportOptions) -> None:
@@ -109,6 +113,7 @@ def quantization_gate(loss_increase: float, options: ExportOptions) -> None:
 
 def build_int8(
     model: RecipeLSTM,
+    weights: Int8Weights,
     fp32: CheckedGraph,
     fp32_raw: Path,
     sample: TextSample,
@@ -116,7 +121,6 @@ def build_int8(
     options: ExportOptions,
 ) -> tuple[CheckedGraph, dict[str, Any]]:
     config = model.config
-    weights = Int8Weights.from_model(model)
     raw = work / "int8.onnx"
     write_int8_graph(fp32_raw, weights, raw)
     quantized = Int8Reference(model, weights).eval()
@@ -184,9 +188,10 @@ def build_bundle(
     fp32 = check_graph_file(fp32_raw, Reference(model, config), sample, work)
     log("fp32 graph passed its checks")
 
-    shipped, quantization = fp32, None
+    shipped, quantization, int8 = fp32, None, None
     if options.quantize == "int8":
-        shipped, quantization = build_int8(model, fp32, fp32_raw, sample, work, options)
+        int8 = Int8Weights.from_model(model)
+        shipped, quantization = build_int8(model, int8, fp32, fp32_raw, sample, work, options)
     validation = dict(sample.record)
     if quantization is not None:
         validation["loss"] = quantization["val_loss_int8"]
@@ -201,6 +206,10 @@ def build_bundle(
     graphs = build_graphs(shipped.path, config.vocab_size)
     graph_checks = check_graphs(graphs, shipped.path, config)
     log(f"sampling graphs passed their checks: {', '.join(graphs)}")
+    scoring = build_scoring(model, work, options.opset, int8)
+    scoring_checks = check_scoring(scoring, shipped.reference, shipped.path, sample.token_lists())
+    graphs[SEQUENCE_LOGPROBS] = scoring
+    log(f"{SEQUENCE_LOGPROBS} passed its checks")
 
     digest = weights_hash(model)
     precision = options.quantize or "fp32"
@@ -249,6 +258,7 @@ def build_bundle(
             "reference": "torch" if quantization is None else "torch int8 twin",
             **shipped.checks,
             "graphs": graph_checks,
+            SEQUENCE_LOGPROBS: scoring_checks,
         },
         "runtime": shipped.runtime,
         "graphs": manifest_entries(graphs),

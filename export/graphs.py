@@ -1,6 +1,7 @@
-"""The graphs the service runs besides the model, built with `onnx.helper` and proven here.
+"""The sampling graphs the service runs besides the model, built with `onnx.helper` and
+proven here (the scoring graph, exported from torch, is `export.scoring`'s).
 
-`build_bundle` ships three of them in every bundle (what each computes is in
+`build_bundle` ships all three in every bundle (what each computes is in
 `simmer.bundle`'s docstring); they depend only on the vocabulary size and, for the
 fused one, on the model graph, so the export builds and checks them once and the
 service only loads them:
@@ -303,7 +304,7 @@ def step_softmax_graph(model: onnx.ModelProto, vocab: int, width: int) -> onnx.M
     return fused
 
 
-def _checked(name: str, model: onnx.ModelProto, params: dict[str, int]) -> BuiltGraph:
+def checked(name: str, model: onnx.ModelProto, params: dict[str, int]) -> BuiltGraph:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -320,9 +321,9 @@ def build_graphs(model_path: Path, vocab: int) -> dict[str, BuiltGraph]:
     width, k = params["width"], params["exact_blocks"]
     blocks = {"width": width, "blocks": params["blocks"]}
     return {
-        STEP_SOFTMAX: _checked(STEP_SOFTMAX, step_softmax_graph(model, vocab, width), blocks),
-        SAMPLING_DIRECT: _checked(SAMPLING_DIRECT, direct_graph(vocab, width, opset), blocks),
-        SAMPLING_ENVELOPE: _checked(
+        STEP_SOFTMAX: checked(STEP_SOFTMAX, step_softmax_graph(model, vocab, width), blocks),
+        SAMPLING_DIRECT: checked(SAMPLING_DIRECT, direct_graph(vocab, width, opset), blocks),
+        SAMPLING_ENVELOPE: checked(
             SAMPLING_ENVELOPE, envelope_graph(vocab, width, k, opset), params
         ),
     }

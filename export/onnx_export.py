@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from export.options import DEFAULT_OPSET
-from simmer.bundle import GRAPH_INPUTS, GRAPH_OUTPUTS
+from simmer.bundle import GRAPH_INPUTS
 from training.model import LastStepLSTM, LSTMConfig, RecipeLSTM
 
 
@@ -35,8 +36,22 @@ def export_onnx(model: RecipeLSTM, path: str | Path, opset: int = DEFAULT_OPSET)
     export_step(LastStepLSTM(model), model.config, path, opset)
 
 
-def export_step(step: nn.Module, config: LSTMConfig, path: str | Path, opset: int) -> None:
-    """torch.onnx.export of any module with LastStepLSTM's inputs and outputs."""
+STEP_AXES: dict[str, dict[int, str]] = {
+    "logits": {0: "batch"},
+    "hn": {1: "batch"},
+    "cn": {1: "batch"},
+}  # LastStepLSTM's outputs and their dynamic axes
+
+
+def export_step(
+    step: nn.Module,
+    config: LSTMConfig,
+    path: str | Path,
+    opset: int,
+    outputs: Mapping[str, dict[int, str]] = STEP_AXES,
+) -> None:
+    """torch.onnx.export of any module with LastStepLSTM's inputs (tokens, h0, c0) and
+    `outputs`: output name -> its dynamic axes, in the order the module returns them."""
     tokens = torch.ones((2, 3), dtype=torch.int64)
     h0 = torch.zeros((config.num_layers, 2, config.hidden_size))
     c0 = torch.zeros_like(h0)
@@ -48,14 +63,12 @@ def export_step(step: nn.Module, config: LSTMConfig, path: str | Path, opset: in
                 (tokens, h0, c0),
                 str(path),
                 input_names=list(GRAPH_INPUTS),
-                output_names=list(GRAPH_OUTPUTS),
+                output_names=list(outputs),
                 dynamic_axes={
                     "tokens": {0: "batch", 1: "seq"},
                     "h0": {1: "batch"},
                     "c0": {1: "batch"},
-                    "logits": {0: "batch"},
-                    "hn": {1: "batch"},
-                    "cn": {1: "batch"},
+                    **outputs,
                 },
                 opset_version=opset,
                 dynamo=False,  # the TorchScript exporter emits ONNX's native LSTM op

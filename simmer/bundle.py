@@ -20,7 +20,11 @@ A bundle is a folder holding:
     block's largest logit), `bound` [batch, blocks] = exp((block_max - max) * inv_t),
     `exact` int64 [batch, exact_blocks] (the blocks with the largest block_max,
     largest first), `weights` [batch, exact_blocks, width] = exp((logit - max) * inv_t)
-    of their words (0 past the vocabulary) and `mass` [batch, exact_blocks], their sums.
+    of their words (0 past the vocabulary) and `mass` [batch, exact_blocks], their sums;
+  - `sequence_logprobs.onnx`, the scoring graph: model.onnx's inputs -> `logprobs`
+    float32 [batch, seq, vocab], the log-softmax over the vocabulary after every
+    position (not only the last), and `hn`/`cn`. It has no params. Echo scoring reads it
+    (`service.engine.scoring`); a bundle without it serves, with scoring unavailable.
 
 `write_bundle` makes a bundle appear whole or not at all; `load_bundle` checks every
 hash, then each graph's inputs and outputs against the manifest and the tokenizer, before
@@ -32,7 +36,8 @@ The manifest's keys: `name`, `version`, `model` (`vocab_size`, `embedding_dim`,
 int8 bundle `quantization`, `files` (name -> sha256 of model.onnx and tokenizer.json)
 and, when the bundle has the other graphs, `graphs`: graph name -> `file`, `sha256`,
 `inputs` and `outputs` (tensor name -> shape, a list of sizes and dynamic axis names
-such as "batch"), `params` (`width`, `blocks`, and for the envelope `exact_blocks`).
+such as "batch"), `params` (`width`, `blocks`, and for the envelope `exact_blocks`;
+none for `sequence_logprobs`).
 """
 
 from __future__ import annotations
@@ -62,10 +67,12 @@ GRAPHS = "graphs"  # the manifest key of the other graphs
 STEP_SOFTMAX = "step_softmax"
 SAMPLING_DIRECT = "sampling_direct"
 SAMPLING_ENVELOPE = "sampling_envelope"
-GRAPH_PARAMS = {
+SEQUENCE_LOGPROBS = "sequence_logprobs"
+GRAPH_PARAMS: dict[str, tuple[str, ...]] = {
     STEP_SOFTMAX: ("width", "blocks"),
     SAMPLING_DIRECT: ("width", "blocks"),
     SAMPLING_ENVELOPE: ("width", "blocks", "exact_blocks"),
+    SEQUENCE_LOGPROBS: (),
 }
 
 Shape = tuple[int | str | None, ...]
@@ -142,8 +149,8 @@ class ModelBundle:
         return self.path / MODEL
 
     def graph(self, name: str) -> GraphInfo | None:
-        """The verified graph `name` (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE), or
-        None for a bundle exported without it."""
+        """The verified graph `name` (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE,
+        SEQUENCE_LOGPROBS), or None for a bundle exported without it."""
         return self.graphs.get(name)
 
     @property
@@ -229,7 +236,7 @@ def _check_shapes(file: str, shapes: Mapping[str, Shape], expected: Mapping[str,
             raise BundleError(f"{file} has no {name!r}")
     for name, dims in expected.items():
         shape = shapes[name]
-        what = "vocabulary size" if name == "logits" else "shape"
+        what = "vocabulary size" if name in ("logits", "logprobs") else "shape"
         if len(shape) != len(dims):
             raise BundleError(f"{file} {name} has {len(shape)} dimensions, expected {len(dims)}")
         for got, want in zip(shape, dims, strict=True):
@@ -255,6 +262,10 @@ def graph_contract(
 ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
     """The inputs and outputs graph `name` must have, given its params and the model's
     sizes (see the module docstring). KeyError for a graph name it does not know."""
+    if name == SEQUENCE_LOGPROBS:
+        inputs, outputs = model_contract(vocab_size, hidden_size, num_layers)
+        del outputs["logits"]
+        return inputs, {"logprobs": TensorSpec("float32", (None, None, vocab_size)), **outputs}
     width, blocks = params["width"], params["blocks"]
     logits = TensorSpec("float32", (None, vocab_size))
     inv_t = TensorSpec("float32", (None, 1))

@@ -70,20 +70,44 @@ def test_smoke_run_writes_json_chart_and_summary(tmp_path: Path, redis_url: str)
         assert run["errors"] == 0, name
         assert run["ttft_ms"]["p50"] >= 0, name
     assert result["book"]["tokens"] > 0
+    # the book as written, on the every-position graph, and one batched call against many
+    assert result["book_as_written"]["tokens"] > 0
+    assert result["book_as_written"]["graph"].startswith("sequence_logprobs.onnx")
+    batching = result["book_as_written_batching"]
+    assert batching["streams"] == result["config"]["long_concurrent"]
+    assert batching["one_call_ms"] > 0 and batching["separate_calls_ms"] > 0
+    assert all(r["book_written_tokens_per_s"] > 0 for r in result["headline_rounds"])
+    # the decode step beside a loaded scorer, at the smallest and largest stream counts
+    scorer = result["decode_with_scorer"]
+    assert set(scorer["batches"]) == {
+        str(min(result["config"]["ws_streams"])),
+        str(max(result["config"]["ws_streams"])),
+    }
+    for figure in scorer["batches"].values():
+        assert figure["step_ms_without"] > 0 and figure["step_ms_with"] > 0
     assert result["sessions"]["memory"]["sessions"] == result["config"]["sessions"]
     assert result["sessions"]["redis"]["sessions"] == result["config"]["sessions"]
     # every key the measurement wrote is gone again: each session's record and its
     # expiry marker (one slot per session, no global index)
     assert result["sessions"]["redis"]["keys_deleted"] == 2 * result["config"]["sessions"]
     by_name = {r["name"]: r for r in result["ratios"]}
-    assert len(by_name) == len(result["ratios"]) == 10
+    assert len(by_name) == len(result["ratios"]) == 14
     for item in result["ratios"]:
         assert_well_formed(item)
     assert by_name["Redis bytes/session"]["value"] is not None  # the Redis was there
+    for name in (
+        "simmer / book as written, 1 stream",
+        f"simmer / book as written, {result['config']['long_concurrent']} concurrent",
+        "simmer / book, last position only, 1 stream",
+        "decode step with / without a scorer loaded",
+    ):
+        assert by_name[name]["value"] is not None, name  # measured, whatever its value
 
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ratios" in proc.stdout
+    assert "as written" in proc.stdout
+    assert "decode step without / with a scorer loaded" in proc.stdout
     assert str(out) in proc.stdout
 
 
@@ -152,7 +176,10 @@ def test_zero_server_clock_ticks_give_no_cpu_efficiency_and_say_why() -> None:
     assert idle["server_cpu_per_token_us"] is None
     raw = {"step_ms": 0.1, "cpu_per_token_us": 20.0, "tokens_per_s": 5000.0}
     book = {"tokens_per_s": 100.0}
-    rounds = [_round(raw, idle, raw, idle, book, idle) for _ in range(config.headline_rounds)]
+    written = {"tokens_per_s": 4.0}
+    rounds = [
+        _round(raw, idle, raw, idle, book, written, idle) for _ in range(config.headline_rounds)
+    ]
     assert {r["cpu_efficiency"] for r in rounds} == {None}
     assert {r["itl_ratio"] for r in rounds} == {None}  # every token came in one message
     result = {
@@ -169,11 +196,41 @@ def test_zero_server_clock_ticks_give_no_cpu_efficiency_and_say_why() -> None:
     assert efficiency["value"] is None
     assert "0 clock ticks" in efficiency["reason"]
     assert items["Redis bytes/session"]["reason"] == "no Redis"
-    assert items["simmer / book, 1 stream"]["value"] == pytest.approx(1.28)
+    assert items["simmer / book, last position only, 1 stream"]["value"] == pytest.approx(1.28)
+    assert items["simmer / book as written, 1 stream"]["value"] == pytest.approx(32.0)
+    scorer = items["decode step with / without a scorer loaded"]
+    assert scorer["value"] is None and scorer["reason"] == "the decode step was not measured"
 
 
 def test_a_measured_server_cpu_time_gives_a_cpu_efficiency() -> None:
     busy = load_figures(0.064)  # 1 ms per token
     raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
-    figures = _round(raw, busy, raw, busy, {"tokens_per_s": 100.0}, busy)
+    figures = _round(raw, busy, raw, busy, {"tokens_per_s": 100.0}, {"tokens_per_s": 2.0}, busy)
     assert figures["cpu_efficiency"] == pytest.approx(0.5)
+    assert figures["simmer_book_written_single"] == pytest.approx(64.0)
+
+
+def test_a_bundle_without_the_scoring_graph_gives_no_book_as_written_figure_and_says_why() -> None:
+    config = BenchConfig.smoke()
+    figures = load_figures(0.064)
+    raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
+    missing = {"error": "the bundle has no sequence_logprobs graph"}
+    rounds = [_round(raw, figures, raw, figures, {"tokens_per_s": 100.0}, missing, figures)]
+    assert rounds[0]["simmer_book_written_single"] is None
+    result = {
+        "headline_rounds": rounds,
+        "history": {"ratio": 1.0},
+        "simmer_long": {str(config.long_concurrent): figures},
+        "sessions": {"memory": {"bytes_per_session": 500.0}, "redis": {"error": "no Redis"}},
+        "metrics_overhead": {"ratio": 1.0},
+        "book_as_written": missing,
+        "decode_with_scorer": missing,
+    }
+    items = {r["name"]: r for r in ratios(result, config)}
+    for name in (
+        "simmer / book as written, 1 stream",
+        f"simmer / book as written, {config.long_concurrent} concurrent",
+        "decode step with / without a scorer loaded",
+    ):
+        assert_well_formed(items[name])
+        assert items[name]["reason"] == missing["error"], name

@@ -108,6 +108,7 @@ def test_export_replaces_an_existing_bundle(
         "model.onnx",
         "sampling_direct.onnx",
         "sampling_envelope.onnx",
+        "sequence_logprobs.onnx",
         "step_softmax.onnx",
         "tokenizer.json",
     ]

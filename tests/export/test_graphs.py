@@ -29,6 +29,7 @@ from simmer.bundle import (
     GRAPHS,
     SAMPLING_DIRECT,
     SAMPLING_ENVELOPE,
+    SEQUENCE_LOGPROBS,
     STEP_SOFTMAX,
     graph_io,
     load_bundle,
@@ -264,7 +265,7 @@ def test_the_bundle_ships_every_graph_listed_with_hash_shapes_and_params(
     p = block_params(config.vocab_size)
     manifest = manifest_of(bundle)
     entries = manifest[GRAPHS]
-    assert set(entries) == {STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE}
+    assert set(entries) == {STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE, SEQUENCE_LOGPROBS}
     assert entries[SAMPLING_ENVELOPE]["params"] == p
     for name in (STEP_SOFTMAX, SAMPLING_DIRECT):
         assert entries[name]["params"] == {"width": p["width"], "blocks": p["blocks"]}

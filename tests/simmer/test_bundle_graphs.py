@@ -17,16 +17,18 @@ from simmer.bundle import (
     MODEL,
     SAMPLING_DIRECT,
     SAMPLING_ENVELOPE,
+    SEQUENCE_LOGPROBS,
     STEP_SOFTMAX,
     TOKENIZER,
     BundleError,
+    graph_io,
     load_bundle,
     sha256_file,
     write_bundle,
 )
 from tests.simmer.test_bundle import refusal
 
-ALL = (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE)
+ALL = (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE, SEQUENCE_LOGPROBS)
 
 
 @pytest.fixture
@@ -60,6 +62,37 @@ def test_every_listed_graph_is_exposed_with_its_path_and_params(bundle: Path) ->
     assert step.sha256 == sha256_file(bundle / "step_softmax.onnx")
     assert step.inputs["inv_t"] == ("batch", 1)
     assert step.outputs["sums"] == ("batch", p["blocks"])
+    scoring = loaded.graph(SEQUENCE_LOGPROBS)
+    assert scoring is not None
+    assert scoring.path == bundle / "sequence_logprobs.onnx"
+    assert dict(scoring.params) == {}
+    assert scoring.outputs["logprobs"] == ("batch", "seq", loaded.vocab_size)
+
+
+def test_a_bundle_from_before_the_scoring_graph_loads_without_it(bundle: Path) -> None:
+    (bundle / "sequence_logprobs.onnx").unlink()
+    edit_manifest(bundle, lambda m: m[GRAPHS].pop(SEQUENCE_LOGPROBS))
+    loaded = load_bundle(bundle)
+    assert loaded.graph(SEQUENCE_LOGPROBS) is None
+    assert set(loaded.graphs) == {STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE}
+
+
+def test_a_scoring_graph_with_logits_at_the_last_position_only_is_refused(bundle: Path) -> None:
+    """model.onnx shipped as the scoring graph, hash and shapes relisted: only the
+    contract can tell."""
+    file = bundle / "sequence_logprobs.onnx"
+    file.write_bytes((bundle / MODEL).read_bytes())
+
+    def edit(manifest: dict[str, Any]) -> None:
+        entry = manifest[GRAPHS][SEQUENCE_LOGPROBS]
+        entry["sha256"] = sha256_file(file)
+        entry["outputs"] = {t: list(shape) for t, (_, shape) in graph_io(file).outputs.items()}
+
+    edit_manifest(bundle, edit)
+    assert refusal(bundle) == (
+        "sequence_logprobs.onnx outputs are ['cn', 'hn', 'logits'], "
+        "expected ['cn', 'hn', 'logprobs']"
+    )
 
 
 def test_a_bundle_without_graphs_still_loads_with_none(bundle: Path) -> None:
