@@ -18,6 +18,7 @@ from pathlib import Path
 from service.engine.core import EngineCore, build_engine
 from service.engine.model import ModelSession
 from service.engine.output import Hooks, StepStats
+from service.engine.scoring import Scorer
 from service.generation.service import GenerationService
 from service.generation.sessions import ModelShape, StateTokens
 from service.metrics import Metrics
@@ -96,6 +97,8 @@ async def serving(runtime: ServiceState, bundle: ModelBundle | None) -> AsyncIte
     model = runtime.model = await asyncio.to_thread(
         ModelSession, loaded, settings.providers, settings.intra_op_threads
     )
+    # echo's scorer: a session of its own on one core, never on the decode path
+    scorer = await asyncio.to_thread(Scorer.from_bundle, loaded, 1, settings.providers)
     engine = runtime.engine = engine_for(model, settings, metrics)
     store = runtime.store = open_store(settings, metrics)
     generation = runtime.generation = GenerationService(
@@ -109,6 +112,7 @@ async def serving(runtime: ServiceState, bundle: ModelBundle | None) -> AsyncIte
         max_waiting=settings.max_waiting,
         session_history=settings.session_history,
         state_tokens=StateTokens(runtime.state_secret, settings.state_max_age_s),
+        scorer=scorer,
     )
     metrics.model_info.info(
         {

@@ -34,9 +34,10 @@ MAX_SEED = 2**63 - 1
 MaxTokens = Annotated[
     int,
     Field(
-        ge=1,
+        ge=0,
         le=MAX_INT32,
-        description="Most tokens to generate (the server's max_new_tokens caps it).",
+        description="Most tokens to generate (the server's max_new_tokens caps it); 0, "
+        "with echo, scores the prompt and generates nothing.",
     ),
 ]
 Temperature = Annotated[
@@ -91,10 +92,13 @@ class GenerationRequest:
     state: str | None = None  # a signed state token to continue from, instead of a session
     return_state: bool = False  # give each choice's signed state token in its done event
     n: int = 1  # choices: one prefill, then n forks sampled in the same batch
+    echo: bool = False  # score the prompt (and allow max_tokens 0: scoring only)
 
     def __post_init__(self) -> None:
         if self.state is not None and self.session_id is not None:
             raise InvalidRequest("give state or session_id, not both", "state")
+        if self.max_tokens == 0 and self.n > 1:
+            raise InvalidRequest("max_tokens 0 scores the prompt once: n must be 1", "n")
 
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -159,6 +163,11 @@ class SamplingFields(BaseModel):
     )
     state: StateToken | None = None
     return_state: ReturnState = False
+    echo: bool = Field(
+        False,
+        description="Also score the prompt: each prompt token's logprob given everything "
+        "before it (`prompt_logprobs`), with the top `logprobs` words at each step.",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -167,9 +176,10 @@ class SamplingFields(BaseModel):
 
     def to_generation(self, limits: Limits, n: int = 1) -> GenerationRequest:
         max_tokens = self.max_tokens if self.max_tokens is not None else limits.default_max_tokens
-        if max_tokens > limits.max_new_tokens:
+        if max_tokens > limits.max_new_tokens or (max_tokens == 0 and not self.echo):
             raise InvalidRequest(
-                f"max_tokens must be between 1 and {limits.max_new_tokens}", "max_tokens"
+                f"max_tokens must be between 1 and {limits.max_new_tokens} (0 only with echo)",
+                "max_tokens",
             )
         logprobs = self.logprobs or 0
         if logprobs > limits.max_logprobs:
@@ -192,6 +202,7 @@ class SamplingFields(BaseModel):
             state=self.state,
             return_state=self.return_state,
             n=n,
+            echo=self.echo,
         )
 
 
@@ -247,10 +258,20 @@ class GenerateChoice(BaseModel):
     state: str | None = Field(None, description="The signed state token, with return_state.")
 
 
+class PromptLogprob(BaseModel):
+    token: str
+    id: int
+    logprob: float | None = Field(description="None for a first token with no context.")
+    top: list[TopWord]
+
+
 class GenerateResponse(BaseModel):
     """Choice 0 at the top level; with n > 1, every choice in `choices` too."""
 
     session_id: str
+    prompt_logprobs: list[PromptLogprob] | None = Field(
+        None, description="With echo: the prompt's tokens, scored."
+    )
     text: str
     finish_reason: FinishReason
     usage: Usage
@@ -370,8 +391,6 @@ class CompletionRequest(BaseModel):
             if len(prompt) != 1:
                 raise InvalidRequest("exactly one prompt per request is supported", "prompt")
             prompt = prompt[0]
-        if self.echo:
-            raise InvalidRequest("echo is not supported", "echo")
         fields = SamplingFields(
             prompt=prompt,
             session_id=self.session_id,
@@ -385,6 +404,7 @@ class CompletionRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             state=self.state,
             return_state=self.return_state,
+            echo=self.echo,
         )
         return fields.to_generation(limits, self.n)
 

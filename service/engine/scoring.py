@@ -105,19 +105,28 @@ class Scorer:
         """One call, so the first request does not pay for the session's set-up."""
         self.score(*self.zero_state(), [1], top_k=1)
 
-    def score(self, h: np.ndarray, c: np.ndarray, tokens: Sequence[int], top_k: int = 0) -> Scores:
+    def score(
+        self,
+        h: np.ndarray,
+        c: np.ndarray,
+        tokens: Sequence[int],
+        top_k: int = 0,
+        then: int | None = None,
+    ) -> Scores:
         """Feed `tokens` from state (h, c), each (L, H): every next token's logprob, the
         `top_k` likeliest words after each position (every word when top_k is at least
-        the vocabulary size) and the state after the last token. ValueError, with one
-        line, for a state of the wrong shape, a token outside the vocabulary or a
-        negative top_k."""
+        the vocabulary size) and the state after the last token. With `then`, the token
+        that follows the text (not fed), its logprob is scored too: next_logprobs then
+        has n entries. ValueError, with one line, for a state of the wrong shape, a token
+        outside the vocabulary or a negative top_k."""
         ids = self._tokens(tokens)
+        following_ids = ids if then is None else np.append(ids, self._tokens([then]))
         state_h, state_c = self._state(h, "h"), self._state(c, "c")
         if top_k < 0:
             raise ValueError(f"top_k must be at least 0, not {top_k}")
         k = min(top_k, self.vocab_size)
         n = len(ids)
-        next_logprobs = np.empty(max(n - 1, 0), np.float32)
+        next_logprobs = np.empty(max(len(following_ids) - 1, 0), np.float32)
         top_ids = np.empty((n, k), np.int64)
         top_logprobs = np.empty((n, k), np.float32)
         for start in range(0, n, self.chunk):
@@ -125,7 +134,7 @@ class Scorer:
             feeds = {"tokens": ids[None, start:stop], "h0": state_h, "c0": state_c}
             logprobs, state_h, state_c = self.session.run(_OUTPUTS, feeds)
             rows = logprobs[0]  # (T, V)
-            following = ids[start + 1 : stop + 1]  # the next token of every row but the text's last
+            following = following_ids[start + 1 : stop + 1]  # the token after each row
             next_logprobs[start : start + len(following)] = rows[
                 np.arange(len(following)), following
             ]

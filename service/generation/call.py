@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from service.engine.request import Request, TopLogprobs
 from service.engine.text import TextStream
-from service.generation.events import Logprob, TokenEvent
+from service.generation.events import Logprob, PromptToken, TokenEvent
 from service.generation.lease import SessionLease
 from service.generation.observer import GenerationObserver
 from service.sessions import NO_TOKEN, SessionState
@@ -35,6 +35,7 @@ class Call:
     keep: int = 8  # call starts the session keeps for rewinding
     choice: int | None = None  # with n > 1: which choice this call is
     group: str | None = None  # with n > 1: choice 0's session, which stops them all
+    prompt: tuple[PromptToken, ...] | None = None  # with echo: the prompt, scored
     return_state: bool = False
     client_gone: bool = False  # its client left: counted as a disconnect, not a success
     shown_chars: int = 0

@@ -17,10 +17,22 @@ class Logprob:
 
 
 @dataclass(frozen=True)
+class PromptToken:
+    """One prompt token, scored (echo): its logprob given everything before it (None for
+    a first token with nothing before it) and the top words at its step."""
+
+    token: str
+    id: int
+    logprob: float | None
+    top: tuple[Logprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class SessionEvent:
     session_id: str
     created: bool
     choice: int | None = None  # with n > 1: which choice (each has a session of its own)
+    prompt: tuple[PromptToken, ...] | None = None  # with echo (on choice 0's event)
 
 
 @dataclass(frozen=True)

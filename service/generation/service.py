@@ -24,6 +24,7 @@ import numpy as np
 from service.engine.core import EngineClosed, EngineCore, EngineDown
 from service.engine.params import SamplingParams, seeded_for
 from service.engine.request import Request, TopLogprobs
+from service.engine.scoring import Scorer
 from service.engine.text import TextStream
 from service.errors import (
     EngineFailed,
@@ -35,7 +36,7 @@ from service.errors import (
 )
 from service.generation.admission import Admission
 from service.generation.call import Call, context_of
-from service.generation.events import DoneEvent, Event, SessionEvent
+from service.generation.events import DoneEvent, Event, Logprob, PromptToken, SessionEvent
 from service.generation.lease import SessionLease
 from service.generation.observer import GenerationObserver
 from service.generation.sessions import ModelShape, Sessions, StateTokens
@@ -61,6 +62,7 @@ class GenerationService:
         max_waiting: int,
         session_history: int = 8,
         state_tokens: StateTokens | None = None,
+        scorer: Scorer | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -72,6 +74,8 @@ class GenerationService:
             store, model, session_ttl_s, metrics, history=session_history, tokens=state_tokens
         )
         self.admission = Admission(engine.max_batch + max_waiting)
+        self.scorer = scorer  # echo: scores prompts off the decode engine (None: unavailable)
+        self._scoring = asyncio.Semaphore(1)  # one prompt scored at a time, on one core
         self._calls: dict[str, Call] = {}  # by session id
         self._finishers: set[asyncio.Task[None]] = set()
 
@@ -138,6 +142,11 @@ class GenerationService:
             raise InvalidRequest(
                 "prompt is empty and the session has nothing to continue from", "prompt"
             )
+        if request.echo and self.scorer is None:
+            raise InvalidRequest(
+                "echo needs the bundle's scoring graph (sequence_logprobs): export the model again",
+                "echo",
+            )
         plan = _Plan(request, prompt_ids, feed, arrived)
         if request.n > 1:
             async for event in self._choices(plan, session_id, created, state, owner):
@@ -146,13 +155,80 @@ class GenerationService:
         async with SessionLease(self.store, session_id) as lease:
             if created:
                 self.metrics.sessions_created.inc()
-            call = self._start(plan, session_id, created, state, lease, state.h, state.c)
+            h, c, rest, prompt = state.h, state.c, feed, None
+            if request.echo:  # the scorer feeds all but the last token, scoring each
+                prompt, h, c = await self._score(plan, state)
+                rest = feed[-1:]
+                if request.max_tokens == 0:
+                    yield SessionEvent(session_id, created, prompt=prompt)
+                    yield await self._save_scored(plan, session_id, state, h, c)
+                    return
+            call = self._start(plan, session_id, created, state, lease, h, c, rest)
+            call.prompt = prompt
             events = self._events(call)
             try:
                 async for event in events:
                     yield event
             finally:
                 await events.aclose()
+
+    async def _score(
+        self, plan: _Plan, state: SessionState
+    ) -> tuple[tuple[PromptToken, ...], np.ndarray, np.ndarray]:
+        """Score the prompt (echo) in a worker thread, off the decode engine: each prompt
+        token's logprob at temperature 1 and the top words at its step, and the state
+        after all of the feed but its last token (which is then fed as usual)."""
+        assert self.scorer is not None
+        feed, k = plan.feed, plan.request.sampling.logprobs
+        async with self._scoring:
+            scores = await asyncio.to_thread(
+                self.scorer.score, state.h, state.c, feed[:-1], k, feed[-1]
+            )
+        vocab = self.tokenizer.vocab
+        before = len(feed) - len(plan.prompt_ids)  # 1 with a pending token, else 0
+        prompt = []
+        for index, token in enumerate(plan.prompt_ids, before):
+            if index == 0:  # the first token of an empty session: nothing before it
+                prompt.append(PromptToken(vocab[token], token, None))
+                continue
+            row = index - 1
+            top = tuple(
+                Logprob(vocab[int(i)], int(i), float(lp))
+                for i, lp in zip(scores.top_ids[row], scores.top_logprobs[row], strict=True)
+            )
+            prompt.append(PromptToken(vocab[token], token, float(scores.next_logprobs[row]), top))
+        return tuple(prompt), scores.h, scores.c
+
+    async def _save_scored(
+        self, plan: _Plan, session_id: str, state: SessionState, h: np.ndarray, c: np.ndarray
+    ) -> DoneEvent:
+        """Save a call that only scored its prompt (echo, max_tokens 0): the session has
+        fed all of it but the last token, which waits as the pending one."""
+        observer = GenerationObserver(self.metrics, plan.arrived)
+        state.remember(state.snapshot(), self.sessions.history)
+        context = context_of(state, plan.prompt_ids)
+        state.h, state.c = h, c
+        state.prev = context[-2] if len(context) >= 2 else NO_TOKEN
+        state.last = state.pending = plan.feed[-1]
+        state.n_tokens += len(plan.prompt_ids)
+        state.last_used = time.time()
+        if not await self.store.put_locked(session_id, state):
+            raise SessionLockLost(
+                f"session {session_id!r} lost its generation lock; this call was not saved",
+                "session_id",
+            )
+        observer.finished(len(plan.prompt_ids), 0)
+        observer.outcome("length", False)
+        request = plan.request
+        return DoneEvent(
+            session_id,
+            "length",
+            len(plan.prompt_ids),
+            0,
+            fed_tokens=len(plan.feed),
+            session_tokens=state.n_tokens,
+            state=self.sessions.seal(state) if request.return_state else None,
+        )
 
     async def peek(
         self, session_id: str, owner: str, top: int, temperature: float
@@ -212,6 +288,7 @@ class GenerationService:
         lease: SessionLease,
         h: np.ndarray,
         c: np.ndarray,
+        feed: list[int],
         choice: int | None = None,
         group: str | None = None,
     ) -> Call:
@@ -224,7 +301,7 @@ class GenerationService:
             params = replace(params, seed=(params.seed + choice) % (MAX_SEED + 1))
         engine_request = self._submit(
             Request(
-                feed=plan.feed if choice is None else plan.feed[-1:],
+                feed=feed,
                 h=h,
                 c=c,
                 params=seeded_for(params, state.n_tokens),
@@ -261,7 +338,11 @@ class GenerationService:
         ids = [session_id] + [new_session_id() for _ in range(n - 1)]
         async with contextlib.AsyncExitStack() as stack:
             leases = [await stack.enter_async_context(SessionLease(self.store, i)) for i in ids]
-            h, c = await self._prefill(plan.feed[:-1], state)
+            prompt = None
+            if plan.request.echo:  # scoring the prompt is the prefill
+                prompt, h, c = await self._score(plan, state)
+            else:
+                h, c = await self._prefill(plan.feed[:-1], state)
             self.metrics.sessions_created.inc(n - 1 + created)
             calls = [
                 self._start(
@@ -272,13 +353,15 @@ class GenerationService:
                     leases[i],
                     h,
                     c,
+                    plan.feed[-1:],
                     choice=i,
                     group=session_id,
                 )
                 for i in range(n)
             ]
             for call in calls:
-                yield SessionEvent(call.session_id, call.created, call.choice)
+                scored = prompt if call.choice == 0 else None
+                yield SessionEvent(call.session_id, call.created, call.choice, scored)
             streams = [self._events(call, announce=False) for call in calls]
             merged = _merge(streams)
             try:
@@ -314,7 +397,7 @@ class GenerationService:
         handed_off = saving_started = False
         try:
             if announce:
-                yield SessionEvent(call.session_id, call.created, call.choice)
+                yield SessionEvent(call.session_id, call.created, call.choice, call.prompt)
             while True:
                 await request.event.wait()
                 request.event.clear()

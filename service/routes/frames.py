@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from service.generation.events import DoneEvent, Logprob, SessionEvent, TokenEvent
+from service.generation.events import DoneEvent, Logprob, PromptToken, SessionEvent, TokenEvent
 
 _encode = msgspec.json.Encoder().encode
 
@@ -78,8 +78,26 @@ def done_json(event: DoneEvent) -> dict[str, Any]:
     return out
 
 
+def prompt_json(prompt: tuple[PromptToken, ...]) -> list[dict[str, Any]]:
+    """Echo: the prompt's tokens, scored, as `logprobs_json` gives generated ones."""
+    return [
+        {
+            "token": p.token,
+            "id": p.id,
+            "logprob": p.logprob,
+            "top": [
+                {"token": w.token, "id": w.id, "logprob": w.logprob, "prob": math.exp(w.logprob)}
+                for w in p.top
+            ],
+        }
+        for p in prompt
+    ]
+
+
 def session_json(event: SessionEvent) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "session", "session_id": event.session_id}
     if event.choice is not None:
         out["choice"] = event.choice
+    if event.prompt is not None:
+        out["prompt_logprobs"] = prompt_json(event.prompt)
     return out

@@ -37,6 +37,7 @@ from service.protocol import (
 from service.routes.frames import (
     done_json,
     logprobs_json,
+    prompt_json,
     session_json,
     sse,
     token_json,
@@ -163,8 +164,9 @@ async def generate(
         }
         for index, result in enumerate(results)
     ]
+    prompt = prompt_json(first.prompt) if first.prompt is not None else None
     body = GenerateResponse.model_validate(
-        {**choices[0], "choices": choices if len(choices) > 1 else None}
+        {**choices[0], "prompt_logprobs": prompt, "choices": choices if len(choices) > 1 else None}
     )
     return Response(body)
 

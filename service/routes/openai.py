@@ -20,7 +20,14 @@ from litestar.datastructures import State
 from litestar.response import Stream
 
 from service.errors import INTERNAL, DomainError, ModelNotFound, render
-from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
+from service.generation.events import (
+    DoneEvent,
+    Event,
+    Logprob,
+    PromptToken,
+    SessionEvent,
+    TokenEvent,
+)
 from service.protocol import CompletionRequest, now, openai_finish_reason
 from service.routes.frames import SSE_DONE, sse, usage_json
 from service.routes.http import (
@@ -44,6 +51,36 @@ def _logprobs(steps: list[Logprob], offsets: list[int] | tuple[int, ...]) -> dic
         "token_logprobs": [s.logprob for s in steps],
         "top_logprobs": [{w.token: w.logprob for w in s.top} for s in steps],
         "text_offset": list(offsets[: len(steps)]),
+    }
+
+
+def _echo_logprobs(text: str, prompt: tuple[PromptToken, ...]) -> dict[str, Any]:
+    """OpenAI's logprobs object for an echoed prompt: a first token with nothing before it
+    has null logprobs; offsets are where each token's word is found in the prompt as sent
+    (its case and spacing kept)."""
+    lowered, cursor, offsets = text.lower(), 0, []
+    for token in prompt:
+        found = lowered.find(token.token, cursor) if token.token else -1
+        offsets.append(cursor if found < 0 else found)
+        cursor = cursor if found < 0 else found + len(token.token)
+    return {
+        "tokens": [p.token for p in prompt],
+        "token_logprobs": [p.logprob for p in prompt],
+        "top_logprobs": [
+            None if p.logprob is None else {w.token: w.logprob for w in p.top} for p in prompt
+        ],
+        "text_offset": offsets,
+    }
+
+
+def _joined(echo: dict[str, Any] | None, completion: dict[str, Any] | None, shift: int) -> Any:
+    """The echoed prompt's logprobs, then the completion's (its offsets moved past it)."""
+    if echo is None or completion is None:
+        return echo or completion
+    return {
+        key: echo[key]
+        + ([o + shift for o in completion[key]] if key == "text_offset" else completion[key])
+        for key in echo
     }
 
 
@@ -105,15 +142,35 @@ async def _openai_stream(
     events: AsyncGenerator[Event, None],
     want_logprobs: bool,
     on_error: Callable[[str], None],
+    echo: str | None = None,
 ) -> AsyncGenerator[bytes, None]:
+    """Completion chunks; with `echo` (the prompt as sent), each choice's first chunk
+    is the prompt, with its scored tokens when logprobs are asked for."""
     assert isinstance(first, SessionEvent)
     session_id = first.session_id
-    sessions: dict[int, str] = {first.choice or 0: session_id}
+    sessions: dict[int, str] = {}
     finished: list[DoneEvent] = []
+    scored = first.prompt
+
+    def announced(event: SessionEvent) -> bytes | None:
+        index = event.choice or 0
+        sessions[index] = event.session_id
+        if echo is None:
+            return None
+        lp = _echo_logprobs(echo, scored) if want_logprobs and scored else None
+        return sse(
+            _chunk(
+                completion_id, model, [_choice(index, echo, None, event.session_id, lp)], session_id
+            )
+        )
+
     try:
+        if (opening := announced(first)) is not None:
+            yield opening
         async for event in events:
             if isinstance(event, SessionEvent):
-                sessions[event.choice or 0] = event.session_id
+                if (opening := announced(event)) is not None:
+                    yield opening
             elif isinstance(event, TokenEvent):
                 lp = _logprobs(event.logprobs or [], event.offsets) if want_logprobs else None
                 index = event.choice or 0
@@ -167,10 +224,11 @@ async def completions(
     events = generation.generate(params, owner_of(request))
     first = await anext(events)
     completion_id = "cmpl-" + secrets.token_hex(12)
+    echo = params.prompt if data.echo else None
     if data.stream:
         return event_stream(
             _openai_stream(
-                completion_id, model, first, events, want_logprobs, runtime.metrics.failure
+                completion_id, model, first, events, want_logprobs, runtime.metrics.failure, echo
             )
         )
     assert isinstance(first, SessionEvent)
@@ -184,13 +242,16 @@ async def completions(
         for dropped in ranked[data.n :]:
             with contextlib.suppress(DomainError):
                 await generation.sessions.delete(dropped.done.session_id, owner_of(request))
+    scored = _echo_logprobs(echo, first.prompt) if echo is not None and first.prompt else None
     choices = [
         _choice(
             index,
-            result.text,
+            (echo or "") + result.text,
             openai_finish_reason(result.done.finish_reason),
             result.done.session_id,
-            _logprobs(result.logprobs, result.offsets) if want_logprobs else None,
+            _joined(scored, _logprobs(result.logprobs, result.offsets), len(echo or ""))
+            if want_logprobs
+            else None,
             result.done.state,
         )
         for index, result in enumerate(kept)

@@ -381,3 +381,76 @@ def test_two_replicas_sharing_a_secret_serve_one_conversation_round_robin(
     refused = httpx.post(f"{stranger.base_url}/v1/generate", json={"state": token}, timeout=30)
     assert refused.status_code == 400
     assert "signature" in refused.json()["error"]["message"]
+
+
+# --- echo scoring -----------------------------------------------------------------------
+
+
+async def test_echo_scores_a_text_as_generation_reported_it(any_app: AppClient) -> None:
+    made = await generate(
+        any_app, prompt=PROMPT, max_tokens=12, logprobs=2, seed=4, ignore_eos=True
+    )
+    text = PROMPT + made["text"]
+    scored = await generate(any_app, prompt=text, max_tokens=0, echo=True, logprobs=2)
+    prompt = scored["prompt_logprobs"]
+    assert prompt[0]["logprob"] is None and prompt[0]["top"] == []  # nothing before it
+    generated = made["logprobs"]
+    tail = prompt[-len(generated) :]
+    assert [p["id"] for p in tail] == [g["id"] for g in generated]
+    for p, g in zip(tail, generated, strict=True):
+        assert np.isclose(p["logprob"], g["logprob"], atol=1e-4)
+        assert [w["id"] for w in p["top"]] == [w["id"] for w in g["top"]]
+    assert scored["usage"]["completion_tokens"] == 0
+    assert scored["usage"]["session_tokens"] == len(prompt)
+    # the scored text is the session's context: continuing it continues the recipe
+    after = await generate(any_app, session_id=scored["session_id"], max_tokens=5, **GREEDY)
+    direct = await generate(any_app, session_id=made["session_id"], max_tokens=5, **GREEDY)
+    assert after["text"] == direct["text"]
+
+
+async def test_echo_then_generate_and_max_tokens_zero_needs_echo(memory_app: AppClient) -> None:
+    both = await generate(memory_app, prompt=PROMPT, max_tokens=4, echo=True, logprobs=1, **GREEDY)
+    alone = await generate(memory_app, prompt=PROMPT, max_tokens=4, logprobs=1, **GREEDY)
+    assert both["text"] == alone["text"]
+    assert len(both["prompt_logprobs"]) == both["usage"]["prompt_tokens"]
+    refused = await memory_app.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 0})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "max_tokens"
+
+
+async def test_openai_echo_with_max_tokens_zero_scores_the_prompt(memory_app: AppClient) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(
+        base_url="http://testserver.local/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=memory_app,  # type: ignore[arg-type]
+    )
+    made = await generate(memory_app, prompt=PROMPT, max_tokens=8, logprobs=1, ignore_eos=True)
+    text = PROMPT + made["text"]
+    scored = await client.completions.create(
+        model="simmer-lstm", prompt=text, echo=True, logprobs=1, max_tokens=0
+    )
+    choice = scored.choices[0]
+    assert choice.text == text
+    assert choice.logprobs is not None and choice.logprobs.token_logprobs is not None
+    assert choice.logprobs.token_logprobs[0] is None
+    tail = choice.logprobs.token_logprobs[-8:]
+    assert np.allclose(tail, [g["logprob"] for g in made["logprobs"]], atol=1e-4)
+    offsets = choice.logprobs.text_offset or []
+    assert offsets == sorted(offsets) and text[offsets[1] :].startswith("for")
+    stream = await client.completions.create(
+        model="simmer-lstm",
+        prompt=PROMPT,
+        echo=True,
+        max_tokens=3,
+        stream=True,
+        extra_body={"top_k": 1},
+    )
+    pieces = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+    assert pieces[0] == PROMPT and len("".join(pieces)) > len(PROMPT)
+    many = await client.completions.create(
+        model="simmer-lstm", prompt=PROMPT, n=3, best_of=5, max_tokens=6, seed=2
+    )
+    assert len(many.choices) == 3
+    assert len({c.model_extra["session_id"] for c in many.choices if c.model_extra}) == 3

@@ -256,3 +256,15 @@ def test_a_bundle_without_the_scoring_graph_has_no_scorer_and_still_decodes(
         1,
         loaded.vocab_size,
     )
+
+
+def test_the_token_after_the_text_is_scored_without_being_fed(tiny_bundle: Path) -> None:
+    scorer = Scorer.from_bundle(load_bundle(tiny_bundle), chunk=3)
+    assert scorer is not None
+    h, c = scorer.zero_state()
+    whole = scorer.score(h, c, [5, 6, 7, 8, 9, 10, 11])
+    head = scorer.score(h, c, [5, 6, 7, 8, 9, 10], then=11)
+    assert len(head.next_logprobs) == 6
+    np.testing.assert_allclose(head.next_logprobs, whole.next_logprobs, atol=1e-6)
+    assert np.array_equal(head.h, scorer.score(h, c, [5, 6, 7, 8, 9, 10]).h)  # 11 not fed
+    assert scorer.score(h, c, [], then=5).next_logprobs.shape == (0,)
