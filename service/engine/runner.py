@@ -7,6 +7,11 @@ they share one call; a new prompt is prefilled in one call over its tokens) and 
 the whole batch at once. While the batch stays the same, each step feeds the previous
 step's tokens and state straight back in (the carry); the slot arrays are written only
 when requests join or leave (`flush`, then `load`).
+
+Each slot also keeps its request's logit bias, bans and penalties, and the counts of the
+words it has generated (`service.engine.adjust`). Bans apply on every path; a row with
+a bias or a penalty is sampled from its changed logits, while the rest of a fused batch
+keeps the fused softmax. Log-probabilities are those of the changed distribution.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.engine.adjust import BatchAdjustments, SlotAdjustments
 from service.engine.head import SMALL_BATCH, SamplingHead
-from service.engine.model import ModelSession
+from service.engine.model import ModelSession, SoftmaxOutput
 from service.engine.params import Uniforms, make_rng
 from service.engine.request import Request, TopLogprobs
 from service.engine.sampler import RowParams, log_softmax, pick_weighted, sample_rows, top_ids
@@ -46,6 +52,7 @@ class _Rows:
     logprobs: list[int]  # rows that report top words
     no_eos: list[int]  # rows that never draw the stop token
     rngs: list[Uniforms]  # each row's generator (rows without a seed share one)
+    adjust: BatchAdjustments | None = None  # logit bias, bans, penalties; None: no row has any
 
 
 class ModelRunner:
@@ -70,6 +77,7 @@ class ModelRunner:
         self._seeded = np.zeros(max_batch, bool)
         self._logprobs = np.zeros(max_batch, bool)
         self._no_eos = np.zeros(max_batch, bool)
+        self._adjust = SlotAdjustments(max_batch, model.vocab_size)
         self._unseeded = Uniforms(make_rng(None))  # every row without a seed draws here
         self._rows: _Rows | None = None
         self._carry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # tokens, h, c
@@ -104,12 +112,14 @@ class ModelRunner:
         self._seeded[slot] = params.seed is not None
         self._logprobs[slot] = params.logprobs > 0
         self._no_eos[slot] = params.ignore_eos
+        self._adjust.load(slot, params)
 
     def execute(self, plan: StepPlan) -> StepOutput:
         """Feed every row of `plan` once and sample a token for each."""
         started = time.perf_counter()
         rows = self._rows_of(plan)
         sampled: np.ndarray | None = None
+        resample = _NO_ROWS  # rows of a fused step sampled from their changed logits
         if plan.prefill:
             logits, h, c = self._prefill(plan)
         else:
@@ -129,11 +139,13 @@ class ModelRunner:
                 fused = self.model.run_softmax(feed, h_in, c_in, rows.params.inv_t)
                 self.calls += 1
                 logits, h, c = fused.logits, fused.h, fused.c
-                sampled = pick_weighted(fused.probs, fused.sums, rows.rngs)
+                sampled, resample = _pick_fused(fused, rows)
             else:
                 out = self.model.run(feed, h_in, c_in)
                 self.calls += 1
                 logits, h, c = out.logits, out.h, out.c
+        if rows.adjust is not None:
+            rows.adjust.apply(logits)
         requests = plan.requests
         logps = {
             row: log_softmax(logits[row], requests[row].params.temperature) for row in rows.logprobs
@@ -142,9 +154,17 @@ class ModelRunner:
             if rows.no_eos:
                 logits[rows.no_eos, PAD_ID] = -np.inf
             sampled = sample_rows(logits, rows.params, rows.rngs, self.head)
+        elif len(resample):
+            rngs = [rows.rngs[i] for i in resample.tolist()]
+            sampled[resample] = sample_rows(
+                logits[resample], rows.params.take(resample), rngs, self.head
+            )
+        if rows.adjust is not None:
+            rows.adjust.count(sampled)
         top: dict[int, TopLogprobs] = {}
         for row, logp in logps.items():
             ids = top_ids(logp, requests[row].params.logprobs)
+            ids = ids[np.isfinite(logp[ids])]  # banned words are not candidates
             top[row] = TopLogprobs(float(logp[sampled[row]]), ids, logp[ids])
         self._carry = (sampled.reshape(-1, 1), h, c)
         return StepOutput(sampled, h, c, top, time.perf_counter() - started)
@@ -168,6 +188,7 @@ class ModelRunner:
                 logprobs=np.flatnonzero(self._logprobs[slots]).tolist(),
                 no_eos=np.flatnonzero(self._no_eos[slots]).tolist(),
                 rngs=[shared if r.rng is None else r.rng for r in plan.requests],
+                adjust=self._adjust.batch(slots),
             )
         return self._rows
 
@@ -202,3 +223,25 @@ class ModelRunner:
             self._c[:, group] = out.c
             logits[rows] = out.logits
         return logits, self._h[:, slots], self._c[:, slots]
+
+
+_NO_ROWS = np.zeros(0, np.int64)
+
+
+def _pick_fused(fused: SoftmaxOutput, rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens from a fused step's softmax, with the rows' bans taken out of it; and the
+    rows it cannot sample (a bias or a penalty, or bans that leave too little of it),
+    whose tokens are drawn from their changed logits instead."""
+    adjust = rows.adjust
+    if adjust is None:
+        return pick_weighted(fused.probs, fused.sums, rows.rngs), _NO_ROWS
+    low = adjust.ban_weights(fused.probs, fused.sums)
+    if not len(low) and not len(adjust.changed):
+        return pick_weighted(fused.probs, fused.sums, rows.rngs), _NO_ROWS
+    resample = np.union1d(adjust.changed, low)
+    sampled = np.zeros(len(rows.slots), np.int64)
+    keep = np.setdiff1d(np.arange(len(sampled)), resample)
+    if len(keep):
+        rngs = [rows.rngs[i] for i in keep.tolist()]
+        sampled[keep] = pick_weighted(fused.probs[keep], fused.sums[keep], rngs)
+    return sampled, resample
