@@ -10,12 +10,15 @@ OpenAI's semantics, row by row, before temperature, top-k and top-p:
 its prompt nor the session's earlier calls. The counts live with the slot in the runner
 (`SlotAdjustments`) and start from zero when a request is loaded into it.
 
-Bans cost little on every path: a -inf in the logits, or, where the model's own call
-computed the softmax (the runner's fused path), a zero weight and its block's sum
-recomputed. A bias or a penalty changes the whole distribution, so a row that has one
-takes its weights from its changed logits (the sampling head or numpy), never from the
-fused softmax; nor does a row whose bans leave under `MIN_MASS` of its fused softmax
-(in float32 the words it has left may have underflowed to zero there).
+On the runner's plain path the changed logits are sampled as they are. On its fused path
+(the model's own call computes softmax(logits / T) for a small batch) bans cost almost
+nothing: a row without a seed takes its draw from the fused softmax, and a draw that
+lands on a banned word is drawn again from the changed logits. That is exact: word j
+comes out with probability p_j + p_banned * p_j / (1 - p_banned) = p_j / (1 - p_banned).
+The rows the fused softmax cannot sample (`BatchAdjustments.unfused`) are drawn from their
+changed logits in the first place: those with a bias or a penalty, which change the
+whole distribution, and seeded rows with bans, which then draw exactly the numbers they
+draw unfused, so their tokens never depend on what shares their batch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import numpy as np
 
 from service.engine.params import SamplingParams
 
-MIN_MASS = 1e-6  # a fused row its bans leave less of is sampled from its logits instead
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -89,8 +91,9 @@ class SlotAdjustments:
                 self._counts = np.zeros((len(self._slots), self.vocab), np.float32)
             self._counts[slot] = 0.0
 
-    def batch(self, slots: np.ndarray) -> BatchAdjustments | None:
-        """The changes of a batch whose row r runs in `slots[r]`; None when it has none."""
+    def batch(self, slots: np.ndarray, seeded: np.ndarray) -> BatchAdjustments | None:
+        """The changes of a batch whose row r runs in `slots[r]` (`seeded[r]`: with a seed
+        of its own); None when it has none."""
         sole = self._sole_ban[slots]
         sole_rows = np.flatnonzero(sole >= 0)
         other_rows = np.flatnonzero(self._other[slots])
@@ -120,9 +123,14 @@ class SlotAdjustments:
             if changes.changes_logits:
                 changed.append(row)
         rows = np.array(penalised, np.int64)
+        all_ban_rows = np.concatenate([sole_rows, np.array(ban_rows, np.int64)])
+        all_ban_ids = np.concatenate([sole[sole_rows], np.array(ban_ids, np.int64)])
+        unfused = np.union1d(np.array(changed, np.int64), all_ban_rows[seeded[all_ban_rows]])
+        redraw = ~np.isin(all_ban_rows, unfused)
         return BatchAdjustments(
-            ban_rows=np.concatenate([sole_rows, np.array(ban_rows, np.int64)]),
-            ban_ids=np.concatenate([sole[sole_rows], np.array(ban_ids, np.int64)]),
+            ban_rows=all_ban_rows,
+            ban_ids=all_ban_ids,
+            ban_flat=all_ban_rows * self.vocab + all_ban_ids,
             bias_rows=np.array(bias_rows, np.int64),
             bias_ids=np.array(bias_ids, np.int64),
             bias=np.array(bias, np.float32),
@@ -131,18 +139,11 @@ class SlotAdjustments:
             presence=np.array(presence, np.float32).reshape(-1, 1),
             frequency=np.array(frequency, np.float32).reshape(-1, 1),
             counts=self._counts,
-            changed=np.array(changed, np.int64),
+            unfused=unfused,
+            fused=np.setdiff1d(np.arange(len(slots)), unfused),
+            redraw_rows=all_ban_rows[redraw],
+            redraw_ids=all_ban_ids[redraw],
         )
-
-
-@dataclass
-class _FusedBans:
-    """Where a batch's bans fall in a fused softmax of blocks `width` words wide."""
-
-    rows: np.ndarray  # (K,) int64: the (row, block) pairs that hold a ban, unique
-    blocks: np.ndarray  # (K,) int64
-    columns: np.ndarray  # (K, width) int64: each pair's words
-    banned: np.ndarray  # rows with a ban, sorted
 
 
 @dataclass
@@ -151,6 +152,7 @@ class BatchAdjustments:
 
     ban_rows: np.ndarray  # (n,) int64: row ban_rows[i] may never draw ban_ids[i]
     ban_ids: np.ndarray  # (n,) int64
+    ban_flat: np.ndarray  # (n,) int64: the same in the flattened logits (one np.put)
     bias_rows: np.ndarray  # (m,) int64: bias[i] is added to (bias_rows[i], bias_ids[i])
     bias_ids: np.ndarray  # (m,) int64
     bias: np.ndarray  # (m,) float32
@@ -159,8 +161,11 @@ class BatchAdjustments:
     presence: np.ndarray  # (P, 1) float32
     frequency: np.ndarray  # (P, 1) float32
     counts: np.ndarray | None  # (slots, V) float32, shared with SlotAdjustments
-    changed: np.ndarray  # rows with a bias or a penalty, sorted
-    _fused: _FusedBans | None = None  # worked out at the first fused step
+    # a fused step: the rows drawn from their changed logits, and the others
+    unfused: np.ndarray  # sorted: a bias or a penalty, or bans and a seed
+    fused: np.ndarray  # sorted
+    redraw_rows: np.ndarray  # the other rows' bans: a draw of redraw_ids[i] in row
+    redraw_ids: np.ndarray  # redraw_rows[i] is drawn again from its changed logits
 
     def apply(self, logits: np.ndarray) -> None:
         """Bias, penalties, then bans, in place on the batch's logits (B, V)."""
@@ -169,27 +174,15 @@ class BatchAdjustments:
         if len(self.penalised) and self.counts is not None:
             counts = self.counts[self.penalised_slots]  # (P, V)
             logits[self.penalised] -= self.frequency * counts + self.presence * (counts > 0)
-        if len(self.ban_rows):
-            logits[self.ban_rows, self.ban_ids] = -np.inf
+        if len(self.ban_flat):
+            np.put(logits, self.ban_flat, -np.inf)
 
-    def ban_weights(self, weights: np.ndarray, sums: np.ndarray) -> np.ndarray:
-        """Zero the banned words' weights in a fused softmax (B, nb * width), recompute
-        their blocks' sums (B, nb), and return the rows left with under MIN_MASS."""
-        if not len(self.ban_rows):
+    def redrawn(self, tokens: np.ndarray) -> np.ndarray:
+        """The fused rows whose draw from the fused softmax is one of their bans."""
+        if not len(self.redraw_rows):
             return _EMPTY
-        fused = self._fused
-        if fused is None:
-            blocks = sums.shape[1]
-            width = weights.shape[1] // blocks
-            pairs = np.unique(self.ban_rows * blocks + self.ban_ids // width)
-            rows, block = np.divmod(pairs, blocks)
-            columns = block[:, None] * width + np.arange(width)
-            fused = self._fused = _FusedBans(rows, block, columns, np.unique(rows))
-        weights[self.ban_rows, self.ban_ids] = 0.0
-        sums[fused.rows, fused.blocks] = weights[fused.rows[:, None], fused.columns].sum(axis=1)
-        left = sums[fused.banned].sum(axis=1)
-        low: np.ndarray = fused.banned[left < MIN_MASS]
-        return low
+        hits = self.redraw_rows[tokens[self.redraw_rows] == self.redraw_ids]
+        return np.unique(hits) if len(hits) > 1 else hits
 
     def count(self, tokens: np.ndarray) -> None:
         """After a step: each penalised row has generated `tokens[row]` once more."""

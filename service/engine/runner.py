@@ -9,9 +9,8 @@ step's tokens and state straight back in (the carry); the slot arrays are writte
 when requests join or leave (`flush`, then `load`).
 
 Each slot also keeps its request's logit bias, bans and penalties, and the counts of the
-words it has generated (`service.engine.adjust`). Bans apply on every path; a row with
-a bias or a penalty is sampled from its changed logits, while the rest of a fused batch
-keeps the fused softmax. Log-probabilities are those of the changed distribution.
+words it has generated (`service.engine.adjust`, which says how a fused step samples
+them). Log-probabilities are those of the changed distribution.
 """
 
 from __future__ import annotations
@@ -118,8 +117,7 @@ class ModelRunner:
         """Feed every row of `plan` once and sample a token for each."""
         started = time.perf_counter()
         rows = self._rows_of(plan)
-        sampled: np.ndarray | None = None
-        resample = _NO_ROWS  # rows of a fused step sampled from their changed logits
+        fused: SoftmaxOutput | None = None
         if plan.prefill:
             logits, h, c = self._prefill(plan)
         else:
@@ -139,7 +137,6 @@ class ModelRunner:
                 fused = self.model.run_softmax(feed, h_in, c_in, rows.params.inv_t)
                 self.calls += 1
                 logits, h, c = fused.logits, fused.h, fused.c
-                sampled, resample = _pick_fused(fused, rows)
             else:
                 out = self.model.run(feed, h_in, c_in)
                 self.calls += 1
@@ -150,15 +147,12 @@ class ModelRunner:
         logps = {
             row: log_softmax(logits[row], requests[row].params.temperature) for row in rows.logprobs
         }
-        if sampled is None:
+        if fused is not None:
+            sampled = self._pick_fused(fused, logits, rows)
+        else:
             if rows.no_eos:
                 logits[rows.no_eos, PAD_ID] = -np.inf
             sampled = sample_rows(logits, rows.params, rows.rngs, self.head)
-        elif len(resample):
-            rngs = [rows.rngs[i] for i in resample.tolist()]
-            sampled[resample] = sample_rows(
-                logits[resample], rows.params.take(resample), rngs, self.head
-            )
         if rows.adjust is not None:
             rows.adjust.count(sampled)
         top: dict[int, TopLogprobs] = {}
@@ -168,6 +162,31 @@ class ModelRunner:
             top[row] = TopLogprobs(float(logp[sampled[row]]), ids, logp[ids])
         self._carry = (sampled.reshape(-1, 1), h, c)
         return StepOutput(sampled, h, c, top, time.perf_counter() - started)
+
+    def _pick_fused(self, fused: SoftmaxOutput, logits: np.ndarray, rows: _Rows) -> np.ndarray:
+        """One token per row of a fused step: from the fused softmax, except the rows whose
+        changes it does not know (see `service.engine.adjust`), drawn from their changed
+        `logits`."""
+        adjust = rows.adjust
+        if adjust is None or not len(adjust.unfused):
+            sampled = pick_weighted(fused.probs, fused.sums, rows.rngs)
+            unfused = _NO_ROWS
+        else:
+            keep, unfused = adjust.fused, adjust.unfused
+            sampled = np.zeros(len(rows.slots), np.int64)
+            if len(keep):
+                rngs = [rows.rngs[i] for i in keep.tolist()]
+                sampled[keep] = pick_weighted(fused.probs[keep], fused.sums[keep], rngs)
+        if adjust is not None:
+            redrawn = adjust.redrawn(sampled)
+            if len(redrawn):
+                unfused = np.union1d(unfused, redrawn)
+        if len(unfused):
+            rngs = [rows.rngs[i] for i in unfused.tolist()]
+            sampled[unfused] = sample_rows(
+                logits[unfused], rows.params.take(unfused), rngs, self.head
+            )
+        return sampled
 
     def _rows_of(self, plan: StepPlan) -> _Rows:
         """The batch's row arrays, rebuilt when the running set has changed."""
@@ -188,7 +207,7 @@ class ModelRunner:
                 logprobs=np.flatnonzero(self._logprobs[slots]).tolist(),
                 no_eos=np.flatnonzero(self._no_eos[slots]).tolist(),
                 rngs=[shared if r.rng is None else r.rng for r in plan.requests],
-                adjust=self._adjust.batch(slots),
+                adjust=self._adjust.batch(slots, self._seeded[slots]),
             )
         return self._rows
 
@@ -226,22 +245,3 @@ class ModelRunner:
 
 
 _NO_ROWS = np.zeros(0, np.int64)
-
-
-def _pick_fused(fused: SoftmaxOutput, rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens from a fused step's softmax, with the rows' bans taken out of it; and the
-    rows it cannot sample (a bias or a penalty, or bans that leave too little of it),
-    whose tokens are drawn from their changed logits instead."""
-    adjust = rows.adjust
-    if adjust is None:
-        return pick_weighted(fused.probs, fused.sums, rows.rngs), _NO_ROWS
-    low = adjust.ban_weights(fused.probs, fused.sums)
-    if not len(low) and not len(adjust.changed):
-        return pick_weighted(fused.probs, fused.sums, rows.rngs), _NO_ROWS
-    resample = np.union1d(adjust.changed, low)
-    sampled = np.zeros(len(rows.slots), np.int64)
-    keep = np.setdiff1d(np.arange(len(sampled)), resample)
-    if len(keep):
-        rngs = [rows.rngs[i] for i in keep.tolist()]
-        sampled[keep] = pick_weighted(fused.probs[keep], fused.sums[keep], rngs)
-    return sampled, resample

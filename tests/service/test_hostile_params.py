@@ -262,7 +262,7 @@ def test_biased_and_penalised_rows_sample_valid_ids_and_never_a_banned_one(
     adjust = SlotAdjustments(len(params), vocab)
     for slot, p in enumerate(params):
         adjust.load(slot, p)
-    batch = adjust.batch(np.arange(len(params)))
+    batch = adjust.batch(np.arange(len(params)), np.array([p.seed is not None for p in params]))
     if batch is not None:
         for token in generated:
             batch.count(np.full(len(params), token))

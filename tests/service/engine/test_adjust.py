@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine.adjust import MIN_MASS, SlotAdjustments
+from service.engine.adjust import SlotAdjustments
 from service.engine.core import build_engine
 from service.engine.model import ModelOutput, ModelSession, SoftmaxOutput
-from service.engine.params import BAN, SamplingParams, make_rng
+from service.engine.params import BAN, SamplingParams, Uniforms, make_rng
 from service.engine.request import Request
-from service.engine.sampler import log_softmax, sample_batch
+from service.engine.runner import ModelRunner, _Rows
+from service.engine.sampler import RowParams, log_softmax, sample_batch, sample_rows
 from simmer.bundle import block_width, load_bundle
 from simmer.tokenizer import UNK_ID
 
@@ -30,7 +31,7 @@ def _batch(params: SamplingParams, slot: int = 2, slots: int = 4) -> SlotAdjustm
 
 def test_a_bias_is_added_to_its_words_logit_and_minus_100_bans_the_word() -> None:
     adjust = _batch(SamplingParams(logit_bias=((3, 5.0), (7, BAN), (8, -99.5))))
-    batch = adjust.batch(np.array([2, 0]))
+    batch = adjust.batch(np.array([2, 0]), np.zeros(2, bool))
     assert batch is not None
     logits = np.stack([ROW, ROW])
     batch.apply(logits)
@@ -40,19 +41,24 @@ def test_a_bias_is_added_to_its_words_logit_and_minus_100_bans_the_word() -> Non
     want[7] = -np.inf
     np.testing.assert_array_equal(logits[0], want)
     np.testing.assert_array_equal(logits[1], ROW)  # slot 0 has no changes
-    assert batch.changed.tolist() == [0]  # row 0 has a finite bias: off the fused softmax
+    assert batch.unfused.tolist() == [0]  # row 0 has a finite bias: off the fused softmax
 
 
-def test_bans_alone_keep_a_row_on_the_fused_softmax_and_no_changes_make_no_batch() -> None:
+def test_bans_alone_keep_a_row_on_the_fused_softmax_unless_it_has_a_seed() -> None:
     adjust = _batch(SamplingParams(logit_bias=((UNK_ID, BAN),)))
-    batch = adjust.batch(np.array([2]))
-    assert batch is not None and batch.changed.tolist() == []
-    assert adjust.batch(np.array([0, 1])) is None
+    batch = adjust.batch(np.array([2]), np.zeros(1, bool))
+    assert batch is not None and batch.unfused.tolist() == [] and batch.fused.tolist() == [0]
+    assert batch.redrawn(np.array([UNK_ID])).tolist() == [0]  # a draw of the ban: again
+    assert batch.redrawn(np.array([5])).tolist() == []
+    seeded = adjust.batch(np.array([2, 0]), np.array([True, True]))
+    assert seeded is not None and seeded.unfused.tolist() == [0]
+    assert seeded.redrawn(np.array([UNK_ID, UNK_ID])).tolist() == []
+    assert adjust.batch(np.array([0, 1]), np.zeros(2, bool)) is None
 
 
 def test_penalties_subtract_frequency_times_count_plus_presence_once() -> None:
     adjust = _batch(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
-    batch = adjust.batch(np.array([2]))
+    batch = adjust.batch(np.array([2]), np.zeros(1, bool))
     assert batch is not None
     for token in (4, 4, 6, 4):
         batch.count(np.array([token]))
@@ -66,7 +72,7 @@ def test_penalties_subtract_frequency_times_count_plus_presence_once() -> None:
 
 def test_negative_penalties_favour_the_words_already_generated() -> None:
     adjust = _batch(SamplingParams(presence_penalty=-2.0, frequency_penalty=-2.0))
-    batch = adjust.batch(np.array([2]))
+    batch = adjust.batch(np.array([2]), np.zeros(1, bool))
     assert batch is not None
     batch.count(np.array([1]))
     logits = ROW[None].copy()
@@ -77,12 +83,12 @@ def test_negative_penalties_favour_the_words_already_generated() -> None:
 def test_counts_start_from_zero_when_a_slot_is_reused() -> None:
     params = SamplingParams(frequency_penalty=1.0)
     adjust = _batch(params)
-    batch = adjust.batch(np.array([2]))
+    batch = adjust.batch(np.array([2]), np.zeros(1, bool))
     assert batch is not None
     batch.count(np.array([5]))
     adjust.load(2, params)  # the next request in slot 2
     logits = ROW[None].copy()
-    again = adjust.batch(np.array([2]))
+    again = adjust.batch(np.array([2]), np.zeros(1, bool))
     assert again is not None
     again.apply(logits)
     np.testing.assert_array_equal(logits[0], ROW)
@@ -97,7 +103,7 @@ def test_a_banned_word_is_never_drawn_not_even_greedily() -> None:
     ):
         adjust = SlotAdjustments(1, VOCAB)
         adjust.load(0, params)
-        batch = adjust.batch(np.array([0]))
+        batch = adjust.batch(np.array([0]), np.zeros(1, bool))
         assert batch is not None
         draws = 2000
         row = ROW[None].copy()
@@ -109,27 +115,44 @@ def test_a_banned_word_is_never_drawn_not_even_greedily() -> None:
             assert set(tokens.tolist()) == {7}
 
 
-def test_a_ban_zeroes_the_words_fused_weight_and_resums_its_block() -> None:
-    vocab = 50
-    width = block_width(vocab)
-    blocks = -(-vocab // width)
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((2, vocab)).astype(np.float32)
-    logits[1, 3] = 80.0  # row 1's word 3 holds all but e^-70 of its mass
-    weights = np.zeros((2, blocks * width), np.float32)
-    weights[:, :vocab] = np.exp(logits - logits.max(axis=1, keepdims=True))
-    weights /= weights.sum(axis=1, keepdims=True)
-    sums = weights.reshape(2, blocks, width).sum(axis=2)
-    adjust = SlotAdjustments(2, vocab)
-    for slot in (0, 1):
-        adjust.load(slot, SamplingParams(logit_bias=((3, BAN), (40, BAN))))
-    batch = adjust.batch(np.array([0, 1]))
+def _fused_rows(params: SamplingParams, n: int) -> tuple[SoftmaxOutput, np.ndarray, _Rows]:
+    """`n` rows of ROW as a fused step gives them, its changed logits and its row arrays."""
+    width = block_width(VOCAB)
+    blocks = -(-VOCAB // width)
+    probs = np.zeros((n, blocks * width), np.float32)
+    probs[:, :VOCAB] = np.exp(ROW - ROW.max()) / np.exp(ROW - ROW.max()).sum()
+    sums = probs.reshape(n, blocks, width).sum(axis=2)
+    logits = np.tile(ROW, (n, 1))
+    empty = np.zeros((1, n, 1), np.float32)
+    adjust = SlotAdjustments(n, VOCAB)
+    for slot in range(n):
+        adjust.load(slot, params)
+    seeded = np.full(n, params.seed is not None)
+    batch = adjust.batch(np.arange(n), seeded)
     assert batch is not None
-    low = batch.ban_weights(weights, sums)
-    assert weights[:, [3, 40]].max() == 0.0
-    np.testing.assert_allclose(sums, weights.reshape(2, blocks, width).sum(axis=2), rtol=1e-6)
-    assert low.tolist() == [1]  # row 1 has less than MIN_MASS left: sampled from its logits
-    assert sums[1].sum() < MIN_MASS < sums[0].sum()
+    batch.apply(logits)
+    shared = Uniforms(make_rng(0))
+    rngs = [shared if params.seed is None else Uniforms(make_rng(i)) for i in range(n)]
+    rows = _Rows(np.arange(n), RowParams.of([params] * n), [], [], rngs, batch)
+    return SoftmaxOutput(logits.copy(), empty, empty, probs, sums), logits, rows
+
+
+@pytest.mark.parametrize("seed", [None, 1])
+def test_a_fused_step_samples_a_banned_row_from_its_changed_distribution(
+    model: PathModel, seed: int | None
+) -> None:
+    # word 9 holds 39% of ROW's mass: a draw of it is drawn again from the banned logits
+    params = SamplingParams(seed=seed, logit_bias=((9, BAN),))
+    fused, logits, rows = _fused_rows(params, 30_000)
+    tokens = ModelRunner(model, 1, None)._pick_fused(fused, logits, rows)
+    assert 9 not in tokens.tolist()
+    want = np.exp(ROW[:9] - ROW[:9].max())
+    want /= want.sum()
+    got = np.bincount(tokens, minlength=VOCAB)[:9] / len(tokens)
+    assert np.abs(got - want).max() < 0.012
+    if seed is not None:  # seeded rows draw as they would unfused: the same numbers
+        _, again, unfused = _fused_rows(params, 30_000)
+        np.testing.assert_array_equal(tokens, sample_rows(again, unfused.params, unfused.rngs))
 
 
 # --- the runner, on the tiny bundle --------------------------------------------------------
@@ -218,13 +241,15 @@ def test_a_greedy_request_never_takes_its_banned_argmax(model: PathModel) -> Non
     assert first not in banned.tokens
 
 
+@pytest.mark.parametrize("seed", [None, 3])
 def test_a_ban_that_takes_nearly_all_of_a_fused_softmax_still_samples_the_rest(
-    model: PathModel,
+    model: PathModel, seed: int | None
 ) -> None:
-    # at T = 1e-3 the fused float32 softmax gives the best word all the mass: banning it
-    # must send the row to its logits, not leave it an all-zero row
+    # at T = 1e-3 the fused float32 softmax gives the best word, [UNK] for the tiny model,
+    # all the mass: the banned row must be drawn from its logits, not from zeros
     ban_unk = ((UNK_ID, BAN),)
-    (cold,) = _generate(model, [SamplingParams(temperature=1e-3, seed=3, logit_bias=ban_unk)])
+    (cold,) = _generate(model, [SamplingParams(temperature=1e-3, seed=seed, logit_bias=ban_unk)])
+    assert set(model.paths[1:]) == {"fused"}
     (greedy,) = _generate(model, [SamplingParams(temperature=0.0, logit_bias=ban_unk)])
     assert UNK_ID not in cold.tokens
     assert cold.tokens == greedy.tokens
