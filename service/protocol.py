@@ -94,24 +94,21 @@ def _errors_name_the_field(value: Any, handler: ValidatorFunctionWrapHandler) ->
 
 BiasKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BIAS_KEY_CHARS)]
 BiasValue = Annotated[float, Field(ge=BAN, le=-BAN)]
+_ID_KEYS = "Token id (a string of digits, as GET /v1/models/{model}/vocab numbers them)"
+_BIAS_VALUES = (
+    f"a value from {BAN:g} to {-BAN:g} added to its logit before sampling; exactly "
+    f"{BAN:g} bans it. At most {MAX_LOGIT_BIAS} entries."
+)
 LogitBias = Annotated[
     dict[BiasKey, BiasValue],
     Field(
-        max_length=MAX_LOGIT_BIAS,
-        description=f"Token id (a string of digits, as GET /v1/models/{{model}}/vocab numbers "
-        f"them) or vocabulary word -> a value from {BAN:g} to {-BAN:g} added to its logit "
-        f"before sampling; exactly {BAN:g} bans it. At most {MAX_LOGIT_BIAS} entries.",
+        max_length=MAX_LOGIT_BIAS, description=f"{_ID_KEYS} or vocabulary word -> {_BIAS_VALUES}"
     ),
     WrapValidator(_errors_name_the_field),
 ]
 TokenIdBias = Annotated[
     dict[BiasKey, BiasValue],
-    Field(
-        max_length=MAX_LOGIT_BIAS,
-        description=f"Token id (a string of digits, as GET /v1/models/{{model}}/vocab numbers "
-        f"them) -> a value from {BAN:g} to {-BAN:g} added to its logit before sampling; "
-        f"exactly {BAN:g} bans it. At most {MAX_LOGIT_BIAS} entries.",
-    ),
+    Field(max_length=MAX_LOGIT_BIAS, description=f"{_ID_KEYS} -> {_BIAS_VALUES}"),
     WrapValidator(_errors_name_the_field),
 ]
 PresencePenalty = Annotated[
@@ -230,13 +227,13 @@ class SamplingFields(BaseModel):
 _TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
-def _token_of(key: str, tokenizer: Tokenizer, words: bool) -> int:
-    """The token a logit_bias key names: an id (digits), or with `words` a vocabulary word."""
+def _token_of(key: str, tokenizer: Tokenizer) -> int:
+    """The token a logit_bias key names: an id (digits), or else a vocabulary word."""
     vocab = tokenizer.vocab_size
     if _TOKEN_ID.fullmatch(key):
         if int(key) < vocab:
             return int(key)
-    elif words:
+    else:
         ids = tokenizer.encode(key)
         if len(ids) == 1 and (ids[0] != UNK_ID or key.strip().lower() == UNK.lower()):
             return ids[0]
@@ -251,18 +248,18 @@ def _token_of(key: str, tokenizer: Tokenizer, words: bool) -> int:
 
 
 def logit_bias_of(
-    bias: Mapping[str, float] | None, limits: Limits, ignore_eos: bool = False, words: bool = True
+    bias: Mapping[str, float] | None, limits: Limits, ignore_eos: bool = False
 ) -> tuple[tuple[int, float], ...]:
     """A request's logit_bias as (token id, value) pairs, zeros dropped, with the server's
     [UNK] ban added unless the request gives [UNK] a value of its own (0 un-bans it).
-    Keys are ids or, with `words`, vocabulary words."""
+    Keys are ids or vocabulary words (`check_token_ids` allows ids only)."""
     values: dict[int, float] = {}
     if bias:
         tokenizer = limits.tokenizer
         if tokenizer is None:
             raise NotReady("the model is still loading")
         for key, value in bias.items():
-            token = _token_of(key, tokenizer, words)
+            token = _token_of(key, tokenizer)
             if token in values:
                 raise InvalidRequest(f"logit_bias names token {token} twice", "logit_bias")
             values[token] = value
@@ -418,7 +415,8 @@ def check_token_ids(bias: Mapping[str, float] | None) -> dict[str, float] | None
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. Unknown fields are ignored: OpenAI clients send extras."""
+    """POST /v1/completions. Unknown fields are ignored (OpenAI clients send extras);
+    OpenAI's own fields that simmer cannot honour are refused (`COMPLETION_REFUSED`)."""
 
     model_config = ConfigDict(extra="ignore")
 

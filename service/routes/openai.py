@@ -2,7 +2,8 @@
 
 Works with the official `openai` client, streaming or not. `session_id` may be passed
 as an extra body field to continue a session; responses carry `session_id` too.
-Unknown fields are accepted and ignored, as OpenAI clients send extras.
+Unknown fields are accepted and ignored, as OpenAI clients send extras; a field OpenAI
+defines and simmer cannot honour is refused with 422 naming it.
 """
 
 from __future__ import annotations
