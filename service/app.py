@@ -28,7 +28,7 @@ from service.lifespan import serving
 from service.metrics import Metrics
 from service.openapi import complete_openapi
 from service.protocol import Limits, invalid_field, invalid_request_of
-from service.routes import http, openai, ws
+from service.routes import chat, http, openai, ws
 from service.security import AccessMiddleware, KeyRing, RateLimiter
 from service.settings import Settings
 from service.state import ServiceState
@@ -125,6 +125,8 @@ ROUTES: list[ControllerRouterHandler] = [
     ws.stream,
     openai.completions,
     openai.models,
+    openai.vocab,
+    chat.chat_completions,
     create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False),
 ]
 
@@ -164,6 +166,7 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
             max_new_tokens=settings.max_new_tokens,
             max_logprobs=settings.max_logprobs,
             default_max_tokens=settings.default_max_tokens,
+            ban_unk=settings.ban_unk,
         ),
     )
     if settings.state_secret:

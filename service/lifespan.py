@@ -13,6 +13,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from service.engine.core import EngineCore, build_engine
@@ -94,6 +95,7 @@ async def serving(runtime: ServiceState, bundle: ModelBundle | None) -> AsyncIte
         on_failure=lambda name: metrics.task_failures.labels(name).inc()
     )
     loaded = runtime.bundle = await _open_bundle(bundle, settings.bundle)
+    runtime.limits = replace(runtime.limits, tokenizer=loaded.tokenizer)  # for logit_bias
     model = runtime.model = await asyncio.to_thread(
         ModelSession, loaded, settings.providers, settings.intra_op_threads
     )

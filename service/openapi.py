@@ -43,6 +43,8 @@ _BOUNDS = {
     "maxLength": "max_length",
     "minItems": "min_items",
     "maxItems": "max_items",
+    "minProperties": "min_properties",
+    "maxProperties": "max_properties",
 }
 
 
@@ -59,6 +61,14 @@ def _copy_bounds(source: dict[str, Any], target: Schema) -> None:
                 _copy_bounds(branch, schema)
     if isinstance(source.get("items"), dict) and isinstance(target.items, Schema):
         _copy_bounds(source["items"], target.items)
+    # a mapping's values, and its keys
+    values = source.get("additionalProperties")
+    if isinstance(values, dict) and isinstance(target.additional_properties, Schema):
+        _copy_bounds(values, target.additional_properties)
+    keys = source.get("propertyNames")
+    if isinstance(keys, dict) and target.property_names is None:
+        target.property_names = Schema(type=OpenAPIType.STRING)
+        _copy_bounds(keys, target.property_names)
 
 
 def complete_openapi(app: Litestar, settings: Settings) -> None:
@@ -69,7 +79,12 @@ def complete_openapi(app: Litestar, settings: Settings) -> None:
     for model in STRICT_REQUESTS:
         if model.__name__ in components:
             components[model.__name__].additional_properties = False
-    limits = {"max_tokens": settings.max_new_tokens, "logprobs": settings.max_logprobs}
+    limits = {
+        "max_tokens": settings.max_new_tokens,
+        "max_completion_tokens": settings.max_new_tokens,
+        "logprobs": settings.max_logprobs,
+        "top_logprobs": settings.max_logprobs,
+    }
     for model in REQUEST_MODELS:
         target = components.get(model.__name__)
         if target is None or target.properties is None:
@@ -88,7 +103,7 @@ def complete_openapi(app: Litestar, settings: Settings) -> None:
         top = isinstance(parameter, Parameter) and parameter.name == "top"
         if top and isinstance(parameter, Parameter) and isinstance(parameter.schema, Schema):
             parameter.schema.maximum = settings.max_logprobs
-    for path in ("/v1/generate", "/v1/completions"):
+    for path in ("/v1/generate", "/v1/completions", "/v1/chat/completions"):
         item = schema.paths.get(path) if schema.paths else None
         operation = item.post if item is not None else None
         if operation is None or operation.responses is None:

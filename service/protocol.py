@@ -5,7 +5,9 @@ Handlers only translate between these models and the generation service.
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -15,11 +17,15 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from service.engine.params import MIN_TEMPERATURE, SamplingParams
-from service.errors import InvalidRequest
+from service.engine.params import BAN, MIN_TEMPERATURE, SamplingParams
+from service.errors import InvalidRequest, NotReady
+from simmer.tokenizer import PAD_ID, UNK, UNK_ID, Tokenizer
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "shutdown", "error"]
 
@@ -70,6 +76,61 @@ Logprobs = Annotated[
     ),
 ]
 
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_BIAS_KEY_CHARS = 64
+MAX_PENALTY = 2.0
+
+
+def _errors_name_the_field(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A mapping field's errors as one error of the field itself, so that `param` names
+    the field (`logit_bias`), not one of its keys."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "[key]")
+        detail = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        raise PydanticCustomError("invalid_mapping", "{detail}", {"detail": detail}) from None
+
+
+BiasKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BIAS_KEY_CHARS)]
+BiasValue = Annotated[float, Field(ge=BAN, le=-BAN)]
+_ID_KEYS = "Token id (a string of digits, as GET /v1/models/{model}/vocab numbers them)"
+_BIAS_VALUES = (
+    f"a value from {BAN:g} to {-BAN:g} added to its logit before sampling; exactly "
+    f"{BAN:g} bans it. At most {MAX_LOGIT_BIAS} entries."
+)
+LogitBias = Annotated[
+    dict[BiasKey, BiasValue],
+    Field(
+        max_length=MAX_LOGIT_BIAS, description=f"{_ID_KEYS} or vocabulary word -> {_BIAS_VALUES}"
+    ),
+    WrapValidator(_errors_name_the_field),
+]
+TokenIdBias = Annotated[
+    dict[BiasKey, BiasValue],
+    Field(max_length=MAX_LOGIT_BIAS, description=f"{_ID_KEYS} -> {_BIAS_VALUES}"),
+    WrapValidator(_errors_name_the_field),
+]
+PresencePenalty = Annotated[
+    float,
+    Field(
+        ge=-MAX_PENALTY,
+        le=MAX_PENALTY,
+        description="Subtracted once from the logit of every word generated so far in this "
+        "request.",
+    ),
+]
+FrequencyPenalty = Annotated[
+    float,
+    Field(
+        ge=-MAX_PENALTY,
+        le=MAX_PENALTY,
+        description="Subtracted from the logit of every word generated so far in this "
+        "request, once per time it was generated.",
+    ),
+]
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -78,6 +139,8 @@ class Limits:
     max_new_tokens: int
     max_logprobs: int
     default_max_tokens: int
+    ban_unk: bool = False  # every request bans [UNK] unless its logit_bias names it
+    tokenizer: Tokenizer | None = None  # the served vocabulary, once the model is loaded
 
 
 @dataclass(frozen=True)
@@ -168,6 +231,9 @@ class SamplingFields(BaseModel):
         description="Also score the prompt: each prompt token's logprob given everything "
         "before it (`prompt_logprobs`), with the top `logprobs` words at each step.",
     )
+    logit_bias: LogitBias | None = None
+    presence_penalty: PresencePenalty | None = None
+    frequency_penalty: FrequencyPenalty | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -197,6 +263,9 @@ class SamplingFields(BaseModel):
                 seed=self.seed,
                 logprobs=logprobs,
                 ignore_eos=self.ignore_eos,
+                logit_bias=logit_bias_of(self.logit_bias, limits, self.ignore_eos),
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
             ),
             stop=tuple(self.stop),
             state=self.state,
@@ -204,6 +273,57 @@ class SamplingFields(BaseModel):
             n=n,
             echo=self.echo,
         )
+
+
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+
+def _token_of(key: str, tokenizer: Tokenizer) -> int:
+    """The token a logit_bias key names: an id (digits), or else a vocabulary word."""
+    vocab = tokenizer.vocab_size
+    if _TOKEN_ID.fullmatch(key):
+        if int(key) < vocab:
+            return int(key)
+    else:
+        ids = tokenizer.encode(key)
+        if len(ids) == 1 and (ids[0] != UNK_ID or key.strip().lower() == UNK.lower()):
+            return ids[0]
+        raise InvalidRequest(
+            f"logit_bias: {key[:20]!r} is not a word of the vocabulary (GET "
+            "/v1/models/{model}/vocab lists them)",
+            "logit_bias",
+        )
+    raise InvalidRequest(
+        f"logit_bias: keys are token ids from 0 to {vocab - 1}; got {key[:20]!r}", "logit_bias"
+    )
+
+
+def logit_bias_of(
+    bias: Mapping[str, float] | None, limits: Limits, ignore_eos: bool = False
+) -> tuple[tuple[int, float], ...]:
+    """A request's logit_bias as (token id, value) pairs, zeros dropped, with the server's
+    [UNK] ban added unless the request gives [UNK] a value of its own (0 un-bans it).
+    Keys are ids or vocabulary words (`check_token_ids` allows ids only)."""
+    values: dict[int, float] = {}
+    if bias:
+        tokenizer = limits.tokenizer
+        if tokenizer is None:
+            raise NotReady("the model is still loading")
+        for key, value in bias.items():
+            token = _token_of(key, tokenizer)
+            if token in values:
+                raise InvalidRequest(f"logit_bias names token {token} twice", "logit_bias")
+            values[token] = value
+        banned = {token for token, value in values.items() if value <= BAN}
+        if ignore_eos:
+            banned.add(PAD_ID)
+        if limits.ban_unk and UNK_ID not in values:
+            banned.add(UNK_ID)
+        if len(banned) >= tokenizer.vocab_size:
+            raise InvalidRequest("logit_bias bans every word of the vocabulary", "logit_bias")
+    if limits.ban_unk and UNK_ID not in values:
+        values[UNK_ID] = BAN
+    return tuple((token, value) for token, value in values.items() if value != 0.0)
 
 
 class GenerateRequest(SamplingFields):
@@ -349,11 +469,66 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# --- what OpenAI defines and simmer cannot honour ------------------------------------------
+
+User = Annotated[
+    str | None,
+    Field(max_length=256, description="Accepted, as OpenAI defines it; simmer does not use it."),
+]
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's stream_options; only with `stream: true`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(
+        False, description="Chat: one more chunk before [DONE], with usage and no choices."
+    )
+    include_obfuscation: bool = Field(False, description="Refused (422) when true.")
+
+
+def check_stream_options(stream: bool, options: StreamOptions | None) -> None:
+    if options is None:
+        return
+    if not stream:
+        raise InvalidRequest("stream_options needs stream: true", "stream_options")
+    if options.include_obfuscation:
+        raise InvalidRequest(
+            "stream_options.include_obfuscation is not supported",
+            "stream_options.include_obfuscation",
+        )
+
+
+# field -> the values that ask for nothing simmer lacks (OpenAI's defaults, null, empty)
+COMPLETION_REFUSED: dict[str, tuple[Any, ...]] = {"suffix": (None, "")}
+
+
+def refuse_unsupported(model: BaseModel, refused: Mapping[str, tuple[Any, ...]]) -> None:
+    """422 naming the first field of `refused` set to a value other than its harmless ones:
+    nothing OpenAI defines is accepted and then ignored."""
+    for name, harmless in refused.items():
+        value = getattr(model, name)
+        if not any(value == fine and type(value) is type(fine) for fine in harmless):
+            raise InvalidRequest(f"{name} is not supported by this server", name)
+
+
+def check_token_ids(bias: Mapping[str, float] | None) -> dict[str, float] | None:
+    """OpenAI's logit_bias keys are token ids; words are a /v1/generate extension."""
+    for key in bias or ():
+        if not _TOKEN_ID.fullmatch(key):
+            raise InvalidRequest(
+                f"logit_bias: keys are token ids (digits); got {key[:20]!r}", "logit_bias"
+            )
+    return dict(bias) if bias is not None else None
+
+
 # --- OpenAI-compatible completions ------------------------------------------------------
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. Unknown fields are ignored: OpenAI clients send extras."""
+    """POST /v1/completions. Unknown fields are ignored (OpenAI clients send extras);
+    OpenAI's own fields that simmer cannot honour are refused (`COMPLETION_REFUSED`)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -380,8 +555,16 @@ class CompletionRequest(BaseModel):
     session_id: str | None = Field(None, max_length=64, description="simmer extension.")
     state: StateToken | None = Field(None, description="simmer extension: see /v1/generate.")
     return_state: ReturnState = False
+    logit_bias: TokenIdBias | None = None
+    presence_penalty: PresencePenalty | None = None
+    frequency_penalty: FrequencyPenalty | None = None
+    stream_options: StreamOptions | None = None
+    user: User = None
+    suffix: Any = Field(None, description="Refused (422) unless empty: simmer only appends.")
 
     def to_generation(self, limits: Limits) -> GenerationRequest:
+        refuse_unsupported(self, COMPLETION_REFUSED)
+        check_stream_options(self.stream, self.stream_options)
         if self.best_of is not None and self.best_of < self.n:
             raise InvalidRequest("best_of must be at least n", "best_of")
         if self.stream and (self.best_of or self.n) > self.n:
@@ -405,8 +588,201 @@ class CompletionRequest(BaseModel):
             state=self.state,
             return_state=self.return_state,
             echo=self.echo,
+            logit_bias=check_token_ids(self.logit_bias),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
         )
         return fields.to_generation(limits, self.n)
+
+
+# --- OpenAI-compatible chat completions ---------------------------------------------------
+
+MAX_MESSAGES = 256
+MAX_CONTENT_PARTS = 64
+MAX_CONTENT_CHARS = 100_000  # the prompt's token limit applies as well
+ChatText = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
+
+
+class ChatContentPart(BaseModel):
+    """One part of a message's content; only `text` parts are served."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(max_length=64, description='Only "text"; any other type is refused (422).')
+    text: ChatText | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        description="system, developer and assistant messages are ignored; the last user "
+        "message makes the prompt; tool and function messages are refused (422)."
+    )
+    content: (
+        ChatText | Annotated[list[ChatContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None
+    ) = None
+    name: str | None = Field(None, max_length=64, description="Accepted; not used.")
+
+
+# field -> its harmless values (OpenAI's defaults, null, empty); anything else is a 422
+CHAT_REFUSED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, True),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "metadata": (None, {}),
+    "store": (None, False),
+    "service_tier": (None, "auto", "default"),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+    "moderation": (None,),
+    "prompt_cache_retention": (None,),
+    "prompt_cache_options": (None,),
+}
+
+
+def _refused(default: Any = None) -> Any:
+    return Field(default, description="OpenAI's; refused (422) unless null or its default.")
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions, through the recipe template (`prompt_text`). Unknown
+    fields are ignored (OpenAI clients send extras); OpenAI's own fields that simmer
+    cannot honour are refused (`CHAT_REFUSED`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = Field(0, description="simmer extension: keep the k most likely words.")
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Seed | None = None
+    logit_bias: TokenIdBias | None = None
+    presence_penalty: PresencePenalty | None = None
+    frequency_penalty: FrequencyPenalty | None = None
+    logprobs: bool | None = Field(None, description="Report each token's log-probability.")
+    top_logprobs: Logprobs | None = Field(
+        None, description="With logprobs: the top words at each step (max_logprobs caps it)."
+    )
+    ignore_eos: bool = Field(False, description="simmer extension: never end at the stop token.")
+    session_id: str | None = Field(
+        None, max_length=64, description="simmer extension: continue this session."
+    )
+    user: User = None
+    safety_identifier: User = None
+    prompt_cache_key: User = None
+    tools: Any = _refused()
+    tool_choice: Any = _refused()
+    parallel_tool_calls: Any = _refused()
+    functions: Any = _refused()
+    function_call: Any = _refused()
+    response_format: Any = _refused()
+    audio: Any = _refused()
+    modalities: Any = _refused()
+    prediction: Any = _refused()
+    metadata: Any = _refused()
+    store: Any = _refused()
+    service_tier: Any = _refused()
+    reasoning_effort: Any = _refused()
+    verbosity: Any = _refused()
+    web_search_options: Any = _refused()
+    moderation: Any = _refused()
+    prompt_cache_retention: Any = _refused()
+    prompt_cache_options: Any = _refused()
+
+    @property
+    def top_words(self) -> int | None:
+        """How many top words each logprobs entry lists; None without logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def prompt_text(self) -> str:
+        """The chat template. The last user message's text is the dish of a new session's
+        prompt, `recipe for <dish> |`; with a session_id it is fed as it is, continuing
+        the session's text (empty: just continue). System, developer and assistant
+        messages are ignored; tool and function messages, and content parts other than
+        text, are refused."""
+        last: tuple[int, str] | None = None
+        for i, message in enumerate(self.messages):
+            if message.role in ("tool", "function"):
+                raise InvalidRequest(
+                    f"{message.role} messages are not supported: simmer has no tools",
+                    f"messages.{i}.role",
+                )
+            text = _message_text(message.content, i)
+            if message.role == "user":
+                last = (i, text)
+        if last is None:
+            raise InvalidRequest("messages needs a user message: the dish", "messages")
+        i, text = last
+        if self.session_id is not None:
+            return text
+        dish = " ".join(text.split())
+        if not dish:
+            raise InvalidRequest(
+                "the last user message is empty: name a dish", f"messages.{i}.content"
+            )
+        return f"recipe for {dish} |"
+
+    def to_generation(self, limits: Limits) -> GenerationRequest:
+        refuse_unsupported(self, CHAT_REFUSED)
+        check_stream_options(self.stream, self.stream_options)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        top = self.top_words
+        if top is not None and top > limits.max_logprobs:
+            raise InvalidRequest(
+                f"top_logprobs must be between 0 and {limits.max_logprobs}", "top_logprobs"
+            )
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        if self.max_tokens is not None and self.max_tokens != max_tokens:
+            raise InvalidRequest(
+                "max_tokens and max_completion_tokens disagree; give one", "max_tokens"
+            )
+        fields = SamplingFields(
+            prompt=self.prompt_text(),
+            session_id=self.session_id,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=_stop_list(self.stop),
+            logprobs=None if top is None else max(top, 1),
+            ignore_eos=self.ignore_eos,
+            logit_bias=check_token_ids(self.logit_bias),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+        return fields.to_generation(limits)
+
+
+def _message_text(content: str | list[ChatContentPart] | None, index: int) -> str:
+    """A message's text: its string, or its text parts joined by spaces."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text":
+            raise InvalidRequest(
+                f"content parts of type {part.type!r} are not supported: only text",
+                f"messages.{index}.content.{j}.type",
+            )
+        texts.append(part.text or "")
+    return " ".join(texts)
 
 
 # request models that refuse unknown fields; the OpenAPI document says so too
@@ -417,6 +793,10 @@ REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     CompletionRequest,
     SessionCreate,
     RewindRequest,
+    ChatCompletionRequest,  # and the models inside requests, which are components too
+    ChatMessage,
+    ChatContentPart,
+    StreamOptions,
 )
 
 

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         20, ge=0, description="Largest logprobs (top-k words per step) allowed."
     )
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none.")
+    ban_unk: bool = Field(
+        True,
+        description="Never generate [UNK] (id 1): it stands for any word outside the vocabulary "
+        "and reads as a hole in the text. A request un-bans it by giving [UNK] a logit_bias "
+        'of its own ({"1": 0} on every route, {"[UNK]": 0} on /v1/generate).',
+    )
 
     # admission and limits
     max_waiting: int = Field(

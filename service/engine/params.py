@@ -4,6 +4,10 @@ Temperature follows the book: p^(1/T) renormalised, which is softmax(logits / T)
 `top_k` keeps the k most likely words, then `top_p` keeps the smallest set of those
 whose probability reaches p. Temperature below `MIN_TEMPERATURE` or top_k 1 is greedy.
 
+`logit_bias` adds a value to chosen words' logits before all of that, and a value of
+`BAN` (-100) removes the word outright; the presence and frequency penalties subtract
+from the logits of the words the request has generated so far (`service.engine.adjust`).
+
 A request with a seed draws its uniform numbers from a generator of its own, so it
 gets the same tokens whatever else shares its batch; `seeded_for` mixes that seed with
 how far the session has come, so continuing does not replay the previous call's draws.
@@ -20,6 +24,8 @@ import numpy as np
 # is far from float32's overflow for any logit a model gives, while at T = 1e-4 a word
 # only 0.01 logits behind the best is already e^-100 times less likely: greedy in effect.
 MIN_TEMPERATURE = 1e-4
+# A logit_bias of exactly this bans the word: it is never drawn, not even greedily.
+BAN = -100.0
 
 
 @dataclass(frozen=True)
@@ -30,10 +36,25 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int = 0  # how many top candidates to report per step
     ignore_eos: bool = False  # never draw the stop token (fixed-length runs, benchmarks)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); BAN bans
+    presence_penalty: float = 0.0  # subtracted once from each generated word's logit
+    frequency_penalty: float = 0.0  # subtracted per time the word was generated
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def bans(self) -> tuple[int, ...]:
+        """Token ids this request may never draw."""
+        return tuple(token for token, value in self.logit_bias if value <= BAN)
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether its logits change beyond bans (a bias or a penalty): then its whole
+        distribution is computed from the changed logits, never by the fused softmax."""
+        biased = any(value > BAN for _, value in self.logit_bias)
+        return biased or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def inv_temperature(self) -> float:

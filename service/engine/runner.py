@@ -7,6 +7,10 @@ they share one call; a new prompt is prefilled in one call over its tokens) and 
 the whole batch at once. While the batch stays the same, each step feeds the previous
 step's tokens and state straight back in (the carry); the slot arrays are written only
 when requests join or leave (`flush`, then `load`).
+
+Each slot also keeps its request's logit bias, bans and penalties, and the counts of the
+words it has generated (`service.engine.adjust`, which says how a fused step samples
+them). Log-probabilities are those of the changed distribution.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.engine.adjust import BatchAdjustments, SlotAdjustments
 from service.engine.head import SMALL_BATCH, SamplingHead
-from service.engine.model import ModelSession
+from service.engine.model import ModelSession, SoftmaxOutput
 from service.engine.params import Uniforms, make_rng
 from service.engine.request import Request, TopLogprobs
 from service.engine.sampler import RowParams, log_softmax, pick_weighted, sample_rows, top_ids
@@ -46,6 +51,7 @@ class _Rows:
     logprobs: list[int]  # rows that report top words
     no_eos: list[int]  # rows that never draw the stop token
     rngs: list[Uniforms]  # each row's generator (rows without a seed share one)
+    adjust: BatchAdjustments | None = None  # logit bias, bans, penalties; None: no row has any
 
 
 class ModelRunner:
@@ -70,6 +76,7 @@ class ModelRunner:
         self._seeded = np.zeros(max_batch, bool)
         self._logprobs = np.zeros(max_batch, bool)
         self._no_eos = np.zeros(max_batch, bool)
+        self._adjust = SlotAdjustments(max_batch, model.vocab_size)
         self._unseeded = Uniforms(make_rng(None))  # every row without a seed draws here
         self._rows: _Rows | None = None
         self._carry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # tokens, h, c
@@ -104,12 +111,13 @@ class ModelRunner:
         self._seeded[slot] = params.seed is not None
         self._logprobs[slot] = params.logprobs > 0
         self._no_eos[slot] = params.ignore_eos
+        self._adjust.load(slot, params)
 
     def execute(self, plan: StepPlan) -> StepOutput:
         """Feed every row of `plan` once and sample a token for each."""
         started = time.perf_counter()
         rows = self._rows_of(plan)
-        sampled: np.ndarray | None = None
+        fused: SoftmaxOutput | None = None
         if plan.prefill:
             logits, h, c = self._prefill(plan)
         else:
@@ -129,25 +137,56 @@ class ModelRunner:
                 fused = self.model.run_softmax(feed, h_in, c_in, rows.params.inv_t)
                 self.calls += 1
                 logits, h, c = fused.logits, fused.h, fused.c
-                sampled = pick_weighted(fused.probs, fused.sums, rows.rngs)
             else:
                 out = self.model.run(feed, h_in, c_in)
                 self.calls += 1
                 logits, h, c = out.logits, out.h, out.c
+        if rows.adjust is not None:
+            rows.adjust.apply(logits)
         requests = plan.requests
         logps = {
             row: log_softmax(logits[row], requests[row].params.temperature) for row in rows.logprobs
         }
-        if sampled is None:
+        if fused is not None:
+            sampled = self._pick_fused(fused, logits, rows)
+        else:
             if rows.no_eos:
                 logits[rows.no_eos, PAD_ID] = -np.inf
             sampled = sample_rows(logits, rows.params, rows.rngs, self.head)
+        if rows.adjust is not None:
+            rows.adjust.count(sampled)
         top: dict[int, TopLogprobs] = {}
         for row, logp in logps.items():
             ids = top_ids(logp, requests[row].params.logprobs)
+            ids = ids[np.isfinite(logp[ids])]  # banned words are not candidates
             top[row] = TopLogprobs(float(logp[sampled[row]]), ids, logp[ids])
         self._carry = (sampled.reshape(-1, 1), h, c)
         return StepOutput(sampled, h, c, top, time.perf_counter() - started)
+
+    def _pick_fused(self, fused: SoftmaxOutput, logits: np.ndarray, rows: _Rows) -> np.ndarray:
+        """One token per row of a fused step: from the fused softmax, except the rows whose
+        changes it does not know (see `service.engine.adjust`), drawn from their changed
+        `logits`."""
+        adjust = rows.adjust
+        if adjust is None or not len(adjust.unfused):
+            sampled = pick_weighted(fused.probs, fused.sums, rows.rngs)
+            unfused = _NO_ROWS
+        else:
+            keep, unfused = adjust.fused, adjust.unfused
+            sampled = np.zeros(len(rows.slots), np.int64)
+            if len(keep):
+                rngs = [rows.rngs[i] for i in keep.tolist()]
+                sampled[keep] = pick_weighted(fused.probs[keep], fused.sums[keep], rngs)
+        if adjust is not None:
+            redrawn = adjust.redrawn(sampled)
+            if len(redrawn):
+                unfused = np.union1d(unfused, redrawn)
+        if len(unfused):
+            rngs = [rows.rngs[i] for i in unfused.tolist()]
+            sampled[unfused] = sample_rows(
+                logits[unfused], rows.params.take(unfused), rngs, self.head
+            )
+        return sampled
 
     def _rows_of(self, plan: StepPlan) -> _Rows:
         """The batch's row arrays, rebuilt when the running set has changed."""
@@ -168,6 +207,7 @@ class ModelRunner:
                 logprobs=np.flatnonzero(self._logprobs[slots]).tolist(),
                 no_eos=np.flatnonzero(self._no_eos[slots]).tolist(),
                 rngs=[shared if r.rng is None else r.rng for r in plan.requests],
+                adjust=self._adjust.batch(slots, self._seeded[slots]),
             )
         return self._rows
 
@@ -202,3 +242,6 @@ class ModelRunner:
             self._c[:, group] = out.c
             logits[rows] = out.logits
         return logits, self._h[:, slots], self._c[:, slots]
+
+
+_NO_ROWS = np.zeros(0, np.int64)

@@ -217,6 +217,16 @@ class RowParams:
         self.all_whole = bool(full.all())  # every row samples the whole distribution
         self.all_greedy = bool(self.greedy.all())
 
+    def take(self, rows: np.ndarray) -> RowParams:
+        """The parameters of these rows only, as a batch of their own."""
+        return RowParams(
+            self.inv_t[rows],
+            self.top_k[rows],
+            self.top_p[rows],
+            self.greedy[rows],
+            self.seeded[rows],
+        )
+
     @classmethod
     def of(cls, params: list[SamplingParams]) -> RowParams:
         top_k = np.array([p.top_k for p in params], dtype=np.int64)

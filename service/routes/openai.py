@@ -1,8 +1,9 @@
-"""OpenAI-compatible /v1/completions and /v1/models.
+"""OpenAI-compatible /v1/completions and /v1/models, and the vocabulary for logit_bias.
 
 Works with the official `openai` client, streaming or not. `session_id` may be passed
 as an extra body field to continue a session; responses carry `session_id` too.
-Unknown fields are accepted and ignored, as OpenAI clients send extras.
+Unknown fields are accepted and ignored, as OpenAI clients send extras; a field OpenAI
+defines and simmer cannot honour is refused with 422 naming it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from service.errors import INTERNAL, DomainError, ModelNotFound, render
+from service.errors import INTERNAL, DomainError, ModelNotFound, NotReady, render
 from service.generation.events import (
     DoneEvent,
     Event,
@@ -39,6 +40,7 @@ from service.routes.http import (
     owner_of,
     runtime_of,
 )
+from simmer.tokenizer import PAD_ID, UNK_ID
 
 logger = logging.getLogger(__name__)
 
@@ -288,3 +290,28 @@ async def models(state: State) -> dict[str, Any]:
             }
         )
     return {"object": "list", "data": entries}
+
+
+@get(
+    "/v1/models/{model_id:str}/vocab",
+    summary="The model's vocabulary: the token ids that logit_bias takes",
+    description="`words[i]` is the word of token id `i`; id 0 (the empty word) is the stop "
+    "token and id 1 is `[UNK]`, any word outside the vocabulary.",
+    responses=errors(404, 503),
+)
+async def vocab(model_id: str, state: State) -> dict[str, Any]:
+    bundle = runtime_of(state).bundle
+    if bundle is None:
+        raise NotReady("the model is still loading")
+    if model_id != bundle.name:
+        raise ModelNotFound(f"model {model_id!r} is not served here", "model_id")
+    words = bundle.tokenizer.vocab
+    return {
+        "object": "vocabulary",
+        "model": bundle.name,
+        "version": bundle.version,
+        "size": len(words),
+        "stop_token_id": PAD_ID,
+        "unk_token_id": UNK_ID,
+        "words": words,
+    }

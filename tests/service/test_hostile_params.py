@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.engine.adjust import SlotAdjustments
 from service.engine.core import EngineCore, build_engine
 from service.engine.model import ModelSession
-from service.engine.params import MIN_TEMPERATURE, SamplingParams, make_rng
+from service.engine.params import BAN, MIN_TEMPERATURE, SamplingParams, make_rng
 from service.engine.runner import StepOutput
 from service.engine.sampler import RowParams, sample_rows
 from service.engine.scheduler import StepPlan
@@ -29,7 +30,7 @@ from service.generation.events import DoneEvent, TokenEvent
 from service.generation.service import GenerationService
 from service.generation.sessions import ModelShape
 from service.metrics import Metrics
-from service.protocol import MAX_INT32, MAX_SEED, Limits, SamplingFields
+from service.protocol import MAX_INT32, MAX_LOGIT_BIAS, MAX_SEED, Limits, SamplingFields
 from service.sessions import MemorySessionStore
 from simmer.bundle import load_bundle
 
@@ -48,6 +49,30 @@ top_ps = st.one_of(
 seeds = st.one_of(st.none(), st.sampled_from([0, 1, MAX_SEED]), st.integers(0, MAX_SEED))
 logprobs = st.one_of(st.none(), st.sampled_from([0, 1, 500, 1000]), st.integers(0, 1000))
 stops = st.lists(st.text(min_size=1, max_size=64), max_size=4)
+TINY_VOCAB = 500  # the tiny bundle's
+bias_values = st.one_of(
+    st.sampled_from([BAN, -BAN, -99.999, 0.0, 5e-324, -5e-324, 1e-300]),
+    st.floats(BAN, -BAN, allow_subnormal=True),
+)
+logit_biases = st.one_of(
+    st.none(),
+    st.dictionaries(st.integers(0, TINY_VOCAB - 1).map(str), bias_values, max_size=20),
+    # words of the tiny vocabulary (ids and words never both: one token named twice is a 422)
+    st.dictionaries(st.sampled_from(["[UNK]", "salt", "the", ",", ".", "and"]), bias_values),
+    st.sampled_from(
+        [
+            {str(i): BAN for i in range(2, 2 + MAX_LOGIT_BIAS)},  # as many bans as allowed
+            {str(i): -BAN for i in range(TINY_VOCAB - MAX_LOGIT_BIAS, TINY_VOCAB)},
+            {str(i): BAN if i % 2 else -BAN for i in range(MAX_LOGIT_BIAS)},
+            {"0": BAN, "1": 0.0},  # never stop; [UNK] un-banned
+        ]
+    ),
+)
+penalties = st.one_of(
+    st.none(),
+    st.sampled_from([-2.0, 2.0, 0.0, 5e-324, -1e-300]),
+    st.floats(-2.0, 2.0, allow_subnormal=True),
+)
 prompts = st.one_of(
     st.sampled_from(["recipe for", "", " ", "[UNK]", "recipe for soup |"]),
     st.text(max_size=200),
@@ -64,6 +89,9 @@ fields = st.fixed_dictionaries(
         "logprobs": logprobs,
         "stop": stops,
         "ignore_eos": st.booleans(),
+        "logit_bias": logit_biases,
+        "presence_penalty": penalties,
+        "frequency_penalty": penalties,
     }
 )
 
@@ -85,6 +113,7 @@ class Harness:
     scheduler: CheckingCore
     service: GenerationService
     vocab: int
+    limits: Limits  # with the bundle's vocabulary, and the server's [UNK] ban
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -119,13 +148,14 @@ def harness(request: pytest.FixtureRequest, tiny_bundle: Path) -> Iterator[Harne
         )
 
     service = loop.run_until_complete(start())
-    yield Harness(loop, scheduler, service, engine.vocab_size)
+    limits = replace(LIMITS, tokenizer=bundle.tokenizer, ban_unk=True)
+    yield Harness(loop, scheduler, service, engine.vocab_size, limits)
     loop.run_until_complete(scheduler.close())
     loop.close()
 
 
-async def _generate(service: GenerationService, body: dict[str, Any]) -> DoneEvent:
-    request = SamplingFields.model_validate(body).to_generation(LIMITS)
+async def _generate(service: GenerationService, body: dict[str, Any], limits: Limits) -> DoneEvent:
+    request = SamplingFields.model_validate(body).to_generation(limits)
     done: DoneEvent | None = None
     async for event in service.generate(request):
         if isinstance(event, TokenEvent) and event.logprobs is not None:
@@ -155,14 +185,18 @@ def test_every_admitted_parameter_mix_samples_inside_the_vocabulary(
     harness.scheduler.sampled = []
 
     async def all_of_them() -> list[DoneEvent]:
-        return list(await asyncio.gather(*(_generate(harness.service, b) for b in batch)))
+        return list(
+            await asyncio.gather(*(_generate(harness.service, b, harness.limits) for b in batch))
+        )
 
     results = harness.run(all_of_them())
     assert all(done.finish_reason in ("length", "stop", "eos") for done in results)
     assert harness.scheduler.sampled, "nothing was sampled"
     assert all(0 <= token < harness.vocab for token in harness.scheduler.sampled)
     # and an ordinary request is still served
-    ordinary = harness.run(_generate(harness.service, {"prompt": "recipe for soup"}))
+    ordinary = harness.run(
+        _generate(harness.service, {"prompt": "recipe for soup"}, harness.limits)
+    )
     assert ordinary.finish_reason in ("length", "eos")
     assert harness.scheduler.worker_alive
 
@@ -194,5 +228,50 @@ def test_the_sampler_alone_returns_valid_ids_for_any_parameters_and_logit_scale(
     assert tokens.shape == (len(params),)
     assert ((tokens >= 0) & (tokens < vocab)).all()
     for row, p in enumerate(params):
+        if p.greedy:
+            assert tokens[row] == int(np.argmax(logits[row]))
+
+
+@given(
+    params=st.lists(
+        st.builds(
+            SamplingParams,
+            temperature=temperatures,
+            top_k=top_ks,
+            top_p=top_ps,
+            seed=seeds,
+            logit_bias=st.dictionaries(st.integers(0, 499), bias_values, max_size=MAX_LOGIT_BIAS)
+            .filter(lambda bias: sum(v <= BAN for v in bias.values()) < 500)
+            .map(lambda bias: tuple(bias.items())),
+            presence_penalty=st.floats(-2.0, 2.0),
+            frequency_penalty=st.floats(-2.0, 2.0),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    scale=st.sampled_from([1.0, 1e-3, 1e3, 1e6]),
+    generated=st.lists(st.integers(0, 499), max_size=50),
+)
+@settings(max_examples=60, deadline=None)
+def test_biased_and_penalised_rows_sample_valid_ids_and_never_a_banned_one(
+    params: list[SamplingParams], scale: float, generated: list[int]
+) -> None:
+    vocab = 500
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((len(params), vocab)) * scale).astype(np.float32)
+    adjust = SlotAdjustments(len(params), vocab)
+    for slot, p in enumerate(params):
+        adjust.load(slot, p)
+    batch = adjust.batch(np.arange(len(params)), np.array([p.seed is not None for p in params]))
+    if batch is not None:
+        for token in generated:
+            batch.count(np.full(len(params), token))
+        batch.apply(logits)
+    assert not np.isnan(logits).any()
+    rows = RowParams.of(params)
+    tokens = sample_rows(logits.copy(), rows, [make_rng(i) for i in range(len(params))])
+    assert ((tokens >= 0) & (tokens < vocab)).all()
+    for row, p in enumerate(params):
+        assert int(tokens[row]) not in p.bans
         if p.greedy:
             assert tokens[row] == int(np.argmax(logits[row]))

@@ -1,0 +1,163 @@
+"""OpenAI-compatible /v1/chat/completions, through simmer's recipe template.
+
+The model writes recipes; it does not converse. `ChatCompletionRequest.prompt_text`
+makes the prompt: the last user message names the dish of a new session
+(`recipe for <dish> |`), or, with a `session_id` extra body field, is fed as it is to
+continue that session. The recipe comes back as one assistant message, or streamed as
+`chat.completion.chunk` events ending with `data: [DONE]`; responses carry `session_id`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from litestar import Request, Response, post
+from litestar.datastructures import State
+from litestar.response import Stream
+
+from service.errors import INTERNAL, DomainError, ModelNotFound, render
+from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
+from service.protocol import ChatCompletionRequest, now, openai_finish_reason
+from service.routes.frames import SSE_DONE, sse, usage_json
+from service.routes.http import (
+    V1_ERRORS,
+    client_gone,
+    collect_choices,
+    errors,
+    event_stream,
+    owner_of,
+    runtime_of,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _logprobs(steps: list[Logprob], top: int) -> dict[str, Any]:
+    """OpenAI's chat logprobs object: each token with its `top` most likely words."""
+
+    def entry(word: Logprob) -> dict[str, Any]:
+        return {"token": word.token, "logprob": word.logprob, "bytes": list(word.token.encode())}
+
+    return {
+        "content": [{**entry(s), "top_logprobs": [entry(w) for w in s.top[:top]]} for s in steps],
+        "refusal": None,
+    }
+
+
+def _chunk(
+    chat_id: str,
+    model: str,
+    session_id: str,
+    choices: list[dict[str, Any]],
+    usage: dict[str, int] | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": chat_id,
+        "object": "chat.completion.chunk",
+        "created": now(),
+        "model": model,
+        "choices": choices,
+        "session_id": session_id,
+    }
+    if with_usage:
+        body["usage"] = usage
+    return body
+
+
+def _choice(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+async def _chat_stream(
+    chat_id: str,
+    model: str,
+    first: Event,
+    events: AsyncGenerator[Event, None],
+    top: int | None,
+    include_usage: bool,
+    on_error: Callable[[str], None],
+) -> AsyncGenerator[bytes, None]:
+    """The role, then the text as it comes, then the finish reason; with include_usage,
+    one more chunk with the usage and no choices; then [DONE]."""
+    assert isinstance(first, SessionEvent)
+    session_id = first.session_id
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        return sse(_chunk(chat_id, model, session_id, choices, usage, include_usage))
+
+    try:
+        yield chunk([_choice({"role": "assistant", "content": ""}, None)])
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                lp = _logprobs(event.logprobs or [], top) if top is not None else None
+                yield chunk([_choice({"content": event.text}, None, lp)])
+            elif isinstance(event, DoneEvent):
+                yield chunk([_choice({}, openai_finish_reason(event.finish_reason))])
+                if include_usage:
+                    yield chunk([], usage_json(event))
+    except DomainError as exc:
+        error = render(exc)
+        on_error(error.code)
+        yield sse({"error": error.event()})
+    except Exception:  # a bug: the client still gets an error chunk and the stream ends
+        logger.exception("chat stream failed")
+        on_error(INTERNAL.code)
+        yield sse({"error": INTERNAL.event()})
+    finally:
+        await events.aclose()
+    yield SSE_DONE
+
+
+@post(
+    "/v1/chat/completions",
+    status_code=200,
+    summary="OpenAI-compatible chat completions, through the recipe template",
+    description="The last user message names the dish: a new session's prompt is "
+    "`recipe for <dish> |`; with a `session_id` the message is fed as it is, continuing "
+    "that session. System, developer and assistant messages are ignored. Streaming answers "
+    "are text/event-stream `chat.completion.chunk` events ending with `data: [DONE]`.",
+    responses=errors(*V1_ERRORS),
+)
+async def chat_completions(
+    data: ChatCompletionRequest, state: State, request: Request[Any, Any, Any]
+) -> Response[dict[str, Any]] | Stream:
+    runtime = runtime_of(state)
+    model = runtime.bundle.name if runtime.bundle is not None else "simmer"
+    if data.model not in (None, "", model):
+        raise ModelNotFound(f"model {data.model!r} is not served here", "model")
+    params = data.to_generation(runtime.limits)
+    events = runtime.service().generate(params, owner_of(request))
+    first = await anext(events)
+    chat_id = "chatcmpl-" + secrets.token_hex(12)
+    top = data.top_words
+    if data.stream:
+        include_usage = data.stream_options is not None and data.stream_options.include_usage
+        return event_stream(
+            _chat_stream(chat_id, model, first, events, top, include_usage, runtime.metrics.failure)
+        )
+    assert isinstance(first, SessionEvent)
+    results = await collect_choices(events, request, runtime.service().stopper(first.session_id))
+    if results is None:
+        return client_gone()
+    result = results[0]  # n is 1
+    message = {"role": "assistant", "content": result.text, "refusal": None}
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": _logprobs(result.logprobs, top) if top is not None else None,
+        "finish_reason": openai_finish_reason(result.done.finish_reason),
+    }
+    body = {
+        "id": chat_id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [choice],
+        "usage": usage_json(result.done),
+        "session_id": first.session_id,
+    }
+    return Response(body)
