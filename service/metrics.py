@@ -54,6 +54,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "shutdown")
 EVICTION_REASONS = ("idle", "capacity", "explicit")
+RESUME_SOURCES = ("memory", "redis", "state")  # where a continued session's state came from
 # the service's supervised background tasks (see service/supervisor.py)
 BACKGROUND_TASKS = ("session_sweeper", "lock_refresher", "engine_watchdog")
 
@@ -234,6 +235,8 @@ class Metrics:
             self.sessions_evicted.labels(reason=reason)
         for task in BACKGROUND_TASKS:
             self.task_failures.labels(task=task)
+        for source in RESUME_SOURCES:
+            self.session_resume.labels(source=source)
         if not enabled:
             for name, value in list(vars(self).items()):
                 if isinstance(value, Counter | Gauge | Histogram | Info):

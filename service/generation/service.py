@@ -231,10 +231,16 @@ class GenerationService:
         )
 
     async def peek(
-        self, session_id: str, owner: str, top: int, temperature: float
+        self,
+        session_id: str,
+        owner: str,
+        top: int,
+        temperature: float,
+        logit_bias: tuple[tuple[int, float], ...] = (),
     ) -> tuple[SessionState, TopLogprobs]:
-        """The session's next-word distribution at `temperature`, its `top` words, from
-        one engine step on the pending token; the session is not changed."""
+        """The session's next-word distribution at `temperature` (after `logit_bias`, the
+        server's [UNK] ban, as a generation would see it), its `top` words, from one
+        engine step on the pending token; the session is not changed."""
         state = await self.sessions.load(session_id, owner)
         if state.pending == NO_TOKEN:
             raise NothingToPredict(
@@ -242,7 +248,9 @@ class GenerationService:
                 "session_id",
             )
         # its own seed: the one word it draws (and drops) takes nothing from other requests
-        params = SamplingParams(temperature=temperature, seed=0, logprobs=top, ignore_eos=True)
+        params = SamplingParams(
+            temperature=temperature, seed=0, logprobs=top, ignore_eos=True, logit_bias=logit_bias
+        )
         request = await self._run_step([state.pending], state, params)
         return state, request.top[0]
 

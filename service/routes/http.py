@@ -33,6 +33,7 @@ from service.protocol import (
     SessionCreate,
     SessionInfo,
     SessionStateExport,
+    logit_bias_of,
 )
 from service.routes.frames import (
     done_json,
@@ -336,7 +337,8 @@ async def peek_session(
     if top > limit:
         raise InvalidRequest(f"top must be between 1 and {limit}", "top")
     generation = runtime.service()
-    session, words = await generation.peek(session_id, owner_of(request), top, temperature)
+    bias = logit_bias_of(None, runtime.limits)  # the [UNK] ban, when the server bans it
+    session, words = await generation.peek(session_id, owner_of(request), top, temperature, bias)
     vocab = generation.tokenizer.vocab
     return NextWords(
         session_id=session_id,

@@ -66,6 +66,7 @@ def test_dashboard_has_a_panel_for_each_signal() -> None:
         ],
         "Errors / s by code": ["simmer_request_failure_total"],
         "WebSocket connections": ["simmer_websocket_connections"],
+        "Session resumes / s by source": ["simmer_session_resume_total"],
     }
     for title, metrics in wanted.items():
         text = " ".join(panel_exprs(title))
@@ -73,6 +74,7 @@ def test_dashboard_has_a_panel_for_each_signal() -> None:
             assert metric in text, f"{title!r} should plot {metric}"
     assert "by (reason)" in " ".join(panel_exprs("Sessions created and evicted / s"))
     assert "by (code)" in " ".join(panel_exprs("Errors / s by code"))
+    assert "by (source)" in " ".join(panel_exprs("Session resumes / s by source"))
 
 
 def test_every_metric_the_service_declares_is_on_the_dashboard() -> None:

@@ -23,6 +23,7 @@ SPEC = {
     "simmer_request_failure_total": "counter",
     "simmer_sessions_created_total": "counter",
     "simmer_sessions_evicted_total": "counter",
+    "simmer_session_resume_total": "counter",
     "simmer_num_requests_running": "gauge",
     "simmer_num_requests_waiting": "gauge",
     "simmer_sessions_active": "gauge",
@@ -36,6 +37,7 @@ LABELS = {
     "simmer_request_success_total": {"finish_reason"},
     "simmer_request_failure_total": {"code"},
     "simmer_sessions_evicted_total": {"reason"},
+    "simmer_session_resume_total": {"source"},
     "simmer_task_failures_total": {"task"},
     "simmer_model_info": {"name", "version", "bundle_sha256", "provider"},
 }

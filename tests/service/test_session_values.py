@@ -21,7 +21,9 @@ from tests.service.conftest import AppClient
 
 pytestmark = pytest.mark.anyio
 
-GREEDY = {"top_k": 1}
+# greedy, and never ending at the stop token: a turn that ended there leaves nothing to
+# continue from without a new prompt
+GREEDY = {"top_k": 1, "ignore_eos": True}
 PROMPT = "recipe for lemon chicken |"
 StartApp = Callable[..., Awaitable[AppClient]]
 
@@ -245,7 +247,7 @@ async def test_peek_shows_the_next_words_without_advancing(any_app: AppClient) -
     assert info["tokens"] == body["tokens"] and info["rewind_points"] == 1  # unchanged
     hot = await any_app.get(f"/v1/sessions/{session_id}/next", params={"top": 4, "temperature": 3})
     assert hot.json()["top"][0]["prob"] < top[0]["prob"]  # a flatter distribution
-    step = await generate(any_app, session_id=session_id, max_tokens=1, logprobs=1, **GREEDY)
+    step = await generate(any_app, session_id=session_id, max_tokens=1, logprobs=1, top_k=1)
     assert step["logprobs"][0]["id"] == top[0]["id"]
     assert np.isclose(step["logprobs"][0]["logprob"], top[0]["logprob"], atol=1e-5)
 
@@ -335,7 +337,10 @@ async def test_usage_shows_history_is_never_fed_again_and_resumes_are_counted(
         turn["usage"]["session_tokens"]
         == first["usage"]["session_tokens"] + 10 + turn["usage"]["prompt_tokens"]
     )
-    token = (await generate(any_app, session_id=first["session_id"], return_state=True))["state"]
+    last = await generate(
+        any_app, session_id=first["session_id"], max_tokens=3, ignore_eos=True, return_state=True
+    )
+    token = last["state"]
     await generate(any_app, state=token, max_tokens=2)
     after = (await any_app.get("/metrics")).text
     assert resumes(after, store) - resumes(before, store) == 2
@@ -387,8 +392,16 @@ def test_two_replicas_sharing_a_secret_serve_one_conversation_round_robin(
 
 
 async def test_echo_scores_a_text_as_generation_reported_it(any_app: AppClient) -> None:
+    # echo scores with the model as it is: lift the default [UNK] ban from the generation
+    # too, so the logprobs it reports are of that same distribution
     made = await generate(
-        any_app, prompt=PROMPT, max_tokens=12, logprobs=2, seed=4, ignore_eos=True
+        any_app,
+        prompt=PROMPT,
+        max_tokens=12,
+        logprobs=2,
+        seed=4,
+        ignore_eos=True,
+        logit_bias={"[UNK]": 0},
     )
     text = PROMPT + made["text"]
     scored = await generate(any_app, prompt=text, max_tokens=0, echo=True, logprobs=2)
@@ -426,7 +439,14 @@ async def test_openai_echo_with_max_tokens_zero_scores_the_prompt(memory_app: Ap
         max_retries=0,
         http_client=memory_app,  # type: ignore[arg-type]
     )
-    made = await generate(memory_app, prompt=PROMPT, max_tokens=8, logprobs=1, ignore_eos=True)
+    made = await generate(
+        memory_app,
+        prompt=PROMPT,
+        max_tokens=8,
+        logprobs=1,
+        ignore_eos=True,
+        logit_bias={"[UNK]": 0},
+    )
     text = PROMPT + made["text"]
     scored = await client.completions.create(
         model="simmer-lstm", prompt=text, echo=True, logprobs=1, max_tokens=0
