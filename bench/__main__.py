@@ -40,6 +40,7 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,6 +90,10 @@ class BenchConfig:
     history_short: int = 10
     history_new: int = 32
     history_repeats: int = 10
+    # n choices: one request with n = 8 against eight separate requests
+    choices: int = 8
+    choices_tokens: int = 64
+    choices_repeats: int = 5
     # the headline ratios: rounds of raw engine and server side by side (median reported)
     headline_rounds: int = 5
     # memory per session
@@ -122,6 +127,9 @@ class BenchConfig:
             history_short=10,
             history_new=8,
             history_repeats=2,
+            choices=3,
+            choices_tokens=8,
+            choices_repeats=1,
             headline_rounds=2,
             sessions=1000,
             metrics_streams=4,
@@ -250,6 +258,43 @@ def _history_cost(server: ServiceProcess, config: BenchConfig, vocab: list[str])
         "repeats": config.history_repeats,
         "seconds_per_token_median": {"long": long, "short": short},
         "ratio": quotient(long, short),
+    }
+
+
+def _choices_cost(server: ServiceProcess, config: BenchConfig) -> dict[str, Any]:
+    """Wall seconds of one request with n choices against n separate requests sent at
+    once, each from a fresh session with the same prompt (median of the repeats)."""
+    n, tokens = config.choices, config.choices_tokens
+    body = {"prompt": config.prompt, "max_tokens": tokens, "ignore_eos": True}
+    seconds: dict[str, list[float]] = {"n": [], "separate": []}
+    with (
+        httpx.Client(base_url=server.base_url, timeout=300) as client,
+        ThreadPoolExecutor(n) as pool,
+    ):
+
+        def post(payload: dict[str, Any]) -> int:
+            response = client.post("/v1/generate", json=payload)
+            response.raise_for_status()
+            done: int = response.json()["usage"]["completion_tokens"]
+            return done
+
+        for repeat in range(config.choices_repeats + 1):  # the first round warms up
+            started = time.perf_counter()
+            post({**body, "n": n})
+            one = time.perf_counter() - started
+            started = time.perf_counter()
+            list(pool.map(post, [body] * n))
+            apart = time.perf_counter() - started
+            if repeat:
+                seconds["n"].append(one)
+                seconds["separate"].append(apart)
+    together, separate = statistics.median(seconds["n"]), statistics.median(seconds["separate"])
+    return {
+        "n": n,
+        "tokens": tokens,
+        "repeats": config.choices_repeats,
+        "seconds_median": {"n": together, "separate": separate},
+        "ratio": quotient(separate, together),
     }
 
 
@@ -444,6 +489,8 @@ def run(
         }
         log("continuing a long session")
         result["history"] = _history_cost(server, config, loaded.tokenizer.vocab)
+        log(f"n = {config.choices} against {config.choices} separate requests")
+        result["choices"] = _choices_cost(server, config)
         log(f"metrics on / off: {config.metrics_rounds} rounds of {config.metrics_streams} streams")
         result["metrics_overhead"] = _metrics_overhead(bundle, config, server, workdir, settings)
 
@@ -483,7 +530,10 @@ def run(
     # 4. memory per session
     log(f"memory per session: {config.sessions:,} sessions")
     layers, hidden = loaded.num_layers, loaded.hidden_size
-    result["sessions"] = {"memory": sessions.memory_store(config.sessions, layers, hidden)}
+    result["sessions"] = {
+        "memory": sessions.memory_store(config.sessions, layers, hidden),
+        "record_bytes": sessions.record_bytes(layers, hidden, Settings().session_history),
+    }
     if redis_url:
         try:
             result["sessions"]["redis"] = sessions.redis_store(
@@ -550,6 +600,15 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             f"seconds per token continuing {config.history_long} vs {config.history_short} "
             f"tokens of history, {config.history_new} new tokens",
             "the short-history continuation took no measurable time",
+        ),
+        report.ratio(
+            f"{config.choices} separate requests / one with n = {config.choices}",
+            result["choices"]["ratio"],
+            None,
+            "",
+            f"wall seconds, {config.choices_tokens} tokens each, median of "
+            f"{config.choices_repeats} repeats (n feeds the prompt once)",
+            "the request with n choices took no measurable time",
         ),
         report.ratio(
             "simmer / book, last position only, 1 stream",

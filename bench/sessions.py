@@ -127,3 +127,20 @@ async def _batches(client: Any, pattern: str, size: int = 1000) -> Any:
 
 def redis_store(url: str, count: int, layers: int, hidden: int) -> dict[str, Any]:
     return asyncio.run(_redis_measure(url, count, layers, hidden))
+
+
+def record_bytes(layers: int, hidden: int, history: int) -> dict[str, int]:
+    """A session record's size with no rewind points and with `history` of them (each
+    call start kept for rewinding is one more state), and its signed state token's."""
+    from service.sessions import SessionState
+    from service.sessions.portable import seal
+
+    state = SessionState.fresh(layers, hidden, owner="0" * 16, model="simmer-lstm-" + "0" * 12)
+    plain = len(state.encode())
+    token = len(seal(state, b"bench", state.model))
+    state.history = [state.snapshot()] * history
+    return {
+        "no_rewind_points": plain,
+        f"{history}_rewind_points": len(state.encode()),
+        "state_token": token,
+    }

@@ -91,7 +91,13 @@ def test_smoke_run_writes_json_chart_and_summary(tmp_path: Path, redis_url: str)
     # expiry marker (one slot per session, no global index)
     assert result["sessions"]["redis"]["keys_deleted"] == 2 * result["config"]["sessions"]
     by_name = {r["name"]: r for r in result["ratios"]}
-    assert len(by_name) == len(result["ratios"]) == 14
+    assert len(by_name) == len(result["ratios"]) == 15
+    choices = result["choices"]
+    assert choices["n"] == result["config"]["choices"]
+    assert choices["seconds_median"]["n"] > 0 and choices["seconds_median"]["separate"] > 0
+    records = result["sessions"]["record_bytes"]
+    assert records["8_rewind_points"] > records["no_rewind_points"] > 0
+    assert records["state_token"] > records["no_rewind_points"]
     for item in result["ratios"]:
         assert_well_formed(item)
     assert by_name["Redis bytes/session"]["value"] is not None  # the Redis was there
