@@ -682,6 +682,8 @@ class ChatCompletionRequest(BaseModel):
     session_id: str | None = Field(
         None, max_length=64, description="simmer extension: continue this session."
     )
+    state: StateToken | None = Field(None, description="simmer extension: see /v1/generate.")
+    return_state: ReturnState = False
     user: User = None
     safety_identifier: User = None
     prompt_cache_key: User = None
@@ -747,7 +749,9 @@ class ChatCompletionRequest(BaseModel):
             raise InvalidRequest(
                 f"top_logprobs must be between 0 and {limits.max_logprobs}", "top_logprobs"
             )
-        max_tokens = self.max_completion_tokens or self.max_tokens
+        max_tokens = (
+            self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+        )
         if self.max_tokens is not None and self.max_tokens != max_tokens:
             raise InvalidRequest(
                 "max_tokens and max_completion_tokens disagree; give one", "max_tokens"
@@ -766,6 +770,8 @@ class ChatCompletionRequest(BaseModel):
             logit_bias=check_token_ids(self.logit_bias),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            state=self.state,
+            return_state=self.return_state,
         )
         return fields.to_generation(limits)
 

@@ -111,10 +111,13 @@ PRESETS: dict[str, TrainConfig] = {
     # Wikibooks corpus: the first-run default
     "quick": TrainConfig(
         seq_len=120,
-        epochs=3,
+        epochs=6,
         lr=1e-2,
         min_lr_ratio=0.1,
         warmup_steps=20,
+        dropout=0.1,
+        tail_windows=True,
+        stop_weight=1.5,
         sample_tokens=50,
     ),
     # the book's size and 25 epochs, with the stop-aware mask, dropout, and a schedule:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, replace
@@ -77,6 +78,7 @@ class GenerationService:
         self.scorer = scorer  # echo: scores prompts off the decode engine (None: unavailable)
         self._scoring = asyncio.Semaphore(1)  # one prompt scored at a time, on one core
         self._calls: dict[str, Call] = {}  # by session id
+        self._leases: set[SessionLease] = set()  # taken by generations, until released
         self._finishers: set[asyncio.Task[None]] = set()
 
     @property
@@ -90,21 +92,38 @@ class GenerationService:
     # --- control --------------------------------------------------------------------
 
     def held_sessions(self) -> list[str]:
-        """Sessions whose generation lock this server holds right now."""
-        return list(self._calls)
+        """Sessions whose generation lock this server holds right now: those generating,
+        and those still scoring or prefilling before they do (their locks need renewing
+        just the same)."""
+        self._leases = {lease for lease in self._leases if lease.held}
+        return list(set(self._calls) | {lease.session_id for lease in self._leases})
+
+    def _lease(self, session_id: str) -> SessionLease:
+        lease = SessionLease(self.store, session_id)
+        self._leases.add(lease)
+        return lease
 
     def cancel(self, session_id: str, client_gone: bool = False) -> bool:
-        """Stop the generation running on `session_id` now; with `client_gone` it is
-        counted as a client that disconnected, not as a success."""
-        calls = [c for c in self._calls.values() if session_id in (c.session_id, c.group)]
-        for call in calls:  # with n > 1, every choice of the call
+        """Stop the generation running on `session_id` now (with n > 1, when it is
+        choice 0's, every choice of that call); with `client_gone` it is counted as a
+        client that disconnected, not as a success."""
+        call = self._calls.get(session_id)
+        return self._cancel(call.group if call and call.group else session_id, client_gone)
+
+    def _cancel(self, key: str, client_gone: bool) -> bool:
+        """Stop the call on session `key`, or every choice of the call group `key`."""
+        calls = [c for c in self._calls.values() if key in (c.session_id, c.group)]
+        for call in calls:
             call.client_gone = call.client_gone or client_gone
             self.engine.cancel(call.request)
         return bool(calls)
 
     def stopper(self, session_id: str) -> functools.partial[bool]:
-        """What stops `session_id`'s generation when its client has gone."""
-        return functools.partial(self.cancel, session_id, client_gone=True)
+        """What stops `session_id`'s generation when its client has gone (with n > 1,
+        all of the call's choices, even once choice 0 has finished)."""
+        call = self._calls.get(session_id)
+        key = call.group if call and call.group else session_id
+        return functools.partial(self._cancel, key, client_gone=True)
 
     async def drain(self, grace_s: float) -> int:
         """Refuse new work, give running generations `grace_s`, then end the rest.
@@ -149,10 +168,12 @@ class GenerationService:
             )
         plan = _Plan(request, prompt_ids, feed, arrived)
         if request.n > 1:
-            async for event in self._choices(plan, session_id, created, state, owner):
-                yield event
+            choices = self._choices(plan, session_id, created, state, owner)
+            async with contextlib.aclosing(choices):
+                async for event in choices:
+                    yield event
             return
-        async with SessionLease(self.store, session_id) as lease:
+        async with self._lease(session_id) as lease:
             if created:
                 self.metrics.sessions_created.inc()
             h, c, rest, prompt = state.h, state.c, feed, None
@@ -161,7 +182,9 @@ class GenerationService:
                 rest = feed[-1:]
                 if request.max_tokens == 0:
                     yield SessionEvent(session_id, created, prompt=prompt)
-                    yield await self._save_scored(plan, session_id, state, h, c)
+                    done = await self._save_scored(plan, session_id, state, h, c)
+                    await lease.release()  # saved: the client may continue right away
+                    yield done
                     return
             call = self._start(plan, session_id, created, state, lease, h, c, rest)
             call.prompt = prompt
@@ -225,7 +248,7 @@ class GenerationService:
             "length",
             len(plan.prompt_ids),
             0,
-            fed_tokens=len(plan.feed),
+            fed_tokens=len(plan.feed) - 1,  # the last one waits as the pending token
             session_tokens=state.n_tokens,
             state=self.sessions.seal(state) if request.return_state else None,
         )
@@ -272,7 +295,9 @@ class GenerationService:
             raise
         finally:
             self.admission.leave()
-        if request.finish_reason == "error":
+        if request.finish_reason == "shutdown":
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if request.finish_reason != "length" or request.steps_run != 1:
             raise EngineFailed("the engine failed during this generation")
         return request
 
@@ -327,7 +352,8 @@ class GenerationService:
             GenerationObserver(self.metrics, plan.arrived),
             lease,
             self.tokenizer,
-            feed=len(plan.feed),
+            # what the engine feeds for this call; choice 0 counts the shared prefill
+            feed=len(feed) if choice else len(plan.feed),
             keep=self.sessions.history,
             choice=choice,
             return_state=request.return_state,
@@ -344,39 +370,62 @@ class GenerationService:
         the call continues (or a new one); the others are new sessions."""
         n = plan.request.n
         ids = [session_id] + [new_session_id() for _ in range(n - 1)]
+        group = secrets.token_hex(8)  # this call's choices, whatever their sessions do next
         async with contextlib.AsyncExitStack() as stack:
-            leases = [await stack.enter_async_context(SessionLease(self.store, i)) for i in ids]
+            leases = [await stack.enter_async_context(self._lease(i)) for i in ids]
             prompt = None
             if plan.request.echo:  # scoring the prompt is the prefill
                 prompt, h, c = await self._score(plan, state)
             else:
                 h, c = await self._prefill(plan.feed[:-1], state)
-            self.metrics.sessions_created.inc(n - 1 + created)
-            calls = [
-                self._start(
-                    plan,
-                    ids[i],
-                    created or i > 0,
-                    state.copy() if i else state,
-                    leases[i],
-                    h,
-                    c,
-                    plan.feed[-1:],
-                    choice=i,
-                    group=session_id,
-                )
-                for i in range(n)
-            ]
-            for call in calls:
-                scored = prompt if call.choice == 0 else None
-                yield SessionEvent(call.session_id, call.created, call.choice, scored)
-            streams = [self._events(call, announce=False) for call in calls]
-            merged = _merge(streams)
+            # No await from here to the merge: all n are admitted at once (or none), and
+            # each has a stream running that will save and free it however the call ends.
+            self.admission.check(n)
+            calls: list[Call] = []
             try:
-                async for event in merged:
+                for i in range(n):
+                    copy = state.copy() if i else state
+                    calls.append(
+                        self._start(
+                            plan,
+                            ids[i],
+                            created or i > 0,
+                            copy,
+                            leases[i],
+                            h,
+                            c,
+                            plan.feed[-1:],
+                            choice=i,
+                            group=group,
+                        )
+                    )
+            except BaseException:
+                for call in calls:
+                    self.engine.cancel(call.request)
+                    self._retire(call)
+                raise
+            self.metrics.sessions_created.inc(n - 1 + created)
+            merged = _Merged([self._events(call, announce=False) for call in calls])
+            try:
+                for call in calls:
+                    scored = prompt if call.choice == 0 else None
+                    yield SessionEvent(call.session_id, call.created, call.choice, scored)
+                async for event in merged.events():
                     yield event
             finally:
-                await merged.aclose()
+                await merged.close()
+                for call, started in zip(calls, merged.started, strict=True):
+                    if not started:  # its stream never ran: end and save it here instead
+                        self._abandon(call)
+
+    def _abandon(self, call: Call) -> None:
+        """A call whose events nobody will read: stop it, then save what it generated
+        and free it in a task of its own (a call the engine failed is only freed)."""
+        self.engine.cancel(call.request)
+        if call.request.finish_reason == "error":
+            self._retire(call)
+            return
+        self._finish_later(call, self._save(call))
 
     async def _prefill(
         self, tokens: list[int], state: SessionState
@@ -511,37 +560,46 @@ class _Plan:
     arrived: float
 
 
-async def _merge(streams: list[AsyncGenerator[Event, None]]) -> AsyncGenerator[Event, None]:
-    """The events of several streams as they come. The first error ends the merged
-    stream; closing it closes every stream (each then saves what it generated)."""
-    queue: asyncio.Queue[tuple[Event | None, BaseException | None]] = asyncio.Queue()
+class _Merged:
+    """The events of several streams as they come. Each stream is pumped by a task of
+    its own from construction on, so each runs (and, however the call ends, saves what
+    it generated) whether or not anyone reads yet. The first error ends `events`;
+    `close` cancels the pumps, which closes every stream."""
 
-    async def pump(stream: AsyncGenerator[Event, None]) -> None:
+    def __init__(self, streams: list[AsyncGenerator[Event, None]]) -> None:
+        self._queue: asyncio.Queue[tuple[Event | None, BaseException | None]] = asyncio.Queue()
+        self.started = [False] * len(streams)  # a pump cancelled before its first step never runs
+        self._tasks = [
+            asyncio.create_task(self._pump(index, stream)) for index, stream in enumerate(streams)
+        ]
+
+    async def _pump(self, index: int, stream: AsyncGenerator[Event, None]) -> None:
+        self.started[index] = True
         try:
             async for event in stream:
-                await queue.put((event, None))
+                self._queue.put_nowait((event, None))
         except Exception as exc:
-            await queue.put((None, exc))
+            self._queue.put_nowait((None, exc))
             return
         finally:
             await stream.aclose()
-        await queue.put((None, None))
+        self._queue.put_nowait((None, None))
 
-    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
-    try:
-        open_streams = len(tasks)
+    async def events(self) -> AsyncGenerator[Event, None]:
+        open_streams = len(self._tasks)
         while open_streams:
-            event, error = await queue.get()
+            event, error = await self._queue.get()
             if error is not None:
                 raise error
             if event is None:
                 open_streams -= 1
             else:
                 yield event
-    finally:
-        for task in tasks:
+
+    async def close(self) -> None:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _last_two(tokens: list[int]) -> tuple[int | None, int | None]:

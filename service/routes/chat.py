@@ -96,7 +96,10 @@ async def _chat_stream(
                 lp = _logprobs(event.logprobs or [], top) if top is not None else None
                 yield chunk([_choice({"content": event.text}, None, lp)])
             elif isinstance(event, DoneEvent):
-                yield chunk([_choice({}, openai_finish_reason(event.finish_reason))])
+                finish = _choice({}, openai_finish_reason(event.finish_reason))
+                if event.state is not None:
+                    finish["state"] = event.state  # simmer extension, with return_state
+                yield chunk([finish])
                 if include_usage:
                     yield chunk([], usage_json(event))
     except DomainError as exc:
@@ -159,5 +162,6 @@ async def chat_completions(
         "choices": [choice],
         "usage": usage_json(result.done),
         "session_id": first.session_id,
+        **({"state": result.done.state} if result.done.state is not None else {}),
     }
     return Response(body)

@@ -33,6 +33,7 @@ from service.protocol import CompletionRequest, now, openai_finish_reason
 from service.routes.frames import SSE_DONE, sse, usage_json
 from service.routes.http import (
     V1_ERRORS,
+    Collected,
     client_gone,
     collect_choices,
     errors,
@@ -239,9 +240,16 @@ async def completions(
         return client_gone()
     kept = results
     if candidates > data.n:
-        ranked = sorted(results, key=lambda r: -(r.done.mean_logprob or -math.inf))
+
+        def rank(result: Collected) -> float:
+            mean = result.done.mean_logprob
+            return -math.inf if mean is None else mean
+
+        ranked = sorted(results, key=rank, reverse=True)
         kept = ranked[: data.n]
         for dropped in ranked[data.n :]:
+            if dropped is results[0]:
+                continue  # choice 0 is the session the request continues: it stays
             with contextlib.suppress(DomainError):
                 await generation.sessions.delete(dropped.done.session_id, owner_of(request))
     scored = _echo_logprobs(echo, first.prompt) if echo is not None and first.prompt else None

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from service.errors import INTERNAL, DomainError, InvalidRequest, Rendered, SessionBusy, render
 from service.generation.events import DoneEvent, SessionEvent, TokenEvent
 from service.protocol import WSGenerate, invalid_request_of
-from service.routes.frames import done_json, encode, token_json
+from service.routes.frames import done_json, encode, session_json, token_json
 from service.routes.http import runtime_of
 from service.state import ServiceState
 
@@ -73,7 +73,7 @@ class _Connection:
                         created = event.created
                         if self.cancel_requested:
                             self.cancel()
-                        await self.send({"type": "session", "session_id": event.session_id})
+                        await self.send(session_json(event))
                     elif isinstance(event, TokenEvent):
                         await self.send(token_json(event))
                     elif isinstance(event, DoneEvent):

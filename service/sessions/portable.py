@@ -79,7 +79,7 @@ def unseal(
         )
     try:
         state = SessionState.decode(body[pos + 1 + body[pos] :])
-    except (ValueError, UnicodeDecodeError, struct.error) as exc:
+    except (ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
         raise _invalid("corrupt record") from exc
     if state.h.shape != (layers, hidden):
         raise _invalid(f"state shape {state.h.shape} does not fit this model")

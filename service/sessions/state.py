@@ -130,6 +130,8 @@ class SessionState:
 
     @classmethod
     def decode(cls, data: bytes) -> SessionState:
+        if len(data) < _HEADER.size + 2:
+            raise ValueError("truncated session record")
         magic, layers, hidden, pending, prev, last, n_tokens, created, last_used = (
             _HEADER.unpack_from(data)
         )
@@ -139,6 +141,8 @@ class SessionState:
         owner_len = data[pos]
         owner = data[pos + 1 : pos + 1 + owner_len].decode()
         pos += 1 + owner_len
+        if len(data) <= pos:
+            raise ValueError("truncated session record")
         model_len = data[pos]
         model = data[pos + 1 : pos + 1 + model_len].decode()
         pos += 1 + model_len

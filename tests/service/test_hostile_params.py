@@ -26,7 +26,8 @@ from service.engine.params import BAN, MIN_TEMPERATURE, SamplingParams, make_rng
 from service.engine.runner import StepOutput
 from service.engine.sampler import RowParams, sample_rows
 from service.engine.scheduler import StepPlan
-from service.generation.events import DoneEvent, TokenEvent
+from service.engine.scoring import Scorer
+from service.generation.events import DoneEvent, SessionEvent, TokenEvent
 from service.generation.service import GenerationService
 from service.generation.sessions import ModelShape
 from service.metrics import Metrics
@@ -145,6 +146,7 @@ def harness(request: pytest.FixtureRequest, tiny_bundle: Path) -> Iterator[Harne
             max_prompt_tokens=4096,
             session_ttl_s=600,
             max_waiting=64,
+            scorer=Scorer.from_bundle(bundle),
         )
 
     service = loop.run_until_complete(start())
@@ -198,6 +200,57 @@ def test_every_admitted_parameter_mix_samples_inside_the_vocabulary(
         _generate(harness.service, {"prompt": "recipe for soup"}, harness.limits)
     )
     assert ordinary.finish_reason in ("length", "eos")
+    assert harness.scheduler.worker_alive
+
+
+@given(
+    body=fields,
+    n=st.one_of(st.sampled_from([1, 2, 16]), st.integers(1, 16)),
+    echo=st.booleans(),
+    return_state=st.booleans(),
+    score_only=st.booleans(),
+)
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_choices_echo_and_state_tokens_at_any_admitted_value_are_served(
+    harness: Harness,
+    body: dict[str, Any],
+    n: int,
+    echo: bool,
+    return_state: bool,
+    score_only: bool,
+) -> None:
+    body = {**body, "prompt": body["prompt"] if body["prompt"].strip() else "recipe for"}
+    body.update(echo=echo, return_state=return_state, max_tokens=min(body["max_tokens"] or 8, 8))
+    if echo and score_only and n == 1:
+        body["max_tokens"] = 0  # scoring only
+    request = SamplingFields.model_validate(body).to_generation(harness.limits, n)
+
+    async def events() -> tuple[list[Any], list[DoneEvent]]:
+        sessions, done = [], []
+        async for event in harness.service.generate(request):
+            if isinstance(event, SessionEvent):
+                sessions.append(event)
+            elif isinstance(event, DoneEvent):
+                done.append(event)
+        return sessions, done
+
+    sessions, done = harness.run(events())
+    assert len(sessions) == len(done) == n
+    assert len({d.session_id for d in done}) == n
+    assert all(d.finish_reason in ("length", "stop", "eos") for d in done)
+    if echo:
+        prompt = sessions[0].prompt
+        assert prompt is not None and len(prompt) == done[0].prompt_tokens
+        assert all(p.logprob is None or p.logprob <= 1e-6 for p in prompt)
+    for d in done:
+        assert (d.state is not None) == return_state
+        if d.state is not None:
+            back = harness.service.sessions.unseal(d.state, "")
+            assert back.n_tokens == d.session_tokens
     assert harness.scheduler.worker_alive
 
 

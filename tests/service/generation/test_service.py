@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from service.engine.core import EngineCore, build_engine
-from service.engine.model import ModelOutput, ModelSession
+from service.engine.model import ModelOutput, ModelSession, SoftmaxOutput
 from service.engine.params import SamplingParams, seeded_for
 from service.generation.events import DoneEvent, SessionEvent, TokenEvent
 from service.generation.service import GenerationService
@@ -27,6 +27,13 @@ class RecordingModel(ModelSession):
         if hasattr(self, "fed"):
             self.fed.extend(tuple(row) for row in tokens.tolist())
         return super().run(tokens, h, c)
+
+    def run_softmax(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
+    ) -> SoftmaxOutput:
+        if hasattr(self, "fed"):
+            self.fed.extend(tuple(row) for row in tokens.tolist())
+        return super().run_softmax(tokens, h, c, inv_t)
 
 
 def _service(
@@ -167,3 +174,63 @@ def test_a_slow_consumer_still_receives_every_token_and_all_the_text(tiny_bundle
     fast, slow = asyncio.run(run(0.0)), asyncio.run(run(0.01))
     assert slow == fast
     assert all(streamed == done == 16 for _, streamed, done in slow)
+
+
+def test_n_choices_feed_the_prompt_once_then_one_token_each_in_one_batch(
+    tiny_bundle: Path,
+) -> None:
+    bundle = load_bundle(tiny_bundle)
+    engine = RecordingModel(bundle, ["CPUExecutionProvider"])
+    engine.fed = []
+    prompt = "recipe for soup | add the water and the salt"
+
+    async def main() -> list[DoneEvent]:
+        scheduler = build_engine(engine, 8)
+        scheduler.start()
+        service = _service(scheduler, MemorySessionStore(60, 10), bundle)
+        sampling = SamplingParams(seed=1, ignore_eos=True)
+        request = GenerationRequest(prompt, None, max_tokens=3, sampling=sampling, n=4)
+        done = [e async for e in service.generate(request) if isinstance(e, DoneEvent)]
+        await scheduler.close()
+        return done
+
+    done = asyncio.run(main())
+    length = len(bundle.tokenizer.encode(prompt))
+    assert len(engine.fed) == 1 + 3 * 4  # the prefill's row, then 4 rows in each of 3 steps
+    assert len(engine.fed[0]) == length - 1  # all but the last prompt token, once
+    assert all(len(row) == 1 for row in engine.fed[1:])
+    assert sorted(d.choice for d in done if d.choice is not None) == [0, 1, 2, 3]
+    assert [d.fed_tokens for d in sorted(done, key=lambda d: d.choice or 0)] == [length, 1, 1, 1]
+
+
+def test_a_client_that_leaves_n_choices_at_their_announcement_frees_and_saves_them(
+    tiny_bundle: Path,
+) -> None:
+    bundle = load_bundle(tiny_bundle)
+    engine = ModelSession(bundle, ["CPUExecutionProvider"])
+
+    async def main() -> tuple[int, list[SessionState | None], list[str]]:
+        scheduler = build_engine(engine, 8)
+        scheduler.start()
+        store = MemorySessionStore(60, 10)
+        service = _service(scheduler, store, bundle)
+        sampling = SamplingParams(ignore_eos=True)
+        request = GenerationRequest("recipe for", None, max_tokens=10_000, sampling=sampling, n=3)
+        events = service.generate(request)
+        announced = []
+        async for event in events:
+            assert isinstance(event, SessionEvent)
+            announced.append(event.session_id)
+            if len(announced) == 2:
+                break  # gone before the third announcement and any token
+        await events.aclose()
+        await asyncio.wait_for(service.admission._idle.wait(), 10)  # all three freed
+        await service.wait_finishers(10)
+        states = [await store.get(i) for i in announced]
+        held = service.held_sessions()
+        await scheduler.close()
+        return service.admission.active, states, held
+
+    active, states, held = asyncio.run(main())
+    assert active == 0 and held == []
+    assert all(state is not None and state.n_tokens >= 2 for state in states)  # saved
