@@ -4,10 +4,17 @@
 // Protocol (see service/routes/ws.py): one connection is one session. We send
 // {"type": "generate", ...} and {"type": "cancel"}; the server answers
 // {"type": "session"}, token events, then {"type": "done"} or {"type": "error"}.
+//
+// Between runs the page uses the session routes over HTTP (api.js): GET .../next
+// peeks at the next word, POST .../rewind undoes the last call, and "Try another
+// ending" forks the session, rewinds the fork by that call and streams the fork's
+// new ending from POST /v1/generate (SSE), so the main connection keeps its session.
+
+import { apiKey, authHeaders, networkError, request, storeKey, streamGenerate, streamUrl } from "./api.js";
 
 const TOP_N = 5; // candidates shown per step (the `logprobs` we ask for)
 const CONTEXT_CHARS = 64; // how much preceding text each step keeps for its caption
-const KEY_STORAGE = "simmer.apiKey";
+const MIN_TEMPERATURE = 1e-4; // below it sampling is greedy (service/engine/params.py)
 
 const FIELDS = {
   temperature: { id: "temperature", label: "temperature", integer: false },
@@ -34,6 +41,8 @@ const ui = {
   temperatureRange: $("temperature-range"),
   generate: $("generate"),
   continue: $("continue"),
+  undo: $("undo"),
+  anotherEnding: $("another-ending"),
   stop: $("stop"),
   newSession: $("new-session"),
   output: $("output"),
@@ -57,6 +66,14 @@ const ui = {
   apiKeyClear: $("api-key-clear"),
   modelName: $("model-name"),
   modelBadge: document.querySelector("[data-testid=model]"),
+  endings: $("endings"),
+  endingsStart: $("endings-start"),
+  endingsState: $("endings-state"),
+  endingsClose: $("endings-close"),
+  ending: {
+    a: { session: $("ending-a-session"), text: $("ending-a-text"), words: $("ending-a-words"), finish: $("ending-a-finish") },
+    b: { session: $("ending-b-session"), text: $("ending-b-text"), words: $("ending-b-words"), finish: $("ending-b-finish") },
+  },
 };
 
 const state = {
@@ -67,29 +84,21 @@ const state = {
   selected: null, // index of the step pinned by the user, or null to follow the latest
   marked: null, // the word element highlighted in the output
   tail: "", // the last words of the text so far, for the context line
-  continuations: 0, // Continue presses in this session: each shifts a fixed seed by one
+  continuations: 0, // requests after the first in this session: each shifts a fixed seed by one
   followScroll: true, // keep the newest words in view unless the reader scrolled up
   paintQueued: false, // a frame is booked to redraw the bars, the numbers and the scroll
+  // What the server says about the session, and what Undo needs to take a call back:
+  sessionTokens: 0, // tokens in its context (prompt and words), from the last answer
+  rewindPoints: 0, // how many of its last calls the server can undo
+  calls: [], // one per call the session saved: where its words begin on the page
+  generated: 0, // words generated in the session by all its calls (the Tokens figure)
+  peek: null, // the idle session's next-word distribution (GET .../next), or null
+  undoing: false, // a rewind is in flight
+  branch: null, // the other ending: a fork of the session and what it wrote
+  ticket: 0, // bumped when the session changes: answers to older requests are dropped
 };
 
 // --- small helpers -------------------------------------------------------------
-
-function apiKey() {
-  return localStorage.getItem(KEY_STORAGE) || "";
-}
-
-function authHeaders() {
-  const key = apiKey();
-  return key ? { Authorization: `Bearer ${key}` } : {};
-}
-
-function streamUrl() {
-  const url = new URL("v1/stream", document.baseURI);
-  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  const key = apiKey();
-  if (key) url.searchParams.set("api_key", key);
-  return url.href;
-}
 
 function humanize(code) {
   const text = String(code || "error").replace(/_/g, " ");
@@ -136,16 +145,6 @@ function showError({ code, message, param, status }) {
   }
 }
 
-async function errorFromResponse(response) {
-  try {
-    const body = await response.json();
-    if (body && body.error) return { ...body.error, status: response.status };
-  } catch {
-    // not JSON: fall through to the status line
-  }
-  return { code: `http_${response.status}`, message: response.statusText || "request failed", status: response.status };
-}
-
 // --- rendering -----------------------------------------------------------------
 
 function setRunState(text, tone = "") {
@@ -153,13 +152,31 @@ function setRunState(text, tone = "") {
   ui.runState.dataset.tone = tone;
 }
 
+// Idle: no generation on the session or its fork, no rewind in flight.
+function isIdle() {
+  return state.run === null && !state.undoing && !state.branch?.running;
+}
+
 function syncButtons() {
   const running = state.run !== null;
-  ui.generate.disabled = running;
-  ui.continue.disabled = running || state.sessionId === null;
-  ui.stop.disabled = !running || state.run.cancelling;
-  ui.newSession.disabled = state.sessionId === null && state.steps.length === 0 && !running;
-  ui.output.setAttribute("aria-busy", String(running));
+  const branching = state.branch?.running ?? false;
+  const idle = isIdle();
+  ui.generate.disabled = !idle;
+  ui.continue.disabled = !idle || state.sessionId === null || state.sessionTokens === 0;
+  // Another ending forks the session and rewinds the fork by one call: both need a
+  // call the server can undo and that the page can show.
+  const undoable = idle && state.sessionId !== null && state.rewindPoints > 0 && state.calls.length > 0;
+  ui.undo.disabled = !undoable;
+  ui.anotherEnding.disabled = !undoable;
+  ui.stop.disabled = running ? state.run.cancelling : !branching || state.branch.stopped;
+  ui.newSession.disabled = state.undoing || (state.sessionId === null && state.steps.length === 0 && !running);
+  ui.output.setAttribute("aria-busy", String(running || state.undoing));
+}
+
+// When the focused button turns disabled, focus would fall back to the page: move it
+// to the first of `buttons` that can be pressed now.
+function focusFirstEnabled(...buttons) {
+  buttons.find((button) => !button.disabled)?.focus();
 }
 
 function resetOutput(prompt) {
@@ -223,6 +240,14 @@ function appendToken(piece, entry) {
   state.tail = (state.tail + piece).slice(-CONTEXT_CHARS);
 }
 
+// The last words of `text`, from a word start, for a caption.
+function excerpt(text) {
+  const context = text.trimEnd();
+  return context.length > 48 ? `…${context.slice(-48).replace(/^\S*\s/, "")}` : context;
+}
+
+// The panel shows the step the reader picked; else, while a run is writing, its
+// latest step; else, when the idle session has context, the next word (a peek).
 function renderDistribution() {
   const index = state.selected ?? state.steps.length - 1;
   const step = state.steps[index];
@@ -231,7 +256,15 @@ function renderDistribution() {
     state.marked.removeAttribute("aria-current");
     state.marked = null;
   }
+  const peek = state.run === null ? state.peek : null;
   ui.followLatest.hidden = state.selected === null;
+  ui.followLatest.textContent = peek ? "Next word" : "Latest";
+  ui.followLatest.setAttribute("aria-label", peek ? "Next word" : "Latest word");
+  ui.followLatest.title = peek ? "Show the next word's distribution again" : "Follow the newest word again";
+  if (state.selected === null && peek) {
+    renderPeek(peek);
+    return;
+  }
   if (!step || step.top.length === 0) {
     ui.bars.replaceChildren();
     ui.probsContext.textContent = "The top five candidates for each word appear here as it is generated.";
@@ -243,10 +276,8 @@ function renderDistribution() {
   step.el.setAttribute("aria-current", "true");
   state.marked = step.el;
 
-  const context = step.before.trimEnd();
-  const tail = context.length > 48 ? `…${context.slice(-48).replace(/^\S*\s/, "")}` : context;
   ui.probsContext.replaceChildren(
-    `Word ${index + 1}: after “${tail}” the model drew “`,
+    `Word ${index + 1}: after “${excerpt(step.before)}” the model drew “`,
     Object.assign(document.createElement("strong"), { textContent: displayWord(step.token) }),
     step.logprob === null ? "”." : `” (${percent(Math.exp(step.logprob))}).`,
   );
@@ -261,6 +292,18 @@ function renderDistribution() {
   ui.probsNote.textContent =
     `Probabilities at temperature ${step.temperature}, before top-k and top-p.` +
     (chosenShown ? "" : " The word drawn was outside the top five.");
+}
+
+function renderPeek(peek) {
+  ui.probsContext.replaceChildren(
+    Object.assign(document.createElement("strong"), { textContent: "Next word" }),
+    `, not drawn yet: after “${excerpt(state.tail)}” the model would choose from these.`,
+  );
+  ui.bars.replaceChildren(...peek.top.map(barRow));
+  ui.bars.dataset.step = "next";
+  ui.probsNote.textContent = peek.greedy
+    ? "Temperature 0 is greedy: Continue takes the likeliest word it may draw. Shares at temperature 1."
+    : `Probabilities at temperature ${peek.temperature}, before top-k and top-p. Peeking changes nothing.`;
 }
 
 function barRow(word) {
@@ -323,7 +366,7 @@ function schedulePaint() {
 function updateStats() {
   const run = state.run;
   if (!run) return;
-  ui.tokenCount.textContent = String(run.tokens);
+  ui.tokenCount.textContent = String(run.call.generated + run.tokens);
   if (run.firstAt !== null) {
     ui.ttft.textContent = `${Math.round(run.firstAt - run.sentAt)} ms`;
   }
@@ -423,6 +466,7 @@ function handleMessage(message) {
       const pieces = splitPieces(message.text, entries);
       pieces.forEach((piece, i) => appendToken(piece, entries[i]));
       run.tokens += message.count ?? pieces.length;
+      run.call.text += message.text;
       schedulePaint(); // the words go in as they come; bars and numbers once per frame
       break;
     }
@@ -430,10 +474,7 @@ function handleMessage(message) {
       finishRun(message);
       break;
     case "error":
-      if (message.code === "session_not_found") {
-        state.sessionId = null; // expired or deleted: Continue has nothing to extend
-        ui.sessionId.textContent = "—";
-      }
+      if (message.code === "session_not_found") forgetSession(); // expired or deleted
       if (message.code === "unauthorized") {
         message = { ...message, message: `${message.message} Enter a key under Connection.` };
       }
@@ -442,6 +483,67 @@ function handleMessage(message) {
     default:
       break;
   }
+}
+
+// --- the session, as the server holds it ------------------------------------------
+
+// No session (yet, or any more): nothing to continue, undo, fork or peek at.
+function forgetSession() {
+  state.sessionId = null;
+  state.sessionTokens = 0;
+  state.rewindPoints = 0;
+  state.calls = [];
+  state.peek = null;
+  state.ticket += 1;
+  ui.sessionId.textContent = "—";
+  ui.sessionId.title = "";
+}
+
+function setSessionInfo(info) {
+  state.sessionTokens = info.tokens;
+  state.rewindPoints = info.rewind_points;
+}
+
+function sessionPath(id) {
+  return `v1/sessions/${encodeURIComponent(id)}`;
+}
+
+// The temperature to peek at: the control's, except that below MIN_TEMPERATURE
+// generation is greedy and its logprobs are taken at temperature 1, as the peek's are.
+function peekTemperature() {
+  const field = ui.temperature.value.trim();
+  const value = field === "" ? Number.NaN : Number(field);
+  if (value >= 0 && value < MIN_TEMPERATURE) return { temperature: 1, greedy: true };
+  return { temperature: value >= MIN_TEMPERATURE && value <= 100 ? value : 1, greedy: false };
+}
+
+// After anything that leaves the session idle: what the server holds now (its
+// context length, how many calls Undo can take back) and the next word, for the
+// panel. `info: false` asks only for the next word; `quiet` leaves the error panel
+// to the failure that came before.
+async function refreshSession({ info = true, quiet = false } = {}) {
+  const id = state.sessionId;
+  if (id === null || state.run !== null || state.undoing) return;
+  const ticket = ++state.ticket;
+  const { temperature, greedy } = peekTemperature();
+  const [about, next] = await Promise.all([
+    info ? request(sessionPath(id)) : null,
+    request(`${sessionPath(id)}/next?top=${TOP_N}&temperature=${temperature}`),
+  ]);
+  if (ticket !== state.ticket) return; // the session moved on meanwhile
+  if (about?.body) setSessionInfo(about.body);
+  state.peek = next.body ? { ...next.body, greedy } : null;
+  // A session with no next word to peek at (nothing fed yet) is no error.
+  const error = about?.error ?? (next.error?.code === "session_empty" ? null : next.error);
+  if (error?.code === "session_not_found") forgetSession();
+  if (error && !quiet) showError(error);
+  syncButtons();
+  renderDistribution();
+}
+
+async function deleteSession(id) {
+  const { error } = await request(sessionPath(id), { method: "DELETE" });
+  if (error && error.status !== 404) showError(error);
 }
 
 // --- runs ----------------------------------------------------------------------
@@ -466,32 +568,50 @@ function readParams() {
   return params;
 }
 
+// The server seeds each request afresh; the same seed again would replay the same
+// draws, so each later request in the session uses the next seed (still reproducible).
+function shiftSeed(message) {
+  state.continuations += 1;
+  if (message.seed !== undefined) message.seed += state.continuations;
+}
+
 function startRun({ fresh }) {
   clearError();
   const params = readParams();
   if (!params) return;
+  discardBranch(); // its endings are of the call this run follows
   const prompt = fresh ? ui.prompt.value : "";
+  // Where this call's words begin on the page, so that Undo can take exactly them back.
+  const call = {
+    mark: fresh ? 0 : ui.output.childNodes.length,
+    steps: fresh ? 0 : state.steps.length,
+    tail: fresh ? "" : state.tail,
+    generated: fresh ? 0 : state.generated,
+    prompt,
+    text: "", // what it generated (the prompt not included)
+    words: 0,
+    finish: null,
+  };
+  state.ticket += 1; // the session moves on: a peek still on its way is stale
+  state.peek = null;
   if (fresh) {
     closeSocket();
-    state.sessionId = null;
+    forgetSession();
     state.continuations = 0;
-    ui.sessionId.textContent = "—";
+    state.generated = 0;
     resetOutput(prompt);
-  } else if (state.selected !== null) {
+  } else {
     state.selected = null;
     renderDistribution();
   }
   const message = { type: "generate", prompt, logprobs: TOP_N, ...params };
   if (!fresh) {
     message.session_id = state.sessionId;
-    // The server seeds each request afresh; the same seed again would replay the same
-    // draws, so each Continue uses the next seed (still reproducible).
-    state.continuations += 1;
-    if (message.seed !== undefined) message.seed += state.continuations;
+    shiftSeed(message);
   }
   const refocus = document.activeElement === ui.generate || document.activeElement === ui.continue;
-  state.run = { message, sentAt: performance.now(), firstAt: null, lastAt: null, tokens: 0, cancelling: false };
-  ui.tokenCount.textContent = "0";
+  state.run = { message, call, sentAt: performance.now(), firstAt: null, lastAt: null, tokens: 0, cancelling: false };
+  ui.tokenCount.textContent = String(state.generated);
   ui.tps.textContent = "—";
   ui.ttft.textContent = "—";
   ui.finish.textContent = "—";
@@ -505,7 +625,7 @@ function endRun() {
   const stopHadFocus = document.activeElement === ui.stop;
   state.run = null;
   syncButtons();
-  if (stopHadFocus) (ui.continue.disabled ? ui.generate : ui.continue).focus();
+  if (stopHadFocus) focusFirstEnabled(ui.continue, ui.generate);
 }
 
 function finishRun(message) {
@@ -520,22 +640,39 @@ function finishRun(message) {
   const words = `${used} word${used === 1 ? "" : "s"}`;
   if (reason === "cancelled") setRunState(`Stopped after ${words}`, "stopped");
   else setRunState(`Done: ${words}, ${FINISH_TEXT[reason] ?? reason}`, "done");
+  const { call } = run;
+  call.words = used;
+  call.finish = reason;
+  state.generated = call.generated + used;
+  const after = message.usage?.session_tokens;
+  if (after !== undefined) {
+    if (after > state.sessionTokens) state.calls.push(call); // saved: Undo can take it back
+    state.sessionTokens = after;
+  }
   endRun();
   renderDistribution();
+  refreshSession();
 }
 
 function failRun(error) {
   showError(error);
-  if (state.run) {
+  const run = state.run;
+  if (run) {
+    state.generated = run.call.generated + run.tokens;
     ui.finish.textContent = "error";
     setRunState("Failed: see the message above", "error");
     endRun();
+    refreshSession({ quiet: true }); // the call may or may not be in the session
   }
 }
 
 function stopRun() {
   const run = state.run;
-  if (!run || run.cancelling) return;
+  if (!run) {
+    stopBranch();
+    return;
+  }
+  if (run.cancelling) return;
   run.cancelling = true;
   setRunState("Stopping…", "busy");
   syncButtons();
@@ -547,13 +684,203 @@ function stopRun() {
   }
 }
 
+// --- undo ------------------------------------------------------------------------
+
+async function undo() {
+  const call = state.calls.at(-1);
+  const id = state.sessionId;
+  if (!call || id === null || !isIdle()) return;
+  const hadFocus = document.activeElement === ui.undo;
+  clearError();
+  discardBranch();
+  state.undoing = true;
+  state.ticket += 1; // answers about the session before the rewind are stale
+  state.peek = null;
+  setRunState("Undoing the last call…", "busy");
+  syncButtons();
+  const { body, error } = await request(`${sessionPath(id)}/rewind`, { method: "POST", json: { turns: 1 } });
+  state.undoing = false;
+  if (error) {
+    showError(error);
+    setRunState("Undo failed: see the message above", "error");
+    if (error.code === "session_not_found") forgetSession();
+  } else {
+    state.calls.pop();
+    takeBack(call);
+    setSessionInfo(body);
+    setRunState(`Undone: back to ${state.generated} word${state.generated === 1 ? "" : "s"}`, "done");
+  }
+  syncButtons();
+  renderDistribution();
+  // After a failure, how many calls the server can still undo (none, after
+  // rewind_too_far); after an undo, the next word from the earlier state.
+  refreshSession(error ? { quiet: true } : { info: false });
+  if (hadFocus) focusFirstEnabled(ui.undo, ui.continue, ui.generate);
+}
+
+// Take the words of `call` off the page: out of the output, the steps and the figures.
+function takeBack(call) {
+  while (ui.output.childNodes.length > call.mark) ui.output.lastChild.remove();
+  if (ui.output.childNodes.length === 0) ui.output.append(placeholder());
+  state.steps.length = call.steps;
+  state.tail = call.tail;
+  state.selected = null;
+  state.generated = call.generated;
+  const previous = state.calls.at(-1);
+  ui.tokenCount.textContent = String(state.generated);
+  ui.tps.textContent = "—";
+  ui.ttft.textContent = "—";
+  ui.finish.textContent = previous?.finish ?? "—";
+  ui.finish.title = previous ? FINISH_TEXT[previous.finish] ?? previous.finish : "";
+  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+}
+
+// --- another ending: a fork of the session, its last call written again ---------------
+
+async function tryAnotherEnding() {
+  const call = state.calls.at(-1);
+  const source = state.sessionId;
+  if (!call || source === null || !isIdle()) return;
+  const hadFocus = document.activeElement === ui.anotherEnding;
+  clearError();
+  const params = readParams();
+  if (!params) return;
+  discardBranch(); // two endings at a time: a new one replaces the last
+  const message = { prompt: call.prompt, ...params };
+  shiftSeed(message);
+  const branch = {
+    call, // the call whose ending is written again: ending A
+    id: null, // the fork's session id
+    text: "",
+    words: 0,
+    finish: null,
+    running: true,
+    stopped: false,
+    paintQueued: false,
+    abort: new AbortController(),
+  };
+  state.branch = branch;
+  ui.endings.hidden = false;
+  renderEndings();
+  syncButtons();
+  if (hadFocus) ui.stop.focus();
+  ui.endings.scrollIntoView({ block: "nearest" });
+  const { signal } = branch.abort;
+  try {
+    const fork = await request(`${sessionPath(source)}/fork`, { method: "POST", signal });
+    if (fork.error) throw fork.error;
+    branch.id = fork.body.session_id;
+    renderEndings();
+    // The fork is the session as it is now; one call back, it is where ending A began.
+    const back = await request(`${sessionPath(branch.id)}/rewind`, { method: "POST", json: { turns: 1 }, signal });
+    if (back.error) throw back.error;
+    await streamGenerate({ ...message, session_id: branch.id }, { signal, onEvent: (event) => branchEvent(branch, event) });
+    if (branch.finish === null) throw { code: "connection_lost", message: "The stream ended before its done event." };
+  } catch (error) {
+    if (branch.stopped) {
+      branch.finish = "cancelled";
+    } else {
+      branch.finish = "error";
+      if (state.branch === branch) showError(typeof error.code === "string" ? error : networkError(error));
+    }
+  }
+  branch.running = false;
+  if (state.branch !== branch) return; // closed meanwhile
+  const stopHadFocus = document.activeElement === ui.stop;
+  renderEndings();
+  syncButtons();
+  if (stopHadFocus) focusFirstEnabled(ui.anotherEnding, ui.generate);
+}
+
+function branchEvent(branch, event) {
+  if (event.type === "token") {
+    branch.text += event.text;
+    branch.words += event.count ?? 1;
+  } else if (event.type === "done") {
+    branch.finish = event.finish_reason;
+    branch.words = event.usage?.completion_tokens ?? branch.words;
+  }
+  if (branch.paintQueued) return;
+  branch.paintQueued = true;
+  requestAnimationFrame(() => {
+    branch.paintQueued = false;
+    if (state.branch === branch) renderEndings();
+  });
+}
+
+// Stop the fork's generation: the server stops within a step and saves what it wrote.
+function stopBranch() {
+  const branch = state.branch;
+  if (!branch?.running || branch.stopped) return;
+  branch.stopped = true;
+  branch.abort.abort();
+  renderEndings();
+  syncButtons();
+}
+
+// Close the endings (they compare the session's last call, which is about to change).
+// A finished fork is deleted; one that was stopped or is still writing is left to
+// expire, as the server saves it as it stops and would refuse a delete meanwhile.
+function discardBranch() {
+  const branch = state.branch;
+  if (!branch) return;
+  state.branch = null;
+  ui.endings.hidden = true;
+  if (branch.running) {
+    branch.stopped = true;
+    branch.abort.abort();
+  } else if (branch.id !== null && !branch.stopped) {
+    deleteSession(branch.id);
+  }
+}
+
+function renderEndings() {
+  const branch = state.branch;
+  if (!branch) return;
+  const { call } = branch;
+  ui.endingsStart.textContent = call.prompt
+    ? `Both endings start from the prompt “${excerpt(call.prompt)}”.`
+    : `Both endings continue “${excerpt(call.tail)}”.`;
+  paintEnding(ui.ending.a, { id: state.sessionId, text: call.text, words: call.words, finish: call.finish });
+  paintEnding(ui.ending.b, {
+    id: branch.id,
+    text: branch.text,
+    words: branch.words,
+    finish: branch.finish ?? (branch.stopped ? "stopping…" : "writing…"),
+    writing: branch.running,
+  });
+  const words = `${branch.words} word${branch.words === 1 ? "" : "s"}`;
+  let status;
+  if (branch.running) status = branch.stopped ? "Stopping ending B…" : branch.id ? "Writing ending B…" : "Forking the session…";
+  else if (branch.finish === "cancelled") status = `Ending B stopped after ${words}.`;
+  else if (branch.finish === "error") status = "Ending B failed: see the message above.";
+  else status = `Ending B done: ${words}, ${FINISH_TEXT[branch.finish] ?? branch.finish}.`;
+  ui.endingsState.textContent = status;
+}
+
+function paintEnding(view, { id, text, words, finish, writing = false }) {
+  view.session.textContent = id ?? "—";
+  view.session.title = id ?? "";
+  view.words.textContent = String(words);
+  view.finish.textContent = finish;
+  const body = text.trimStart();
+  if (body) view.text.textContent = body;
+  else view.text.replaceChildren(Object.assign(document.createElement("span"), {
+    className: "placeholder",
+    textContent: writing ? "Writing…" : "No words.",
+  }));
+}
+
+// --- a new session -----------------------------------------------------------------
+
 async function newSession() {
   const old = state.sessionId;
   const wasRunning = state.run !== null;
+  discardBranch();
   closeSocket();
   state.run = null;
-  state.sessionId = null;
-  ui.sessionId.textContent = "—";
+  forgetSession();
+  state.generated = 0;
   ui.tokenCount.textContent = "0";
   ui.tps.textContent = "—";
   ui.ttft.textContent = "—";
@@ -567,15 +894,7 @@ async function newSession() {
   // stops, so it is left to expire instead.
   if (old && !wasRunning) {
     setRunState("Closing the old session…", "busy");
-    try {
-      const response = await fetch(`v1/sessions/${encodeURIComponent(old)}`, {
-        method: "DELETE",
-        headers: authHeaders(),
-      });
-      if (!response.ok && response.status !== 404) showError(await errorFromResponse(response));
-    } catch (err) {
-      showError({ code: "network_error", message: `Could not reach the server: ${err.message}` });
-    }
+    await deleteSession(old);
   }
   setRunState("New session: ready", "");
 }
@@ -591,32 +910,21 @@ function placeholder() {
 
 async function loadModel() {
   ui.modelBadge.dataset.tone = "";
-  try {
-    const response = await fetch("v1/models", { headers: authHeaders() });
-    if (!response.ok) {
-      const error = await errorFromResponse(response);
-      ui.modelName.textContent = response.status === 401 || response.status === 403 ? "API key needed" : "unavailable";
-      ui.modelBadge.dataset.tone = "error";
-      if (response.status === 401 || response.status === 403) {
-        error.message = `${error.message} Enter a key under Connection.`;
-      }
-      showError(error);
-      return;
-    }
-    const body = await response.json();
-    const model = body.data?.[0];
-    ui.modelName.textContent = model ? `${model.id} · ${model.version ?? ""}`.replace(/ · $/, "") : "no model";
-    ui.modelBadge.dataset.tone = model ? "ok" : "error";
-  } catch (err) {
-    ui.modelName.textContent = "offline";
+  const { body, error } = await request("v1/models");
+  if (error) {
+    const locked = error.status === 401 || error.status === 403;
+    ui.modelName.textContent = locked ? "API key needed" : error.status ? "unavailable" : "offline";
     ui.modelBadge.dataset.tone = "error";
-    showError({ code: "network_error", message: `Could not reach the server: ${err.message}` });
+    showError(locked ? { ...error, message: `${error.message} Enter a key under Connection.` } : error);
+    return;
   }
+  const model = body.data?.[0];
+  ui.modelName.textContent = model ? `${model.id} · ${model.version ?? ""}`.replace(/ · $/, "") : "no model";
+  ui.modelBadge.dataset.tone = model ? "ok" : "error";
 }
 
 function setKey(key) {
-  if (key) localStorage.setItem(KEY_STORAGE, key);
-  else localStorage.removeItem(KEY_STORAGE);
+  storeKey(key);
   if (!state.run) closeSocket(); // the next request connects with the new key
   clearError();
   loadModel();
@@ -626,8 +934,15 @@ function setKey(key) {
 
 ui.generate.addEventListener("click", () => startRun({ fresh: true }));
 ui.continue.addEventListener("click", () => startRun({ fresh: false }));
+ui.undo.addEventListener("click", undo);
+ui.anotherEnding.addEventListener("click", tryAnotherEnding);
 ui.stop.addEventListener("click", stopRun);
 ui.newSession.addEventListener("click", newSession);
+ui.endingsClose.addEventListener("click", () => {
+  discardBranch();
+  syncButtons();
+  focusFirstEnabled(ui.anotherEnding, ui.generate);
+});
 ui.errorDismiss.addEventListener("click", () => {
   ui.error.hidden = true;
 });
@@ -639,11 +954,11 @@ ui.followLatest.addEventListener("click", () => {
 ui.prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
     event.preventDefault();
-    if (!state.run) startRun({ fresh: true });
+    if (isIdle()) startRun({ fresh: true });
   }
 });
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && state.run) {
+  if (event.key === "Escape" && (state.run || state.branch?.running)) {
     event.preventDefault();
     stopRun();
   }
@@ -676,6 +991,10 @@ ui.temperatureRange.addEventListener("input", () => {
 ui.temperature.addEventListener("input", () => {
   if (ui.temperature.value !== "") ui.temperatureRange.value = ui.temperature.value;
 });
+// A new temperature, once set, is a new next-word distribution.
+for (const el of [ui.temperature, ui.temperatureRange]) {
+  el.addEventListener("change", () => refreshSession({ info: false }));
+}
 for (const id of Object.values(PARAM_TARGETS)) {
   $(id).addEventListener("input", (event) => event.target.removeAttribute("aria-invalid"));
 }
