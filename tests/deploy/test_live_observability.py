@@ -150,11 +150,18 @@ def post(server: ServerProcess, path: str, body: dict[str, Any], status: int = 2
 def traffic(redis_server: ServerProcess, prometheus: Prometheus) -> ServerProcess:
     """Every kind of request, each seen by Prometheus before the tests read it back."""
     server = redis_server
-    post(server, "/v1/generate", {"prompt": "recipe for apple pie |", "max_tokens": 12})
+    # ignore_eos: every generation runs its length, so there are gaps between tokens to
+    # time (a run that ends at once gives the inter-token histogram nothing); the stream
+    # is long, so even a loaded machine sends it in more than one event
+    post(
+        server,
+        "/v1/generate",
+        {"prompt": "recipe for apple pie |", "max_tokens": 12, "ignore_eos": True},
+    )
     with httpx.stream(
         "POST",
         f"{server.base_url}/v1/generate",
-        json={"prompt": "recipe for soup |", "max_tokens": 12, "stream": True},
+        json={"prompt": "recipe for soup |", "max_tokens": 400, "stream": True, "ignore_eos": True},
         timeout=30,
     ) as response:
         assert response.status_code == 200

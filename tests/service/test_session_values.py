@@ -474,3 +474,50 @@ async def test_openai_echo_with_max_tokens_zero_scores_the_prompt(memory_app: Ap
     )
     assert len(many.choices) == 3
     assert len({c.model_extra["session_id"] for c in many.choices if c.model_extra}) == 3
+
+
+async def test_echo_on_the_websocket_and_state_tokens_on_chat(memory_app: AppClient) -> None:
+    with await memory_app.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"type": "generate", "prompt": PROMPT, "max_tokens": 2, "echo": True})
+        session = ws.receive_json(timeout=30)
+        assert session["type"] == "session"
+        assert [p["id"] for p in session["prompt_logprobs"]][:2] == [
+            p["id"]
+            for p in (await generate(memory_app, prompt=PROMPT, max_tokens=0, echo=True))[
+                "prompt_logprobs"
+            ][:2]
+        ]
+        while ws.receive_json(timeout=30)["type"] != "done":
+            pass
+    chat = await memory_app.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "lemon chicken"}],
+            "max_tokens": 3,
+            "return_state": True,
+        },
+    )
+    assert chat.status_code == 200, chat.text
+    token = chat.json()["state"]
+    more = await generate(memory_app, state=token, max_tokens=2)
+    assert more["usage"]["fed_tokens"] == 1
+
+
+async def test_best_of_never_deletes_the_session_it_continues(memory_app: AppClient) -> None:
+    first = await generate(memory_app, prompt=PROMPT, max_tokens=3, **GREEDY)
+    session_id = first["session_id"]
+    for seed in range(3):
+        answer = await memory_app.post(
+            "/v1/completions",
+            json={
+                "session_id": session_id,
+                "prompt": "",
+                "best_of": 4,
+                "max_tokens": 4,
+                "seed": seed,
+            },
+        )
+        assert answer.status_code == 200, answer.text
+        assert (await memory_app.get(f"/v1/sessions/{session_id}")).status_code == 200
+    kept = answer.json()["choices"][0]["session_id"]
+    assert (await memory_app.get(f"/v1/sessions/{kept}")).status_code == 200
