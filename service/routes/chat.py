@@ -9,30 +9,28 @@ continue that session. The recipe comes back as one assistant message, or stream
 
 from __future__ import annotations
 
-import logging
 import secrets
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from litestar import Request, Response, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from service.errors import INTERNAL, DomainError, ModelNotFound, render
+from service.errors import ModelNotFound
 from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
 from service.protocol import ChatCompletionRequest, now, openai_finish_reason
-from service.routes.frames import SSE_DONE, sse, usage_json
+from service.routes.frames import sse, usage_json
 from service.routes.http import (
     V1_ERRORS,
     client_gone,
     collect_choices,
     errors,
     event_stream,
+    guarded,
     owner_of,
     runtime_of,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def _logprobs(steps: list[Logprob], top: int) -> dict[str, Any]:
@@ -79,40 +77,27 @@ async def _chat_stream(
     events: AsyncGenerator[Event, None],
     top: int | None,
     include_usage: bool,
-    on_error: Callable[[str], None],
 ) -> AsyncGenerator[bytes, None]:
     """The role, then the text as it comes, then the finish reason; with include_usage,
-    one more chunk with the usage and no choices; then [DONE]."""
+    one more chunk with the usage and no choices (`guarded` adds [DONE])."""
     assert isinstance(first, SessionEvent)
     session_id = first.session_id
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         return sse(_chunk(chat_id, model, session_id, choices, usage, include_usage))
 
-    try:
-        yield chunk([_choice({"role": "assistant", "content": ""}, None)])
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                lp = _logprobs(event.logprobs or [], top) if top is not None else None
-                yield chunk([_choice({"content": event.text}, None, lp)])
-            elif isinstance(event, DoneEvent):
-                finish = _choice({}, openai_finish_reason(event.finish_reason))
-                if event.state is not None:
-                    finish["state"] = event.state  # simmer extension, with return_state
-                yield chunk([finish])
-                if include_usage:
-                    yield chunk([], usage_json(event))
-    except DomainError as exc:
-        error = render(exc)
-        on_error(error.code)
-        yield sse({"error": error.event()})
-    except Exception:  # a bug: the client still gets an error chunk and the stream ends
-        logger.exception("chat stream failed")
-        on_error(INTERNAL.code)
-        yield sse({"error": INTERNAL.event()})
-    finally:
-        await events.aclose()
-    yield SSE_DONE
+    yield chunk([_choice({"role": "assistant", "content": ""}, None)])
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            lp = _logprobs(event.logprobs or [], top) if top is not None else None
+            yield chunk([_choice({"content": event.text}, None, lp)])
+        elif isinstance(event, DoneEvent):
+            finish = _choice({}, openai_finish_reason(event.finish_reason))
+            if event.state is not None:
+                finish["state"] = event.state  # simmer extension, with return_state
+            yield chunk([finish])
+            if include_usage:
+                yield chunk([], usage_json(event))
 
 
 @post(
@@ -139,9 +124,8 @@ async def chat_completions(
     top = data.top_words
     if data.stream:
         include_usage = data.stream_options is not None and data.stream_options.include_usage
-        return event_stream(
-            _chat_stream(chat_id, model, first, events, top, include_usage, runtime.metrics.failure)
-        )
+        frames = _chat_stream(chat_id, model, first, events, top, include_usage)
+        return event_stream(guarded(frames, events, runtime.metrics.failure, openai=True))
     assert isinstance(first, SessionEvent)
     results = await collect_choices(events, request, runtime.service().stopper(first.session_id))
     if results is None:

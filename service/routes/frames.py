@@ -25,17 +25,18 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"  # the OpenAI stream's last event
 
 
+def _word(word: Logprob) -> dict[str, Any]:
+    return {
+        "token": word.token,
+        "id": word.id,
+        "logprob": word.logprob,
+        "prob": math.exp(word.logprob),
+    }
+
+
 def logprobs_json(steps: list[Logprob]) -> list[dict[str, Any]]:
     return [
-        {
-            "token": s.token,
-            "id": s.id,
-            "logprob": s.logprob,
-            "top": [
-                {"token": w.token, "id": w.id, "logprob": w.logprob, "prob": math.exp(w.logprob)}
-                for w in s.top
-            ],
-        }
+        {"token": s.token, "id": s.id, "logprob": s.logprob, "top": [_word(w) for w in s.top]}
         for s in steps
     ]
 
@@ -81,15 +82,7 @@ def done_json(event: DoneEvent) -> dict[str, Any]:
 def prompt_json(prompt: tuple[PromptToken, ...]) -> list[dict[str, Any]]:
     """Echo: the prompt's tokens, scored, as `logprobs_json` gives generated ones."""
     return [
-        {
-            "token": p.token,
-            "id": p.id,
-            "logprob": p.logprob,
-            "top": [
-                {"token": w.token, "id": w.id, "logprob": w.logprob, "prob": math.exp(w.logprob)}
-                for w in p.top
-            ],
-        }
+        {"token": p.token, "id": p.id, "logprob": p.logprob, "top": [_word(w) for w in p.top]}
         for p in prompt
     ]
 

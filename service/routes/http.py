@@ -36,6 +36,7 @@ from service.protocol import (
     logit_bias_of,
 )
 from service.routes.frames import (
+    SSE_DONE,
     done_json,
     logprobs_json,
     prompt_json,
@@ -82,35 +83,55 @@ def runtime_of(state: State) -> ServiceState:
     return runtime
 
 
-async def sse_stream(
-    first: Event, events: AsyncGenerator[Event, None], on_error: Callable[[str], None]
+async def guarded(
+    body: AsyncGenerator[bytes, None],
+    events: AsyncGenerator[Event, None],
+    on_error: Callable[[str], None],
+    openai: bool = False,
 ) -> AsyncGenerator[bytes, None]:
-    """`data: {json}` lines; always closes the generation, even when the client leaves.
-
-    An error after the stream has begun (the engine failing, say) is one error event,
-    counted with `on_error`, and then the end of the stream."""
+    """A stream's frames, with what every stream does on failure: an error after the
+    stream has begun (the engine failing, say) is one error event, counted with
+    `on_error`, and then the end. The generation is always closed, even when the client
+    leaves. An OpenAI stream wraps the error as OpenAI does and ends with [DONE]."""
     try:
-        if isinstance(first, SessionEvent):
-            yield sse(session_json(first))
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                yield sse(token_json(event))
-            elif isinstance(event, DoneEvent):
-                if event.choice is None:
-                    await events.aclose()  # unlock the session before the client reuses it
-                yield sse(done_json(event))
-            elif isinstance(event, SessionEvent):
-                yield sse(session_json(event))
+        async for frame in body:
+            yield frame
     except DomainError as exc:
         error = render(exc)
         on_error(error.code)
-        yield sse(error.event())
+        yield sse({"error": error.event()} if openai else error.event())
     except Exception:  # a bug: the client still gets an error event and the stream ends
         logger.exception("stream failed")
         on_error(INTERNAL.code)
-        yield sse(INTERNAL.event())
+        yield sse({"error": INTERNAL.event()} if openai else INTERNAL.event())
     finally:
+        await body.aclose()
         await events.aclose()
+    if openai:
+        yield SSE_DONE
+
+
+def sse_stream(
+    first: Event, events: AsyncGenerator[Event, None], on_error: Callable[[str], None]
+) -> AsyncGenerator[bytes, None]:
+    """simmer's own `data: {json}` events for a generation (see `guarded`)."""
+    return guarded(_sse_frames(first, events), events, on_error)
+
+
+async def _sse_frames(
+    first: Event, events: AsyncGenerator[Event, None]
+) -> AsyncGenerator[bytes, None]:
+    if isinstance(first, SessionEvent):
+        yield sse(session_json(first))
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            yield sse(token_json(event))
+        elif isinstance(event, DoneEvent):
+            if event.choice is None:
+                await events.aclose()  # unlock the session before the client reuses it
+            yield sse(done_json(event))
+        elif isinstance(event, SessionEvent):
+            yield sse(session_json(event))
 
 
 def event_stream(body: AsyncGenerator[bytes, None]) -> Stream:

@@ -9,10 +9,9 @@ defines and simmer cannot honour is refused with 422 naming it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import secrets
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +19,7 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from service.errors import INTERNAL, DomainError, ModelNotFound, NotReady, render
+from service.errors import DomainError, ModelNotFound, NotReady
 from service.generation.events import (
     DoneEvent,
     Event,
@@ -30,7 +29,7 @@ from service.generation.events import (
     TokenEvent,
 )
 from service.protocol import CompletionRequest, now, openai_finish_reason
-from service.routes.frames import SSE_DONE, sse, usage_json
+from service.routes.frames import sse, usage_json
 from service.routes.http import (
     V1_ERRORS,
     Collected,
@@ -38,12 +37,11 @@ from service.routes.http import (
     collect_choices,
     errors,
     event_stream,
+    guarded,
     owner_of,
     runtime_of,
 )
 from simmer.tokenizer import PAD_ID, UNK_ID
-
-logger = logging.getLogger(__name__)
 
 
 def _logprobs(steps: list[Logprob], offsets: list[int] | tuple[int, ...]) -> dict[str, Any]:
@@ -144,11 +142,11 @@ async def _openai_stream(
     first: Event,
     events: AsyncGenerator[Event, None],
     want_logprobs: bool,
-    on_error: Callable[[str], None],
     echo: str | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """Completion chunks; with `echo` (the prompt as sent), each choice's first chunk
-    is the prompt, with its scored tokens when logprobs are asked for."""
+    """Completion chunks (`guarded` adds the error chunk and [DONE]); with `echo` (the
+    prompt as sent), each choice's first chunk is the prompt, with its scored tokens
+    when logprobs are asked for."""
     assert isinstance(first, SessionEvent)
     session_id = first.session_id
     sessions: dict[int, str] = {}
@@ -167,37 +165,25 @@ async def _openai_stream(
             )
         )
 
-    try:
-        if (opening := announced(first)) is not None:
-            yield opening
-        async for event in events:
-            if isinstance(event, SessionEvent):
-                if (opening := announced(event)) is not None:
-                    yield opening
-            elif isinstance(event, TokenEvent):
-                lp = _logprobs(event.logprobs or [], event.offsets) if want_logprobs else None
-                index = event.choice or 0
-                choice = _choice(index, event.text, None, sessions[index], lp)
-                yield sse(_chunk(completion_id, model, [choice], session_id))
-            elif isinstance(event, DoneEvent):
-                finished.append(event)
-                index = event.choice or 0
-                reason = openai_finish_reason(event.finish_reason)
-                choice = _choice(index, "", reason, event.session_id, state=event.state)
-                last = len(finished) == len(sessions)
-                usage = _usage(sorted(finished, key=lambda d: d.choice or 0)) if last else None
-                yield sse(_chunk(completion_id, model, [choice], session_id, usage))
-    except DomainError as exc:
-        error = render(exc)
-        on_error(error.code)
-        yield sse({"error": error.event()})
-    except Exception:  # a bug: the client still gets an error chunk and the stream ends
-        logger.exception("stream failed")
-        on_error(INTERNAL.code)
-        yield sse({"error": INTERNAL.event()})
-    finally:
-        await events.aclose()
-    yield SSE_DONE
+    if (opening := announced(first)) is not None:
+        yield opening
+    async for event in events:
+        if isinstance(event, SessionEvent):
+            if (opening := announced(event)) is not None:
+                yield opening
+        elif isinstance(event, TokenEvent):
+            lp = _logprobs(event.logprobs or [], event.offsets) if want_logprobs else None
+            index = event.choice or 0
+            choice = _choice(index, event.text, None, sessions[index], lp)
+            yield sse(_chunk(completion_id, model, [choice], session_id))
+        elif isinstance(event, DoneEvent):
+            finished.append(event)
+            index = event.choice or 0
+            reason = openai_finish_reason(event.finish_reason)
+            choice = _choice(index, "", reason, event.session_id, state=event.state)
+            last = len(finished) == len(sessions)
+            usage = _usage(sorted(finished, key=lambda d: d.choice or 0)) if last else None
+            yield sse(_chunk(completion_id, model, [choice], session_id, usage))
 
 
 @post(
@@ -229,11 +215,8 @@ async def completions(
     completion_id = "cmpl-" + secrets.token_hex(12)
     echo = params.prompt if data.echo else None
     if data.stream:
-        return event_stream(
-            _openai_stream(
-                completion_id, model, first, events, want_logprobs, runtime.metrics.failure, echo
-            )
-        )
+        frames = _openai_stream(completion_id, model, first, events, want_logprobs, echo)
+        return event_stream(guarded(frames, events, runtime.metrics.failure, openai=True))
     assert isinstance(first, SessionEvent)
     results = await collect_choices(events, request, generation.stopper(first.session_id))
     if results is None:

@@ -82,3 +82,19 @@ async def start_app(
             return await stack.enter_async_context(serving_app(model_bundle, **settings))
 
         yield start
+
+
+@pytest.fixture(params=["memory", "redis"])
+def any_app(
+    request: pytest.FixtureRequest, memory_app: AppClient, redis_app: AppClient
+) -> AppClient:
+    """The test runs once on the memory-store app and once on the Redis one."""
+    return memory_app if request.param == "memory" else redis_app
+
+
+async def generate(client: AppClient, **body: Any) -> dict[str, Any]:
+    """POST /v1/generate, which must answer 200: its JSON."""
+    response = await client.post("/v1/generate", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result

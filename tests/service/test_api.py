@@ -21,26 +21,12 @@ import pytest
 from litestar.testing import WebSocketTestSession
 
 from tests.conftest import ServerProcess
-from tests.service.conftest import AppClient
+from tests.service.conftest import AppClient, generate
 
 pytestmark = pytest.mark.anyio
 
 GREEDY = {"top_k": 1}
 StartApp = Callable[..., Awaitable[AppClient]]
-
-
-@pytest.fixture(params=["memory", "redis"])
-def any_app(
-    request: pytest.FixtureRequest, memory_app: AppClient, redis_app: AppClient
-) -> AppClient:
-    return memory_app if request.param == "memory" else redis_app
-
-
-async def generate(client: AppClient, **body: Any) -> dict[str, Any]:
-    response = await client.post("/v1/generate", json=body, timeout=30)
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
 
 
 def generate_on(server: ServerProcess, **body: Any) -> dict[str, Any]:

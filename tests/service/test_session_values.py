@@ -17,7 +17,7 @@ import pytest
 
 from service.sessions import SessionState
 from service.sessions.portable import seal
-from tests.service.conftest import AppClient
+from tests.service.conftest import AppClient, generate
 
 pytestmark = pytest.mark.anyio
 
@@ -26,20 +26,6 @@ pytestmark = pytest.mark.anyio
 GREEDY = {"top_k": 1, "ignore_eos": True}
 PROMPT = "recipe for lemon chicken |"
 StartApp = Callable[..., Awaitable[AppClient]]
-
-
-@pytest.fixture(params=["memory", "redis"])
-def any_app(
-    request: pytest.FixtureRequest, memory_app: AppClient, redis_app: AppClient
-) -> AppClient:
-    return memory_app if request.param == "memory" else redis_app
-
-
-async def generate(client: AppClient, **body: Any) -> dict[str, Any]:
-    response = await client.post("/v1/generate", json=body, timeout=30)
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
 
 
 def error_of(response: httpx.Response, status: int, code: str) -> str:
