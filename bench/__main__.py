@@ -603,7 +603,7 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
         ),
         report.ratio(
             f"{config.choices} separate requests / one with n = {config.choices}",
-            result["choices"]["ratio"],
+            result.get("choices", {}).get("ratio"),
             None,
             "",
             f"wall seconds, {config.choices_tokens} tokens each, median of "

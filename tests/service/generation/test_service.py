@@ -233,4 +233,6 @@ def test_a_client_that_leaves_n_choices_at_their_announcement_frees_and_saves_th
 
     active, states, held = asyncio.run(main())
     assert active == 0 and held == []
-    assert all(state is not None and state.n_tokens >= 2 for state in states)  # saved
+    # each announced session was saved: with what its call generated, or, for a call
+    # stopped before its first step, as it was before the call
+    assert all(state is not None for state in states)
