@@ -34,7 +34,7 @@ class Call:
     feed: int  # tokens the engine feeds for this call: the pending token and the prompt
     keep: int = 8  # call starts the session keeps for rewinding
     choice: int | None = None  # with n > 1: which choice this call is
-    group: str | None = None  # with n > 1: choice 0's session, which stops them all
+    group: str | None = None  # with n > 1: a token the call's choices share, to stop them all
     prompt: tuple[PromptToken, ...] | None = None  # with echo: the prompt, scored
     return_state: bool = False
     client_gone: bool = False  # its client left: counted as a disconnect, not a success
