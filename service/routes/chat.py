@@ -17,7 +17,6 @@ from litestar import Request, Response, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from service.errors import ModelNotFound
 from service.generation.events import DoneEvent, Event, Logprob, SessionEvent, TokenEvent
 from service.protocol import ChatCompletionRequest, now, openai_finish_reason
 from service.routes.frames import sse, usage_json
@@ -31,6 +30,7 @@ from service.routes.http import (
     owner_of,
     runtime_of,
 )
+from service.routes.openai import served_model
 
 
 def _logprobs(steps: list[Logprob], top: int) -> dict[str, Any]:
@@ -114,9 +114,7 @@ async def chat_completions(
     data: ChatCompletionRequest, state: State, request: Request[Any, Any, Any]
 ) -> Response[dict[str, Any]] | Stream:
     runtime = runtime_of(state)
-    model = runtime.bundle.name if runtime.bundle is not None else "simmer"
-    if data.model not in (None, "", model):
-        raise ModelNotFound(f"model {data.model!r} is not served here", "model")
+    model = served_model(runtime, data.model)
     params = data.to_generation(runtime.limits)
     events = runtime.service().generate(params, owner_of(request))
     first = await anext(events)

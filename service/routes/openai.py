@@ -41,6 +41,7 @@ from service.routes.http import (
     owner_of,
     runtime_of,
 )
+from service.state import ServiceState
 from simmer.tokenizer import PAD_ID, UNK_ID
 
 
@@ -186,6 +187,14 @@ async def _openai_stream(
             yield sse(_chunk(completion_id, model, [choice], session_id, usage))
 
 
+def served_model(runtime: ServiceState, asked: str | None) -> str:
+    """The name of the model served here; 404 when a request asks for another."""
+    model = runtime.bundle.name if runtime.bundle is not None else "simmer"
+    if asked not in (None, "", model):
+        raise ModelNotFound(f"model {asked!r} is not served here", "model")
+    return model
+
+
 @post(
     "/v1/completions",
     status_code=200,
@@ -200,9 +209,7 @@ async def completions(
     data: CompletionRequest, state: State, request: Request[Any, Any, Any]
 ) -> Response[dict[str, Any]] | Stream:
     runtime = runtime_of(state)
-    model = runtime.bundle.name if runtime.bundle is not None else "simmer"
-    if data.model not in (None, "", model):
-        raise ModelNotFound(f"model {data.model!r} is not served here", "model")
+    model = served_model(runtime, data.model)
     params = data.to_generation(runtime.limits)
     want_logprobs = bool(params.sampling.logprobs)
     candidates = data.best_of or data.n
