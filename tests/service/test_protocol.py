@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.engine.params import BAN
 from service.errors import InvalidRequest, NotReady
 from service.protocol import (
     CHAT_REFUSED,
+    MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
     Limits,
@@ -231,3 +234,38 @@ def test_chat_fields_that_contradict_are_422_naming_the_field(
     body: dict[str, Any], param: str
 ) -> None:
     assert _refused(lambda: _chat(**body).to_generation(LIMITS)) == param
+
+
+@given(
+    n=st.integers(1, MAX_CHOICES),
+    best_of=st.one_of(st.none(), st.integers(1, MAX_CHOICES)),
+    max_tokens=st.one_of(st.none(), st.integers(0, 64)),
+    echo=st.booleans(),
+    stream=st.booleans(),
+)
+def test_every_admitted_choice_and_echo_mix_is_planned_or_refused_naming_its_field(
+    n: int, best_of: int | None, max_tokens: int | None, echo: bool, stream: bool
+) -> None:
+    body = CompletionRequest(
+        prompt="recipe for soup",
+        n=n,
+        best_of=best_of,
+        max_tokens=max_tokens,
+        echo=echo,
+        stream=stream,
+    )
+    refused = None  # the field a refusal names, first rule first
+    if best_of is not None and (best_of < n or (stream and best_of > n)):
+        refused = "best_of"
+    elif max_tokens == 0 and not echo:
+        refused = "max_tokens"
+    elif max_tokens == 0 and n > 1:
+        refused = "n"
+    if refused is not None:
+        with pytest.raises(InvalidRequest) as caught:
+            body.to_generation(LIMITS)
+        assert caught.value.param == refused
+        return
+    plan = body.to_generation(LIMITS)
+    assert plan.n == n and plan.echo == echo
+    assert plan.max_tokens == (LIMITS.default_max_tokens if max_tokens is None else max_tokens)

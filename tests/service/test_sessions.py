@@ -4,15 +4,21 @@ Redis Cluster of three masters."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
+import struct
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from service.errors import StoreUnavailable
+from service.errors import InvalidState, StoreUnavailable
 from service.sessions import (
     MemorySessionStore,
     RedisSessionStore,
@@ -21,6 +27,7 @@ from service.sessions import (
     new_session_id,
     refresh_locks_forever,
 )
+from service.sessions.portable import unseal
 from service.settings import Settings
 
 Evictions = list[tuple[str, int]]
@@ -451,3 +458,31 @@ def test_redis_store_reports_an_outage_as_unavailable(cluster: bool) -> None:
         await store.close()
 
     run(main())
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+@given(blob=st.one_of(st.text(max_size=3000), st.binary(max_size=3000).map(_b64)))
+@settings(max_examples=300, deadline=None)
+def test_any_string_as_a_state_token_is_refused_as_invalid_state(blob: str) -> None:
+    with pytest.raises(InvalidState):
+        unseal(blob, b"secret", "v1", 1, 128, 60.0)
+
+
+@given(record=st.binary(max_size=3000), issued=st.floats(allow_nan=True, allow_infinity=True))
+@settings(max_examples=300, deadline=None)
+def test_a_signed_token_with_any_body_is_refused_or_read_never_a_crash(
+    record: bytes, issued: float
+) -> None:
+    """A secret that leaked, or a bug on the signing side: whatever the signed body holds,
+    unseal answers a state or InvalidState (a 400), never an exception that is a 500."""
+    version = b"v1"
+    body = struct.pack("<Bd", 2, issued) + bytes((len(version),)) + version + record
+    blob = _b64(b"SMRS" + hmac.new(b"secret", body, hashlib.sha256).digest() + body)
+    try:
+        state = unseal(blob, b"secret", "v1", 1, 128, 60.0, now=0.0)
+    except InvalidState:
+        return
+    assert state.h.shape == (1, 128)
