@@ -24,6 +24,7 @@ class LSTMConfig:
     hidden_size: int = 128
     num_layers: int = 1  # 2 is the book's stacked variant
     dropout: float = 0.0  # between layers and before the output layer; 0 is the book's
+    embed_dropout: float = 0.0  # on the embeddings, before the LSTM; 0 is the book's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,6 +42,7 @@ class LSTMConfig:
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
             dropout=config.dropout,
+            embed_dropout=config.embed_dropout,
         )
 
 
@@ -60,6 +62,7 @@ class RecipeLSTM(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
         self.dropout = nn.Dropout(config.dropout)
+        self.embed_dropout = nn.Dropout(config.embed_dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(
@@ -73,7 +76,7 @@ class RecipeLSTM(nn.Module):
         With `positions`, a (B, T) bool mask, only those positions pass through the
         output layer, where nearly all the FLOPs are: (K, V) for its K true entries.
         """
-        x = self.embedding(tokens)  # (B, T, E)
+        x = self.embed_dropout(self.embedding(tokens))  # (B, T, E)
         # The recurrence stays fp32 under autocast: it is latency-bound, and cuDNN's bf16
         # LSTM is recent. The output layer, where the FLOPs are, runs in bf16 on CUDA.
         with torch.autocast(x.device.type, enabled=False):

@@ -25,7 +25,8 @@ class TrainConfig:
     embedding_dim: int = 100
     hidden_size: int = 128
     num_layers: int = 1  # 2 is the book's stacked variant
-    dropout: float = 0.0
+    dropout: float = 0.0  # before the output layer (and between stacked layers)
+    embed_dropout: float = 0.0  # on the embeddings
     # data
     seq_len: int = 200  # the book keeps the first 201 tokens: 200 inputs, 200 targets
     val_fraction: float = 0.1  # the book has no validation split
@@ -69,6 +70,10 @@ class TrainConfig:
             problems.append("max_recipes must be at least 1")
         if not 0 <= self.dropout < 1:
             problems.append("dropout must be in [0, 1)")
+        if not 0 <= self.embed_dropout < 1:
+            problems.append("embed_dropout must be in [0, 1)")
+        if self.weight_decay < 0:
+            problems.append("weight_decay must not be negative")
         if not 0 <= self.tail_burn_in < self.seq_len:
             problems.append("tail_burn_in must be in [0, seq_len)")
         if not self.stop_weight > 0:
@@ -135,9 +140,11 @@ PRESETS: dict[str, TrainConfig] = {
         lr=3e-3,
         min_lr_ratio=0.1,
         warmup_steps=200,
-        dropout=0.2,
+        dropout=0.1,
+        embed_dropout=0.1,
+        weight_decay=0.05,
         tail_windows=True,
-        stop_weight=1.5,
+        stop_weight=3.0,
     ),
     # the book's loop as written: unmasked loss as Keras, constant lr, no dropout/clipping
     "book-plain": TrainConfig(epochs=25, loss_mask="none", grad_clip=0.0),

@@ -322,6 +322,20 @@ def check_resumable(
 
 
 # ---------------------------------------------------------------------------- the loop
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, decaying the matrices (embedding, LSTM and output weights) but not biases.
+
+    With `weight_decay` 0 this is the book's Adam.
+    """
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": matrices, "weight_decay": config.weight_decay},
+        {"params": vectors, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
 def batches(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
@@ -371,7 +385,7 @@ def train(
     if resume is not None and LSTMConfig.from_dict(resume["model_config"]) != model_config:
         raise CheckpointError("--resume: the model settings differ from the checkpoint's")
     model = RecipeLSTM(model_config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     history: list[dict[str, Any]] = []
     best = math.inf
     done_epochs = step = 0
