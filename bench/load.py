@@ -38,6 +38,7 @@ class LoadSpec:
     prompt: str = "recipe for"
     temperature: float = 1.0
     session_ids: list[str] = field(default_factory=list)  # continue these, one per stream
+    reconnect: bool = False  # ws: a fresh connection per request, as most clients do
 
 
 @dataclass
@@ -45,6 +46,7 @@ class StreamRecord:
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)  # request sent -> done received
+    connect: list[float] = field(default_factory=list)  # reconnecting: the WebSocket handshake
     tokens: int = 0  # completion_tokens from done events
     received: int = 0  # sum of token-message counts
     messages: int = 0  # token messages
@@ -109,20 +111,33 @@ async def _ws_stream(
 
     record = StreamRecord()
     session_id = spec.session_ids[index] if index < len(spec.session_ids) else None
+
+    async def generate(ws: Any, session_id: str | None) -> None:
+        body = {"type": "generate", **_request_body(spec, session_id)}
+        request = _Request(record)
+        await ws.send(json.dumps(body))
+        while True:
+            msg = _decode(await ws.recv(decode=False))
+            if msg.get("type") == "session":
+                continue
+            if request.on_message(msg):
+                return
+
+    if spec.reconnect:  # connect, generate, close: the connection is part of the load
+        await ready.put(index)
+        await go.wait()
+        for _ in range(spec.requests):
+            sent = time.perf_counter()
+            async with connect(spec.url, compression=None, max_size=None, open_timeout=60) as ws:
+                record.connect.append(time.perf_counter() - sent)
+                await generate(ws, session_id)
+        return record
     async with connect(spec.url, compression=None, max_size=None, open_timeout=60) as ws:
         await ready.put(index)
         await go.wait()
         for _ in range(spec.requests):
-            body = {"type": "generate", **_request_body(spec, session_id)}
-            request = _Request(record)
-            await ws.send(json.dumps(body))
-            while True:
-                msg = _decode(await ws.recv(decode=False))
-                if msg.get("type") == "session":
-                    session_id = None  # the connection continues its own session
-                    continue
-                if request.on_message(msg):
-                    break
+            await generate(ws, session_id)
+            session_id = None  # the connection continues its own session
     return record
 
 
@@ -205,6 +220,7 @@ async def run_load(spec: LoadSpec, wait_for_go: bool) -> dict[str, Any]:
         merged.ttft += record.ttft
         merged.itl += record.itl
         merged.latency += record.latency
+        merged.connect += record.connect
         merged.tokens += record.tokens
         merged.received += record.received
         merged.messages += record.messages
@@ -225,6 +241,7 @@ async def run_load(spec: LoadSpec, wait_for_go: bool) -> dict[str, Any]:
         "ttft_s": _percentiles(merged.ttft),
         "itl_s": _percentiles(merged.itl),
         "request_latency_s": _percentiles(merged.latency),
+        "connect_s": _percentiles(merged.connect),
         "finish_reasons": merged.finish_reasons,
         "errors": merged.errors[:20],
         "error_count": len(merged.errors),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ def summary(result: dict[str, Any]) -> str:
                 f"as written {_fmt(r.get('book_written_tokens_per_s'), 0)} tok/s = "
                 f"{_fmt(r.get('simmer_book_written_single'))}"
             )
+    lines.extend(_realistic_lines(result.get("realistic", {})))
     lines.append("")
     lines.append("ratios")
     for item in result["ratios"]:
@@ -136,6 +138,32 @@ def _book_lines(result: dict[str, Any]) -> list[str]:
                 f"  batch {batch:>3}: {figure['step_ms_without']:.3f} / "
                 f"{figure['step_ms_with']:.3f} = {figure['ratio']:.3f}"
             )
+    return lines
+
+
+def _realistic_lines(realistic: dict[str, Any]) -> list[str]:
+    """The realistic load, a line per round like the headline rounds."""
+    if not realistic:
+        return []
+    lines = ["", "realistic load (trained model, a connection per generation)"]
+    if "skipped" in realistic:
+        return [*lines, f"  skipped: {realistic['skipped']}"]
+    lines.append(f"  bundle: {realistic['bundle']['description']}")
+    lines.append(f"  trained: {realistic['bundle']['trained']}")
+    lines.append(
+        f"  {realistic['streams']} clients x {realistic['requests_per_stream']} connections x "
+        f"{realistic['max_tokens']} tokens; raw engine at batch {realistic['raw_batch']}"
+    )
+    for i, r in enumerate(realistic["rounds"], 1):
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["finish_reasons"].items()))
+        lines.append(
+            f"  {i}: CPU {_fmt(r['raw_cpu_per_token_us'], 1)} / "
+            f"{_fmt(r['server_cpu_per_token_us'], 1)} us = {_fmt(r['cpu_efficiency'], 3)};  "
+            f"{r['tokens_per_s']:,.0f} tok/s  TTFT {_fmt(r['ttft_ms']['p50'])}/"
+            f"{_fmt(r['ttft_ms']['p99'])} ms  connect {_fmt(r['connect_ms']['p50'])} ms  "
+            f"{r['tokens_per_message']:.2f} tok/msg  finish {reasons or '-'}  "
+            f"errors {r['errors']}"
+        )
     return lines
 
 
@@ -182,6 +210,16 @@ def chart(result: dict[str, Any], path: Path) -> None:
         "s-",
         label="server process",
     )
+    realistic = result.get("realistic", {})
+    measured = [r for r in realistic.get("rounds", []) if r["server_cpu_per_token_us"]]
+    if measured:
+        ax.plot(
+            [realistic["streams"]] * len(measured),
+            [r["server_cpu_per_token_us"] for r in measured],
+            "x",
+            color="black",
+            label="server, realistic load (one point a round)",
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size / concurrent streams")
@@ -208,7 +246,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     ax = axes[1][1]
     items = [r for r in result["ratios"] if r["target"] is not None and r["value"] is not None]
-    names = [r["name"] for r in items]
+    names = [textwrap.fill(r["name"], 40) for r in items]  # a long name would squeeze the plots
     # each bar is value / target, flipped for "<=" targets, so 1.0 is the line to clear
     scores = [
         (r["value"] / r["target"])

@@ -19,7 +19,8 @@ def run_load(server: ServiceProcess, spec: LoadSpec, timeout: float = 600) -> di
     """Run the load generator process against `server`; add the server's CPU per token.
 
     The server's CPU is read after every client has connected and before they start,
-    and again once all have finished, so connection set-up is not counted.
+    and again once all have finished, so connection set-up is not counted; with
+    `spec.reconnect` every request connects after the start, and its connection is.
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.load", json.dumps(spec.__dict__)],

@@ -7,6 +7,7 @@ a finite float or None with a reason, never for its value.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -16,8 +17,18 @@ from typing import Any
 
 import pytest
 
-from bench.__main__ import BenchConfig, _figures, _round, ratios
+from bench import trained
+from bench.__main__ import (
+    BenchConfig,
+    _figures,
+    _realistic,
+    _realistic_bundle,
+    _realistic_round,
+    _round,
+    ratios,
+)
 from bench.report import quotient, ratio
+from bench.trained import TrainedBundleError, trained_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +52,12 @@ def assert_well_formed(item: dict[str, Any]) -> None:
         assert item["met"] in ((True, False) if item["target"] is not None else (None,)), item
 
 
-def test_smoke_run_writes_json_chart_and_summary(tmp_path: Path, redis_url: str) -> None:
+REALISTIC = "CPU efficiency, realistic load (trained model, a connection per generation)"
+
+
+def test_smoke_run_writes_json_chart_and_summary(
+    tmp_path: Path, redis_url: str, epicurious_path: Path
+) -> None:
     out = tmp_path / "results" / "bench.json"
     proc = subprocess.run(
         [
@@ -55,6 +71,8 @@ def test_smoke_run_writes_json_chart_and_summary(tmp_path: Path, redis_url: str)
             str(tmp_path),
             "--redis-url",
             redis_url,
+            "--realistic-data",
+            str(epicurious_path),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -91,7 +109,18 @@ def test_smoke_run_writes_json_chart_and_summary(tmp_path: Path, redis_url: str)
     # expiry marker (one slot per session, no global index)
     assert result["sessions"]["redis"]["keys_deleted"] == 2 * result["config"]["sessions"]
     by_name = {r["name"]: r for r in result["ratios"]}
-    assert len(by_name) == len(result["ratios"]) == 15
+    assert len(by_name) == len(result["ratios"]) == 16
+    # the realistic load: a tiny trained bundle, every generation on a connection of its own
+    config, realistic = result["config"], result["realistic"]
+    assert realistic["bundle"]["trained"].startswith("1 epoch(s) of the tiny preset")
+    assert Path(realistic["bundle"]["path"]).name.startswith("trained-")
+    assert len(realistic["rounds"]) == config["headline_rounds"]
+    for r in realistic["rounds"]:
+        assert r["tokens"] > 0
+        assert r["errors"] == 0, r["error_examples"]
+        assert r["connect_ms"]["n"] == config["realistic_streams"] * config["realistic_requests"]
+        assert sum(r["finish_reasons"].values()) == r["connect_ms"]["n"]
+    assert by_name[REALISTIC]["reason"] != "the realistic load was not run"
     choices = result["choices"]
     assert choices["n"] == result["config"]["choices"]
     assert choices["seconds_median"]["n"] > 0 and choices["seconds_median"]["separate"] > 0
@@ -114,6 +143,7 @@ def test_smoke_run_writes_json_chart_and_summary(tmp_path: Path, redis_url: str)
     assert "ratios" in proc.stdout
     assert "as written" in proc.stdout
     assert "decode step without / with a scorer loaded" in proc.stdout
+    assert "realistic load (trained model, a connection per generation)" in proc.stdout
     assert str(out) in proc.stdout
 
 
@@ -167,6 +197,7 @@ def load_figures(cpu_seconds: float) -> dict[str, Any]:
             "ttft_s": {"p50": 0.01, "p99": 0.02},
             "itl_s": {"p50": None, "p99": None},
             "request_latency_s": {"p50": 0.1, "p99": 0.2},
+            "connect_s": {"p50": None, "p99": None, "mean": None, "n": 0},
             "tokens_per_message": 16.0,
             "finish_reasons": {"length": 4},
             "error_count": 0,
@@ -240,3 +271,87 @@ def test_a_bundle_without_the_scoring_graph_gives_no_book_as_written_figure_and_
     ):
         assert_well_formed(items[name])
         assert items[name]["reason"] == missing["error"], name
+
+
+def test_the_realistic_efficiency_is_the_median_of_its_rounds_or_says_why_it_is_missing() -> None:
+    config = BenchConfig.smoke()
+    raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
+    busy, idle = load_figures(0.064), load_figures(0.0)  # 1 ms per token; 0 clock ticks
+    base = {
+        "headline_rounds": [_round(raw, busy, raw, busy, {"tokens_per_s": 100.0}, {}, busy)],
+        "history": {"ratio": 1.0},
+        "simmer_long": {str(config.long_concurrent): busy},
+        "sessions": {"memory": {"bytes_per_session": 500.0}, "redis": {"error": "no Redis"}},
+        "metrics_overhead": {"ratio": 1.0},
+    }
+    rounds = [_realistic_round(raw, figures) for figures in (busy, idle, busy)]
+    assert [r["cpu_efficiency"] for r in rounds] == [0.5, None, 0.5]
+    measured = {r["name"]: r for r in ratios({**base, "realistic": {"rounds": rounds}}, config)}
+    assert measured[REALISTIC]["value"] == pytest.approx(0.5)
+    assert measured[REALISTIC]["met"] is False  # the target is 0.6
+    unmeasured = ratios({**base, "realistic": {"rounds": rounds[1:2]}}, config)
+    assert "0 clock ticks" in {r["name"]: r for r in unmeasured}[REALISTIC]["reason"]
+    skipped = {"skipped": "no corpus to train the realistic run's model on"}
+    items = {r["name"]: r for r in ratios({**base, "realistic": skipped}, config)}
+    assert_well_formed(items[REALISTIC])
+    assert items[REALISTIC]["reason"] == skipped["skipped"]
+
+
+def fake_modules(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace the training and export processes with stand-ins that record their module
+    and leave what each would leave: a run folder, a bundle with its manifest."""
+    ran: list[str] = []
+
+    def run_module(module: str, args: list[str]) -> None:
+        ran.append(module)
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir()
+        if module == "export":
+            (out / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(trained, "_run_module", run_module)
+    return ran
+
+
+def test_a_trained_bundle_is_reused_from_the_cache_without_training_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = fake_modules(monkeypatch)
+    corpus = tmp_path / "recipes.json"
+    corpus.write_text("[]")
+    cache = tmp_path / "cache"
+    first = trained_bundle(cache, corpus, "tiny", 1, 200)
+    assert ran == ["training", "export"]
+    inode = first.stat().st_ino
+    again = trained_bundle(cache, corpus, "tiny", 1, 200)
+    assert (again, again.stat().st_ino, ran) == (first, inode, ["training", "export"])
+    assert [p.name for p in cache.iterdir()] == [first.name]  # no temporary folder left
+    # another recipe limit, or another corpus, is another model
+    assert trained_bundle(cache, corpus, "tiny", 1, 100) != first
+    corpus.write_text("[ ]")
+    assert trained_bundle(cache, corpus, "tiny", 1, 200) != first
+    assert ran == ["training", "export"] * 3
+
+
+def test_a_failed_training_raises_with_its_output_and_leaves_nothing_to_reuse(
+    tmp_path: Path,
+) -> None:
+    corpus = tmp_path / "recipes.json"
+    corpus.write_text("this is not a recipe corpus")
+    cache = tmp_path / "cache"
+    with pytest.raises(TrainedBundleError, match="python -m training") as failure:
+        trained_bundle(cache, corpus, "tiny", 1, 200)
+    assert "error:" in str(failure.value)  # the training CLI's own one-line message
+    assert list(cache.iterdir()) == []
+
+
+def test_without_its_corpus_the_realistic_run_is_skipped_and_says_why(tmp_path: Path) -> None:
+    config = BenchConfig.smoke()
+    missing = tmp_path / "no-such-corpus.json"
+    args = argparse.Namespace(
+        no_realistic=False, realistic_bundle=None, realistic_data=missing, cache=tmp_path
+    )
+    reason = _realistic_bundle(args, config)
+    assert isinstance(reason, str) and str(missing) in reason
+    assert _realistic(reason, config, 1, {}, tmp_path) == {"skipped": reason}
+    assert not (tmp_path / "bench-bundles").exists()  # nothing was trained
