@@ -79,6 +79,7 @@ def main() -> int:
     from prometheus_client import disable_created_metrics
 
     from service.app import create_app
+    from service.routes.ws import with_server_send
     from service.security import redact_server_logs
 
     logging.basicConfig(
@@ -95,7 +96,7 @@ def main() -> int:
         flush=True,
     )
     config = uvicorn.Config(
-        app,
+        with_server_send(app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

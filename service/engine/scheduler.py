@@ -22,6 +22,9 @@ import numpy as np
 from service.engine.request import Request
 from simmer.tokenizer import PAD_ID
 
+_MAX_LIMIT = np.iinfo(np.int64).max  # a request's token limit, as a slot array holds it
+_SMALL_STEP = 8  # up to this many rows, `update` counts in plain Python
+
 
 @dataclass
 class StepPlan:
@@ -35,7 +38,6 @@ class StepPlan:
 class _Running:
     request: Request
     slot: int
-    sampled: int = 0  # tokens sampled for it so far (kept by the loop or not)
 
 
 @dataclass
@@ -46,9 +48,15 @@ class Scheduler:
     _free: list[int] = field(default_factory=list)
     _changed: bool = True
     _steady: StepPlan | None = None  # the plan while the running set stays the same
+    # per slot: tokens sampled for its request so far (kept by the loop or not), and its
+    # limit; arrays, so that counting a step is O(1) numpy calls, not a Python loop
+    _sampled: np.ndarray = field(init=False)
+    _limit: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self._free = list(range(self.max_batch - 1, -1, -1))
+        self._sampled = np.zeros(self.max_batch, np.int64)
+        self._limit = np.zeros(self.max_batch, np.int64)
 
     @property
     def num_waiting(self) -> int:
@@ -79,6 +87,8 @@ class Scheduler:
             request = self._waiting.popleft()
             slot = self._free.pop()
             self._running[request.request_id] = _Running(request, slot)
+            self._sampled[slot] = 0
+            self._limit[slot] = min(request.max_new_tokens, _MAX_LIMIT)
             admitted.append((request, slot))
             self._changed = True
             self._steady = None
@@ -97,21 +107,31 @@ class Scheduler:
         running = list(self._running.values())
         requests = [entry.request for entry in running]
         slots = np.array([entry.slot for entry in running], np.int64)
-        prefill = [row for row, entry in enumerate(running) if entry.sampled == 0]
+        prefill = np.flatnonzero(self._sampled[slots] == 0).tolist()
         self._changed = False
         self._steady = StepPlan(requests, slots, [], changed=False)
         return StepPlan(requests, slots, prefill, changed=True)
 
-    def update(self, plan: StepPlan, tokens: list[int]) -> None:
+    def update(self, plan: StepPlan, tokens: np.ndarray | list[int]) -> None:
         """After a step: count each row's token; retire those that ended (stop token,
         token limit). The event loop finishes them from the same step's result."""
-        for request, token in zip(plan.requests, tokens, strict=True):
-            entry = self._running.get(request.request_id)
-            if entry is None:
-                continue
-            entry.sampled += 1
-            if token == PAD_ID or entry.sampled >= request.max_new_tokens:
-                self._retire(request.request_id)
+        slots = plan.slots
+        if len(tokens) != len(slots):
+            raise ValueError(f"{len(tokens)} tokens for a step of {len(slots)} rows")
+        if len(slots) <= _SMALL_STEP:  # a few numpy calls cost more than these rows
+            ended = []
+            for row, slot in enumerate(slots.tolist()):
+                self._sampled[slot] += 1
+                if tokens[row] == PAD_ID or self._sampled[slot] >= self._limit[slot]:
+                    ended.append(row)
+        else:
+            self._sampled[slots] += 1
+            hit = (np.asarray(tokens) == PAD_ID) | (self._sampled[slots] >= self._limit[slots])
+            ended = np.flatnonzero(hit).tolist()
+        for row in ended:
+            request_id = plan.requests[row].request_id
+            if request_id in self._running:
+                self._retire(request_id)
 
     def clear(self) -> list[Request]:
         """After a failed step: drop every running request (their slots are freed)."""

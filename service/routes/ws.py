@@ -17,6 +17,7 @@ from typing import Any
 
 from litestar import WebSocket, websocket
 from litestar.datastructures import State
+from litestar.types import ASGIApp, Receive, Scope, Send
 from pydantic import ValidationError
 
 from service.errors import INTERNAL, DomainError, InvalidRequest, Rendered, SessionBusy, render
@@ -29,9 +30,32 @@ from service.state import ServiceState
 logger = logging.getLogger(__name__)
 
 
+# Where `with_server_send` leaves the ASGI server's own send callable in the scope.
+SERVER_SEND = "simmer.server_send"
+
+
+def with_server_send(app: ASGIApp) -> ASGIApp:
+    """`app` with the server's send callable in each scope, for the token stream.
+
+    Every message a WebSocket route sends passes through Litestar's connection wrapper
+    and its exception middleware (twice) before the server frames it: four coroutine
+    layers per token message that add nothing once the socket is accepted. The stream
+    sends its messages straight to the server's callable, which refuses a closed
+    connection itself (uvicorn raises ClientDisconnected).
+    """
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send  # type: ignore[literal-required]
+        await app(scope, receive, send)
+
+    return asgi
+
+
 class _Connection:
     def __init__(self, socket: WebSocket[Any, Any, Any], runtime: ServiceState) -> None:
         self.socket = socket
+        # the server's send (see with_server_send); Litestar's own where it is absent
+        self._server_send: Send | None = socket.scope.get(SERVER_SEND)  # type: ignore[assignment]
         self.runtime = runtime
         self.session_id: str | None = None
         self.task: asyncio.Task[None] | None = None
@@ -40,7 +64,11 @@ class _Connection:
         self.owner = str(socket.scope.get("simmer_owner", ""))
 
     async def send(self, obj: dict[str, Any]) -> None:
-        await self.socket.send_data(encode(obj).decode(), mode="text")
+        text = encode(obj).decode()
+        if self._server_send is None:
+            await self.socket.send_data(text, mode="text")
+        else:
+            await self._server_send({"type": "websocket.send", "bytes": None, "text": text})
 
     async def error(self, error: Rendered) -> None:
         self.runtime.metrics.failure(error.code)

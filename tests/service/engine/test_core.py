@@ -116,7 +116,9 @@ def test_sessions_join_and_leave_between_steps(engine: CountingModel) -> None:
     async def main() -> tuple[Request, Request]:
         scheduler = build_engine(engine, 8)
         scheduler.start()
-        long = scheduler.submit(_seq(engine, [5], max_new=30))
+        # long enough that it is still running when the short one arrives, however far
+        # ahead of the loop the worker got (PIPELINE_DEPTH steps at most, twice over)
+        long = scheduler.submit(_seq(engine, [5], max_new=200))
         await long.event.wait()
         short = scheduler.submit(_seq(engine, [6], max_new=3))
         await _run_all(scheduler, [])
