@@ -2,9 +2,9 @@
 
 It executes a `StepPlan` and returns a `StepOutput`. Each running request owns a slot in
 preallocated state arrays (layers, slots, hidden) and per-slot sampling parameters. A
-step runs the model once per distinct feed length (decode steps all have length 1, so
-they share one call; a new prompt is prefilled in one call over its tokens) and samples
-the whole batch at once. While the batch stays the same, each step feeds the previous
+step runs the model once over the whole batch, one token per row, and samples it at
+once; a new request's feed but for its last token goes first, in a state-only call per
+distinct length (`_prefill`). While the batch stays the same, each step feeds the previous
 step's tokens and state straight back in (the carry); the slot arrays are written only
 when requests join or leave (`flush`, then `load`).
 
@@ -119,28 +119,27 @@ class ModelRunner:
         rows = self._rows_of(plan)
         fused: SoftmaxOutput | None = None
         if plan.prefill:
-            logits, h, c = self._prefill(plan)
+            self._prefill(plan)  # every row now feeds one token, from its slot
+        if self._carry is not None:
+            feed, h_in, c_in = self._carry
         else:
-            if self._carry is not None:
-                feed, h_in, c_in = self._carry
-            else:
-                feed = self._next[rows.slots].reshape(-1, 1)
-                h_in, c_in = self._h[:, rows.slots], self._c[:, rows.slots]
-            if (
-                self.fuse
-                and rows.params.all_whole
-                and not rows.no_eos
-                and len(plan.requests) <= SMALL_BATCH
-            ):
-                # a small batch sampling whole distributions: the softmax for direct
-                # sampling runs in the model's own call (one onnxruntime call per step)
-                fused = self.model.run_softmax(feed, h_in, c_in, rows.params.inv_t)
-                self.calls += 1
-                logits, h, c = fused.logits, fused.h, fused.c
-            else:
-                out = self.model.run(feed, h_in, c_in)
-                self.calls += 1
-                logits, h, c = out.logits, out.h, out.c
+            feed = self._next[rows.slots].reshape(-1, 1)
+            h_in, c_in = self._h[:, rows.slots], self._c[:, rows.slots]
+        if (
+            self.fuse
+            and rows.params.all_whole
+            and not rows.no_eos
+            and len(plan.requests) <= SMALL_BATCH
+        ):
+            # a small batch sampling whole distributions: the softmax for direct
+            # sampling runs in the model's own call (one onnxruntime call per step)
+            fused = self.model.run_softmax(feed, h_in, c_in, rows.params.inv_t)
+            self.calls += 1
+            logits, h, c = fused.logits, fused.h, fused.c
+        else:
+            out = self.model.run(feed, h_in, c_in)
+            self.calls += 1
+            logits, h, c = out.logits, out.h, out.c
         if rows.adjust is not None:
             rows.adjust.apply(logits)
         requests = plan.requests
@@ -211,37 +210,32 @@ class ModelRunner:
             )
         return self._rows
 
-    def _prefill(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One model call per distinct feed length; new prompts are fed whole."""
+    def _prefill(self, plan: StepPlan) -> None:
+        """New requests' feeds, but for their last token: one state-only call per
+        distinct length, straight into their slots; the last token is fed with the
+        step's decode batch.
+
+        So a step with newcomers is still one decode call over the whole batch, whose
+        logits need no gathering: the old way fed whole prompts in a call of their own
+        and copied both calls' logits, (B, V) floats, into one array, which cost more
+        than the model under churn (a request joining nearly every step).
+        """
         requests, slots = plan.requests, plan.slots
         by_length: dict[int, list[int]] = {}
         for row in plan.prefill:
-            by_length.setdefault(len(requests[row].feed), []).append(row)
-        fresh_singles = by_length.pop(1, [])
-        singles = np.ones(len(requests), bool)
-        singles[plan.prefill] = False
-        singles[fresh_singles] = True
-        logits = np.empty((len(requests), self.model.vocab_size), np.float32)
-        groups = [(1, np.flatnonzero(singles)), *((n, np.array(r)) for n, r in by_length.items())]
-        for length, rows in groups:
-            if not len(rows):
-                continue
+            feed = requests[row].feed
+            self._next[slots[row]] = feed[-1]
+            if len(feed) > 1:
+                by_length.setdefault(len(feed) - 1, []).append(row)
+        for length, rows in by_length.items():
             group = slots[rows]
-            if length == 1:
-                tokens = self._next[group]  # a copy (fancy indexing): the tokens sampled last
-                if fresh_singles:
-                    at = np.searchsorted(rows, fresh_singles)
-                    tokens[at] = [requests[row].feed[0] for row in fresh_singles]
-            else:
-                tokens = np.array([requests[row].feed for row in rows], dtype=np.int64)
+            tokens = np.array([requests[row].feed[:-1] for row in rows], dtype=np.int64)
             out = self.model.run(
                 tokens.reshape(len(rows), length), self._h[:, group], self._c[:, group]
             )
             self.calls += 1
             self._h[:, group] = out.h
             self._c[:, group] = out.c
-            logits[rows] = out.logits
-        return logits, self._h[:, slots], self._c[:, slots]
 
 
 _NO_ROWS = np.zeros(0, np.int64)

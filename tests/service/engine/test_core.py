@@ -90,8 +90,9 @@ def test_prompt_is_prefilled_in_one_call(engine: CountingModel) -> None:
         await scheduler.close()
 
     asyncio.run(main())
-    assert engine.calls[0] == (1, len(prompt))
-    assert all(shape == (1, 1) for shape in engine.calls[1:])
+    # all but the last prompt token in one call; the last one is the first decode step's
+    assert engine.calls[0] == (1, len(prompt) - 1)
+    assert engine.calls[1:] == [(1, 1)] * 3
 
 
 def test_batched_results_equal_sessions_run_alone(engine: CountingModel) -> None:
@@ -266,7 +267,8 @@ def test_sampling_fused_into_the_engine_call_draws_the_same_tokens(engine: Count
 
     engine.calls = []
     fused = generate(True)
-    assert len(engine.calls) == len(fused)
+    # the prompt's first token alone (state only), then one call per token sampled
+    assert len(engine.calls) == 1 + len(fused)
     assert fused == generate(False)
 
 

@@ -78,11 +78,14 @@ def test_continuing_feeds_only_the_pending_token_and_the_new_prompt(tiny_bundle:
         return calls
 
     first, second, third = asyncio.run(main())
-    assert first[0] == len(tokenizer.encode(" ".join(["recipe for", *tokenizer.vocab[2:200]])))
+    # a prompt is fed once: all but its last token in one call, the last with the first step
+    long_prompt = tokenizer.encode(" ".join(["recipe for", *tokenizer.vocab[2:200]]))
+    assert first[0] == len(long_prompt) - 1 and all(n == 1 for n in first[1:])
     # continuing: the pending token alone, then one token per step
     assert second and all(n == 1 for n in second)
-    # a new prompt: the pending token plus its 2 words in one call, never the 200-word history
-    assert third[0] == 1 + 2 and all(n == 1 for n in third[1:])
+    # a new prompt: the pending token and its 2 words, never the 200-word history
+    assert third[0] == 1 + 2 - 1 and all(n == 1 for n in third[1:])
+    assert len(third) == 1 + 5
 
 
 def test_a_seed_is_mixed_with_the_session_length() -> None:
@@ -196,9 +199,11 @@ def test_n_choices_feed_the_prompt_once_then_one_token_each_in_one_batch(
 
     done = asyncio.run(main())
     length = len(bundle.tokenizer.encode(prompt))
-    assert len(engine.fed) == 1 + 3 * 4  # the prefill's row, then 4 rows in each of 3 steps
-    assert len(engine.fed[0]) == length - 1  # all but the last prompt token, once
-    assert all(len(row) == 1 for row in engine.fed[1:])
+    # the prefill's rows (a state-only call, then its one step), then 4 rows in each of
+    # 3 steps: all but the last prompt token, once
+    assert len(engine.fed) == 2 + 3 * 4
+    assert len(engine.fed[0]) == length - 2 and len(engine.fed[1]) == 1
+    assert all(len(row) == 1 for row in engine.fed[2:])
     assert sorted(d.choice for d in done if d.choice is not None) == [0, 1, 2, 3]
     assert [d.fed_tokens for d in sorted(done, key=lambda d: d.choice or 0)] == [length, 1, 1, 1]
 
