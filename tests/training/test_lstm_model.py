@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from training.model import LastStepLSTM, LSTMConfig, RecipeLSTM
@@ -57,3 +58,48 @@ def test_padding_embedding_stays_zero_after_a_step() -> None:
     torch.autograd.backward(logits.sum())
     optimizer.step()
     assert not model.embedding.weight[0].any()
+
+
+def test_embedding_dropout_acts_in_training_only() -> None:
+    torch.manual_seed(0)
+    config = LSTMConfig(vocab_size=50, embedding_dim=8, hidden_size=16, embed_dropout=0.5)
+    model = RecipeLSTM(config)
+    plain = RecipeLSTM(LSTMConfig(vocab_size=50, embedding_dim=8, hidden_size=16))
+    plain.load_state_dict(model.state_dict())  # dropout has no weights: same parameters
+    tokens = torch.randint(2, 50, (3, 7))
+    model.eval()
+    plain.eval()
+    assert torch.equal(model(tokens)[0], plain(tokens)[0])  # the served model is the same
+    model.train()
+    assert not torch.allclose(model(tokens)[0], plain(tokens)[0])
+
+
+def test_weight_decay_reaches_the_matrices_and_never_the_biases() -> None:
+    from training.train import make_optimizer
+
+    model = RecipeLSTM(LSTMConfig(vocab_size=50, embedding_dim=8, hidden_size=16))
+    config = get_preset("tiny").with_overrides(weight_decay=0.1)
+    decayed, kept = make_optimizer(model, config).param_groups
+    assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {
+        id(model.embedding.weight),
+        id(model.head.weight),
+        *(id(p) for name, p in model.lstm.named_parameters() if name.startswith("weight")),
+    }
+    assert all(p.dim() == 1 for p in kept["params"])
+    assert len(decayed["params"]) + len(kept["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"embed_dropout": 1.0}, "embed_dropout"),
+        ({"embed_dropout": -0.1}, "embed_dropout"),
+        ({"weight_decay": -1e-3}, "weight_decay"),
+    ],
+)
+def test_a_preset_refuses_dropout_it_cannot_apply_and_negative_decay(
+    bad: dict[str, float], field: str
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        get_preset("tiny").with_overrides(**bad)
