@@ -12,10 +12,7 @@ The worker does not wait for the loop between steps: it posts each result and go
 straight on, so the loop streams step N while the model computes step N + 1. It may
 run up to `PIPELINE_DEPTH` steps ahead of what the loop has applied, so a busy loop
 does not stall the model; a request the loop ends (a stop string, a cancel) may be
-stepped a few more times, and those tokens are dropped. Results wait in a deque, and
-the loop is woken (`call_soon_threadsafe`, a write to its self-pipe) only when no wake-up
-is pending already: a loop that has fallen behind applies every waiting result in one
-callback instead of one wake-up per step.
+stepped a few more times, and those tokens are dropped.
 
 Supervision: an exception in a step fails the requests of that step, and only those;
 one while loading a request into its slot fails that request; the worker goes on.
@@ -26,7 +23,6 @@ refuses new work (`EngineDown`); `worker_alive` and `stalled_for` tell readiness
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import queue
@@ -107,8 +103,6 @@ class EngineCore:
         self._credits: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(PIPELINE_DEPTH):
             self._credits.put(None)
-        self._results: collections.deque[StepResult] = collections.deque()
-        self._wake_pending = False  # a drain is scheduled on the loop and has not begun
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -170,15 +164,6 @@ class EngineCore:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, join_timeout_s)
         self.output.finish_all("shutdown")
-
-    def _drain(self) -> None:
-        """On the event loop: apply every result the worker has posted, oldest first."""
-        self._wake_pending = False  # before popping: a result posted from now on wakes us
-        results = self._results
-        # only those here now: later ones come with the next wake-up, so the consumers
-        # run in between even while the worker keeps posting
-        for _ in range(len(results)):
-            self._deliver(results.popleft())
 
     def _deliver(self, result: StepResult) -> None:
         """Apply one result on the event loop, then let the worker run one step further."""
@@ -347,15 +332,12 @@ class EngineCore:
             scheduler.num_running, scheduler.num_waiting, scheduler.free_slots, self._seen
         )
         self._credits.get()
-        self._results.append(result)
-        if self._wake_pending:
-            return True  # the loop's pending drain takes this result too
-        self._wake_pending = True
         loop = self._loop
         try:
             assert loop is not None
-            loop.call_soon_threadsafe(self._drain)
+            loop.call_soon_threadsafe(self._deliver, result)
         except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._credits.put(None)
             return False
         return True
 

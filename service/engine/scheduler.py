@@ -114,7 +114,11 @@ class Scheduler:
 
     def update(self, plan: StepPlan, tokens: np.ndarray | list[int]) -> None:
         """After a step: count each row's token; retire those that ended (stop token,
-        token limit). The event loop finishes them from the same step's result."""
+        token limit). The event loop finishes them from the same step's result.
+
+        Call it right after the step of `plan`, before anything is admitted or cancelled:
+        the counts are per slot, and a slot given to a new request in between would be
+        counted for it."""
         slots = plan.slots
         if len(tokens) != len(slots):
             raise ValueError(f"{len(tokens)} tokens for a step of {len(slots)} rows")
