@@ -1,6 +1,6 @@
 """A trained bundle for the benchmark's realistic run, built once per corpus and preset.
 
-    trained_bundle(cache / "bench-bundles", corpus)  # -> .../trained-<sha12>-book-e1
+    trained_bundle(cache / "bench-bundles", corpus)  # -> .../trained-<sha12>-book-<p8>-e1
 
 The headline serves random weights, whose generations almost never stop early; a
 trained model's do, so its load looks like a real one. The bundle is made the way a
@@ -9,13 +9,14 @@ process of its own, inside a temporary folder beside the cache entry. Only a fin
 bundle is renamed into place, so a run stopped half-way leaves nothing to reuse.
 
 The cache key is what decides the weights' shape and the text they learnt: the
-corpus's sha256, the preset's name, the epochs and the recipe limit. The preset's
-settings are not in it, so after changing a preset, delete its folder to retrain.
+corpus's sha256, the preset's name and a hash of its settings (a changed preset trains
+anew), the epochs and the recipe limit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from bench.server import ROOT
 from simmer.bundle import is_bundle
+from training.presets import get_preset
 
 OUTPUT_TAIL = 3000  # characters of a failed command's output kept in its error
 
@@ -64,9 +66,12 @@ def trained_bundle(
 
 
 def cache_name(data: Path, preset: str, epochs: int, max_recipes: int | None) -> str:
-    """`trained-<sha12>-<preset>-e<epochs>`, with `-r<max_recipes>` when limited."""
+    """`trained-<sha12>-<preset>-<settings8>-e<epochs>`, with `-r<max_recipes>` when
+    limited; an unknown preset raises ValueError naming the known ones."""
+    settings = json.dumps(get_preset(preset).to_dict(), sort_keys=True).encode()
     limit = "" if max_recipes is None else f"-r{max_recipes}"
-    return f"trained-{_sha256(data)[:12]}-{preset}-e{epochs}{limit}"
+    tag = hashlib.sha256(settings).hexdigest()[:8]
+    return f"trained-{_sha256(data)[:12]}-{preset}-{tag}-e{epochs}{limit}"
 
 
 def _sha256(path: Path) -> str:

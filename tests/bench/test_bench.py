@@ -29,6 +29,7 @@ from bench.__main__ import (
 )
 from bench.report import quotient, ratio
 from bench.trained import TrainedBundleError, trained_bundle
+from training import presets
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -329,8 +330,13 @@ def test_a_trained_bundle_is_reused_from_the_cache_without_training_again(
     # another recipe limit, or another corpus, is another model
     assert trained_bundle(cache, corpus, "tiny", 1, 100) != first
     corpus.write_text("[ ]")
-    assert trained_bundle(cache, corpus, "tiny", 1, 200) != first
-    assert ran == ["training", "export"] * 3
+    second = trained_bundle(cache, corpus, "tiny", 1, 200)
+    assert second != first
+    # so is the same preset name with other settings
+    changed = {**presets.PRESETS, "tiny": presets.get_preset("tiny").with_overrides(lr=1e-4)}
+    monkeypatch.setattr(presets, "PRESETS", changed)
+    assert trained_bundle(cache, corpus, "tiny", 1, 200) != second
+    assert ran == ["training", "export"] * 4
 
 
 def test_a_failed_training_raises_with_its_output_and_leaves_nothing_to_reuse(
