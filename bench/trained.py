@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from bench.server import ROOT
-from simmer.bundle import is_bundle
+from simmer.bundle import is_bundle, sha256_file
 from training.presets import get_preset
 
 OUTPUT_TAIL = 3000  # characters of a failed command's output kept in its error
@@ -71,15 +71,7 @@ def cache_name(data: Path, preset: str, epochs: int, max_recipes: int | None) ->
     settings = json.dumps(get_preset(preset).to_dict(), sort_keys=True).encode()
     limit = "" if max_recipes is None else f"-r{max_recipes}"
     tag = hashlib.sha256(settings).hexdigest()[:8]
-    return f"trained-{_sha256(data)[:12]}-{preset}-{tag}-e{epochs}{limit}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return f"trained-{sha256_file(data)[:12]}-{preset}-{tag}-e{epochs}{limit}"
 
 
 def _run_module(module: str, args: list[str]) -> None:
