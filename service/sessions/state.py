@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -81,19 +81,7 @@ class SessionState:
     def copy(self) -> SessionState:
         """An independent session with the same state and history (arrays are never
         written in place, so they are shared)."""
-        return SessionState(
-            self.h,
-            self.c,
-            self.pending,
-            self.prev,
-            self.last,
-            self.n_tokens,
-            self.created,
-            self.last_used,
-            self.owner,
-            self.model,
-            list(self.history),
-        )
+        return replace(self, history=list(self.history))
 
     def encode(self) -> bytes:
         layers, hidden = self.h.shape
