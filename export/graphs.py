@@ -1,7 +1,7 @@
 """The sampling graphs the service runs besides the model, built with `onnx.helper` and
 proven here (the scoring graph, exported from torch, is `export.scoring`'s).
 
-`build_bundle` ships all three in every bundle (what each computes is in
+`build_bundle` ships them in every bundle (what each computes is in
 `simmer.bundle`'s docstring); they depend only on the vocabulary size and, for the
 fused one, on the model graph, so the export builds and checks them once and the
 service only loads them:
@@ -12,7 +12,12 @@ service only loads them:
   for the `exact_blocks` blocks with the largest maxima: steps 1 and 2 of the
   service's rejection sampler (see `service.sampling`);
 - `step_softmax`: the model's step graph with `sampling_direct`'s nodes appended to its
-  logits, so that a small decode batch gets logits, state and weights in one call.
+  logits, so that a small decode batch gets logits, state and weights in one call;
+- `decode_run` (from opset 16): `RUN_STEPS` decode steps in one call, each sampled in
+  the graph and fed to the next, so that a small batch pays for one onnxruntime call,
+  one Python pass and one hand-off to the event loop per `RUN_STEPS` tokens instead of
+  per token. It samples softmax(logits * inv_t), less one banned word per row, by the
+  same two-level lookup as the service (`_pick_nodes`).
 
 The vocabulary is cut into blocks of `width` = ceil(sqrt(V)) consecutive words; the
 last block is padded with -inf logits, whose weight is 0. Scaling by inv_t comes
@@ -28,8 +33,10 @@ the model does not use, and the public names (`inv_t`, `weights`, `sums`) must b
 
 `check_graphs` is their parity check, like `export.parity` for the model: each graph
 passes `onnx.checker` (full check), has the inputs and outputs `simmer.bundle` expects,
-matches a numpy reference on random logits in onnxruntime (batch 1 and 40), and
-step_softmax gives exactly model.onnx's logits, hn and cn. A failure is an ExportError
+matches a numpy reference on random logits in onnxruntime (batch 1 and 40),
+step_softmax gives exactly model.onnx's logits, hn and cn, and decode_run's states are
+exactly model.onnx's stepped with the tokens it drew, each token drawn where the
+float64 distribution puts its number. A failure is an ExportError
 with one line.
 """
 
@@ -48,6 +55,7 @@ from export.onnx_export import ExportError
 from export.parity import random_state
 from export.runtime import open_session
 from simmer.bundle import (
+    DECODE_RUN,
     SAMPLING_DIRECT,
     SAMPLING_ENVELOPE,
     STEP_SOFTMAX,
@@ -64,6 +72,10 @@ from training.model import LSTMConfig
 EXACT_BLOCKS = 8  # blocks per row whose words get exact weights in the envelope
 MIN_OPSET = 13
 PREFIX = "sampling/"  # names of what step_softmax adds to the model's graph
+RUN_PREFIX = "run/"  # names of what decode_run adds, and of its copies of the model
+RUN_PUBLIC = ("tokens", "h0", "c0", "inv_t", "ban", "uniforms", "sampled", "hs", "cs")
+RUN_MIN_OPSET = 16  # ScatterElements with reduction="add"
+RUN_STEPS = 8  # decode steps per decode_run call
 PUBLIC = ("inv_t", "weights", "sums")  # step_softmax's added input and outputs
 GRAPH_TOL = 1e-5  # |onnxruntime - numpy| / max(1, |numpy|)
 CHECK_BATCHES = (1, 40)
@@ -163,6 +175,12 @@ def _direct_nodes(
     0 past the vocabulary, and their block sums (B, nb)."""
     scaled = b.name("scaled")
     b.add("Mul", [logits, inv_t], [scaled])  # before the padding: 0 * -inf is nan
+    _softmax_nodes(b, vocab, width, scaled, weights, sums)
+
+
+def _softmax_nodes(b: _Nodes, vocab: int, width: int, scaled: str, weights: str, sums: str) -> None:
+    """scaled logits (B, V) -> weights (B, nb * width) = their softmax, 0 past the
+    vocabulary, and the block sums (B, nb)."""
     b.add("Softmax", [_padded(b, scaled, vocab, width)], [weights], axis=1)  # (B, nb * width)
     b.reduce("ReduceSum", _blocked(b, weights, vocab, width), sums, axis=2, keepdims=0)
 
@@ -304,6 +322,152 @@ def step_softmax_graph(model: onnx.ModelProto, vocab: int, width: int) -> onnx.M
     return fused
 
 
+# --- decode_run: several decode steps, sampled, in one call ----------------------------------
+
+INT_MAX = np.iinfo(np.int64).max
+
+
+def _pick_nodes(
+    b: _Nodes, vocab: int, width: int, weights: str, sums: str, u: str, index: str
+) -> None:
+    """weights (B, nb * width), sums (B, nb) float32 and u (B, 1) float64 in [0, 1) ->
+    index (B, 1) int64, a sample of the weights: the first block whose running block sum
+    passes u * total, then, inside it, the first word whose running weight passes the
+    same share of the block's own running total. Running sums are float64. Each share is
+    clipped to [0, 1 - 2**-52], so a word is always found and its weight is positive."""
+    double = TensorProto.DOUBLE
+    axis1, axis1_0d = b.ints("axis1", [1]), b.const("axis1_0d", np.array(1, np.int64))
+    below_one = b.const("below_one", np.array(1.0 - 2.0**-52, np.float64))
+    zero = b.const("zero_d", np.array(0.0, np.float64))
+    end, last = b.ints("end", [INT_MAX]), b.ints("last", [-1])
+
+    def first_above(running: str, target: str, base: str) -> str:
+        """(B, 1): the first index where running (B, n) passes target (B, 1)."""
+        above, flags, out = (b.name(f"{base}_{n}") for n in ("above", "flags", "first"))
+        b.add("Greater", [running, target], [above])
+        b.add("Cast", [above], [flags], to=TensorProto.INT32)
+        b.add("ArgMax", [flags], [out], axis=1, keepdims=1)  # the first of the largest
+        return out
+
+    def share_of(total: str, fraction: str, base: str) -> str:
+        clipped, out = b.name(f"{base}_share"), b.name(f"{base}_target")
+        b.add("Clip", [fraction, zero, below_one], [clipped])  # rounding: into [0, 1)
+        b.add("Mul", [clipped, total], [out])
+        return out
+
+    sums_d, cdf, total = b.name("sums_d"), b.name("cdf"), b.name("total")
+    b.add("Cast", [sums], [sums_d], to=double)
+    b.add("CumSum", [sums_d, axis1_0d], [cdf])
+    b.add("Slice", [cdf, last, end, axis1], [total])
+    target = share_of(total, u, "row")
+    block = first_above(cdf, target, "block")
+    upto, mass, before, rest, fraction = (
+        b.name(n) for n in ("upto", "mass", "before", "rest", "fraction")
+    )
+    b.add("GatherElements", [cdf, block], [upto], axis=1)
+    b.add("GatherElements", [sums_d, block], [mass], axis=1)
+    b.add("Sub", [upto, mass], [before])
+    b.add("Sub", [target, before], [rest])
+    b.add("Div", [rest, mass], [fraction])  # mass > 0: the block's running sum passed
+    inner, inner_d, running, inner_total = (
+        b.name(n) for n in ("inner", "inner_d", "running", "inner_total")
+    )
+    b.add("GatherND", [_blocked(b, weights, vocab, width), block], [inner], batch_dims=1)
+    b.add("Cast", [inner], [inner_d], to=double)
+    b.add("CumSum", [inner_d, axis1_0d], [running])
+    b.add("Slice", [running, last, end, axis1], [inner_total])
+    offset = first_above(running, share_of(inner_total, fraction, "word"), "word")
+    start = b.name("start")
+    b.add("Mul", [block, b.ints("width", [width])], [start])
+    b.add("Add", [start, offset], [index])
+
+
+def decode_run_graph(model: onnx.ModelProto, vocab: int, width: int, steps: int) -> onnx.ModelProto:
+    """`steps` decode steps, sampled, in one graph: the model's step graph copied `steps`
+    times, each copy fed the token the copy before it sampled, and its state.
+
+    Inputs: the model's tokens (B, T), h0 and c0; inv_t float32 (B, 1); ban int64 (B, 1),
+    a word the row never draws, or -1 for none; uniforms float64 (B, steps), one number
+    in [0, 1) per row and step. Outputs: sampled int64 (B, steps), and hs, cs float32
+    (steps, L, B, H), the state after each step. Step k draws from softmax(logits * inv_t)
+    without the banned word, with uniforms[:, k] (`_pick_nodes`). The model's own nodes
+    keep their names under `run/<k>/`; what the function adds is under `run/`.
+    """
+    opset = model_opset(model)
+    if opset < RUN_MIN_OPSET:
+        raise ExportError(
+            f"decode_run needs opset {RUN_MIN_OPSET} or later; the model is at {opset}"
+        )
+    if steps < 2:
+        raise ExportError(f"decode_run needs at least 2 steps, got {steps}")
+    graph = model.graph
+    shared = {init.name for init in graph.initializer}
+    b = _Nodes(opset, taken=_names(graph) | set(RUN_PUBLIC), prefix=RUN_PREFIX)
+    # the ban, as a term added to one scaled logit per row: -inf, or 0 at word 0
+    banned, ban_at, ban_add = b.name("banned"), b.name("ban_at"), b.name("ban_add")
+    b.add("Less", ["ban", b.ints("zero_i", [0])], [banned])
+    b.add("Where", [banned, b.ints("zero_i", [0]), "ban"], [ban_at])
+    zero_f, neg_inf = (
+        b.const("zero_f", np.array(0.0, np.float32)),
+        b.const("neg_inf", np.array(-np.inf, np.float32)),
+    )
+    b.add("Where", [banned, zero_f, neg_inf], [ban_add])
+    feed = {"tokens": "tokens", "h0": "h0", "c0": "c0"}
+    sampled: list[str] = []
+    hs: list[str] = []
+    cs: list[str] = []
+    axis1 = b.ints("axis1", [1])
+    for k in range(steps):
+        rename = dict(feed)  # the model's value names -> this copy's
+        for node in graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            for i, name in enumerate(copy.input):
+                if name and name not in shared:
+                    copy.input[i] = rename.setdefault(name, f"{RUN_PREFIX}{k}/{name}")
+            for i, name in enumerate(copy.output):
+                copy.output[i] = rename.setdefault(name, f"{RUN_PREFIX}{k}/{name}")
+            copy.name = b.name(f"{k}/{node.name or node.op_type}")
+            b.nodes.append(copy)
+        b.taken |= set(rename.values())
+        scaled, kept, weights, sums, u, token = (
+            b.name(f"{n}{k}") for n in ("scaled", "kept", "weights", "sums", "u", "token")
+        )
+        b.add("Mul", [rename["logits"], "inv_t"], [scaled])
+        b.add("ScatterElements", [scaled, ban_at, ban_add], [kept], axis=1, reduction="add")
+        _softmax_nodes(b, vocab, width, kept, weights, sums)
+        at, after = b.ints(f"at{k}", [k]), b.ints(f"at{k + 1}", [k + 1])
+        b.add("Slice", ["uniforms", at, after, axis1], [u])
+        _pick_nodes(b, vocab, width, weights, sums, u, token)
+        for name, out in (("hn", hs), ("cn", cs)):
+            lifted = b.name(f"{name}{k}")
+            b.unsqueeze(rename[name], lifted, axis=0)
+            out.append(lifted)
+        sampled.append(token)
+        feed = {"tokens": token, "h0": rename["hn"], "c0": rename["cn"]}
+    b.add("Concat", sampled, ["sampled"], axis=1)
+    b.add("Concat", hs, ["hs"], axis=0)
+    b.add("Concat", cs, ["cs"], axis=0)
+    b.initializers = [*graph.initializer, *b.initializers]
+    state = graph.input[1].type.tensor_type.shape.dim  # h0 (L, B, H)
+    layers, hidden = state[0].dim_value, state[2].dim_value
+    return _model(
+        b,
+        "simmer_decode_run",
+        [
+            *graph.input,
+            _tensor("inv_t", TensorProto.FLOAT, ["batch", 1]),
+            _tensor("ban", TensorProto.INT64, ["batch", 1]),
+            _tensor("uniforms", TensorProto.DOUBLE, ["batch", steps]),
+        ],
+        [
+            _tensor("sampled", TensorProto.INT64, ["batch", steps]),
+            _tensor("hs", TensorProto.FLOAT, [steps, layers, "batch", hidden]),
+            _tensor("cs", TensorProto.FLOAT, [steps, layers, "batch", hidden]),
+        ],
+    )
+
+
 def checked(name: str, model: onnx.ModelProto, params: dict[str, int]) -> BuiltGraph:
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -313,20 +477,25 @@ def checked(name: str, model: onnx.ModelProto, params: dict[str, int]) -> BuiltG
 
 
 def build_graphs(model_path: Path, vocab: int) -> dict[str, BuiltGraph]:
-    """step_softmax (from the model graph at `model_path`), sampling_direct and
-    sampling_envelope, each passed by onnx.checker, at the model's opset."""
+    """step_softmax (from the model graph at `model_path`), sampling_direct,
+    sampling_envelope and, from opset 16, decode_run, each passed by onnx.checker, at
+    the model's opset."""
     model = onnx.load(str(model_path))
     opset = model_opset(model)
     params = block_params(vocab)
     width, k = params["width"], params["exact_blocks"]
     blocks = {"width": width, "blocks": params["blocks"]}
-    return {
+    graphs = {
         STEP_SOFTMAX: checked(STEP_SOFTMAX, step_softmax_graph(model, vocab, width), blocks),
         SAMPLING_DIRECT: checked(SAMPLING_DIRECT, direct_graph(vocab, width, opset), blocks),
         SAMPLING_ENVELOPE: checked(
             SAMPLING_ENVELOPE, envelope_graph(vocab, width, k, opset), params
         ),
     }
+    if opset >= RUN_MIN_OPSET:  # older models serve without it
+        run = decode_run_graph(model, vocab, width, RUN_STEPS)
+        graphs[DECODE_RUN] = checked(DECODE_RUN, run, {**blocks, "steps": RUN_STEPS})
+    return graphs
 
 
 def manifest_entries(graphs: Mapping[str, BuiltGraph]) -> dict[str, dict[str, Any]]:
@@ -491,6 +660,58 @@ def check_step_softmax(graph: BuiltGraph, model_path: Path, config: LSTMConfig) 
     return worst
 
 
+def check_decode_run(graph: BuiltGraph, model_path: Path, config: LSTMConfig) -> float:
+    """decode_run against model.onnx stepped with the tokens it sampled: every step's
+    state exactly model.onnx's, and every token one that softmax(logits * inv_t), in
+    float64 and without the row's ban, puts at the row's number: its running
+    probability before the token is at most u and after it at least u (within
+    GRAPH_TOL). The worst miss, 0 when every u falls inside its token's interval."""
+    model, run = open_session(model_path), open_session(graph.model)
+    steps, vocab = graph.params["steps"], config.vocab_size
+    rng = np.random.default_rng(SEED + 2)
+    worst = 0.0
+    for batch in CHECK_BATCHES:
+        tokens = rng.integers(0, vocab, (batch, 1), dtype=np.int64)
+        h, c = random_state(config, batch, rng)
+        inv_t = np.exp(rng.uniform(np.log(0.1), np.log(10.0), (batch, 1))).astype(np.float32)
+        ban = np.where(rng.random((batch, 1)) < 0.5, rng.integers(0, vocab, (batch, 1)), -1)
+        u = rng.random((batch, steps))
+        u[0, 0], u[-1, -1] = 0.0, 1.0 - 2.0**-53  # the ends of [0, 1)
+        if batch > 2:
+            inv_t[-2] = 1e4
+        feeds = {"tokens": tokens, "h0": h, "c0": c, "inv_t": inv_t, "ban": ban, "uniforms": u}
+        sampled, hs, cs = run.run(["sampled", "hs", "cs"], feeds)
+        for k in range(steps):
+            feed = tokens if k == 0 else sampled[:, k - 1 : k]
+            logits, h, c = model.run(["logits", "hn", "cn"], {"tokens": feed, "h0": h, "c0": c})
+            for what, a, b in (("hs", hs[k], h), ("cs", cs[k], c)):
+                if not np.array_equal(a, b):
+                    raise ExportError(
+                        f"{graph.name} {what} of step {k} differ from model.onnx's by "
+                        f"{float(np.abs(a - b).max()):.2e}: they must be equal"
+                    )
+            scaled = (logits * inv_t).astype(np.float64)  # scaled in float32, as the graph
+            rows = np.flatnonzero(ban[:, 0] >= 0)
+            scaled[rows, ban[rows, 0]] = -np.inf
+            probs = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+            after = np.cumsum(probs, axis=1)
+            r, token = np.arange(batch), sampled[:, k]
+            if not ((token >= 0) & (token < vocab)).all() or (probs[r, token] <= 0).any():
+                raise ExportError(f"{graph.name} step {k} sampled a word of probability 0")
+            miss = np.maximum(
+                after[r, token] - probs[r, token] - u[:, k], u[:, k] - after[r, token]
+            )
+            error = float(miss.max(initial=0.0))
+            if not error <= GRAPH_TOL:
+                raise ExportError(
+                    f"{graph.name} step {k} sampled a word whose interval misses its "
+                    f"number by {error:.2e} (tolerance {GRAPH_TOL:g})"
+                )
+            worst = max(worst, error, 0.0)  # 0 when every u is inside
+    return worst
+
+
 def check_graphs(
     graphs: Mapping[str, BuiltGraph], model_path: Path, config: LSTMConfig
 ) -> dict[str, Any]:
@@ -513,6 +734,11 @@ def check_graphs(
             SAMPLING_DIRECT: check_direct(graphs[SAMPLING_DIRECT], vocab),
             SAMPLING_ENVELOPE: check_envelope(graphs[SAMPLING_ENVELOPE], vocab),
             STEP_SOFTMAX: check_step_softmax(graphs[STEP_SOFTMAX], model_path, config),
+            **(
+                {DECODE_RUN: check_decode_run(graphs[DECODE_RUN], model_path, config)}
+                if DECODE_RUN in graphs
+                else {}
+            ),
         },
         "step_softmax_state_equals_model": True,
     }

@@ -21,6 +21,13 @@ A bundle is a folder holding:
     `exact` int64 [batch, exact_blocks] (the blocks with the largest block_max,
     largest first), `weights` [batch, exact_blocks, width] = exp((logit - max) * inv_t)
     of their words (0 past the vocabulary) and `mass` [batch, exact_blocks], their sums;
+  - `decode_run.onnx`: several decode steps, each sampled, in one call: model.onnx's
+    inputs plus `inv_t` float32 [batch, 1], `ban` int64 [batch, 1] (a word the row never
+    draws, -1 for none) and `uniforms` float64 [batch, steps] (one number in [0, 1) per
+    row and step) -> `sampled` int64 [batch, steps], and `hs`/`cs` float32 [steps,
+    layers, batch, hidden], the state after each step. Step k feeds the token step k - 1
+    sampled (step 0 the given tokens) and draws from softmax(logits * inv_t) with
+    uniforms[:, k]. Its params add `steps`;
   - `sequence_logprobs.onnx`, the scoring graph: model.onnx's inputs -> `logprobs`
     float32 [batch, seq, vocab], the log-softmax over the vocabulary after every
     position (not only the last), and `hn`/`cn`. It has no params. Echo scoring reads it
@@ -36,8 +43,8 @@ The manifest's keys: `name`, `version`, `model` (`vocab_size`, `embedding_dim`,
 int8 bundle `quantization`, `files` (name -> sha256 of model.onnx and tokenizer.json)
 and, when the bundle has the other graphs, `graphs`: graph name -> `file`, `sha256`,
 `inputs` and `outputs` (tensor name -> shape, a list of sizes and dynamic axis names
-such as "batch"), `params` (`width`, `blocks`, and for the envelope `exact_blocks`;
-none for `sequence_logprobs`).
+such as "batch"), `params` (`width`, `blocks`, for the envelope `exact_blocks`, for
+decode_run `steps`; none for `sequence_logprobs`).
 """
 
 from __future__ import annotations
@@ -68,10 +75,12 @@ STEP_SOFTMAX = "step_softmax"
 SAMPLING_DIRECT = "sampling_direct"
 SAMPLING_ENVELOPE = "sampling_envelope"
 SEQUENCE_LOGPROBS = "sequence_logprobs"
+DECODE_RUN = "decode_run"
 GRAPH_PARAMS: dict[str, tuple[str, ...]] = {
     STEP_SOFTMAX: ("width", "blocks"),
     SAMPLING_DIRECT: ("width", "blocks"),
     SAMPLING_ENVELOPE: ("width", "blocks", "exact_blocks"),
+    DECODE_RUN: ("width", "blocks", "steps"),
     SEQUENCE_LOGPROBS: (),
 }
 
@@ -110,7 +119,7 @@ def block_count(vocab: int, width: int) -> int:
 class TensorSpec:
     """What a graph input or output must be: an element type and sizes (None: any)."""
 
-    dtype: str  # "float32" or "int64"
+    dtype: str  # "float32", "float64" or "int64"
     dims: Dims
 
 
@@ -150,7 +159,7 @@ class ModelBundle:
 
     def graph(self, name: str) -> GraphInfo | None:
         """The verified graph `name` (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE,
-        SEQUENCE_LOGPROBS), or None for a bundle exported without it."""
+        DECODE_RUN, SEQUENCE_LOGPROBS), or None for a bundle exported without it."""
         return self.graphs.get(name)
 
     @property
@@ -183,7 +192,11 @@ class ModelBundle:
         return str(self.manifest.get("graph", {}).get("precision", "fp32"))
 
 
-_ELEMENT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+_ELEMENT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+}
 
 
 @dataclass(frozen=True)
@@ -278,6 +291,16 @@ def graph_contract(
         return {**inputs, "inv_t": inv_t}, {**outputs, **direct}
     if name == SAMPLING_DIRECT:
         return {"logits": logits, "inv_t": inv_t}, direct
+    if name == DECODE_RUN:
+        steps = params["steps"]
+        inputs, _ = model_contract(vocab_size, hidden_size, num_layers)
+        states = TensorSpec("float32", (steps, num_layers, None, hidden_size))
+        return {
+            **inputs,
+            "inv_t": inv_t,
+            "ban": TensorSpec("int64", (None, 1)),
+            "uniforms": TensorSpec("float64", (None, steps)),
+        }, {"sampled": TensorSpec("int64", (None, steps)), "hs": states, "cs": states}
     if name == SAMPLING_ENVELOPE:
         k = params["exact_blocks"]
         return {"logits": logits, "inv_t": inv_t}, {

@@ -104,6 +104,7 @@ def test_export_replaces_an_existing_bundle(
     (out / "stale.txt").write_text("from an older export")
     assert main(["--checkpoint", str(tiny_run / "best.pt"), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
+        "decode_run.onnx",
         "manifest.json",
         "model.onnx",
         "sampling_direct.onnx",

@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from export.graphs import (
+    RUN_STEPS,
     BuiltGraph,
     block_params,
     build_graphs,
@@ -26,6 +27,7 @@ from export.onnx_export import ExportError
 from export.parity import random_state
 from export.runtime import open_session
 from simmer.bundle import (
+    DECODE_RUN,
     GRAPHS,
     SAMPLING_DIRECT,
     SAMPLING_ENVELOPE,
@@ -265,8 +267,19 @@ def test_the_bundle_ships_every_graph_listed_with_hash_shapes_and_params(
     p = block_params(config.vocab_size)
     manifest = manifest_of(bundle)
     entries = manifest[GRAPHS]
-    assert set(entries) == {STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE, SEQUENCE_LOGPROBS}
+    assert set(entries) == {
+        STEP_SOFTMAX,
+        SAMPLING_DIRECT,
+        SAMPLING_ENVELOPE,
+        DECODE_RUN,
+        SEQUENCE_LOGPROBS,
+    }
     assert entries[SAMPLING_ENVELOPE]["params"] == p
+    assert entries[DECODE_RUN]["params"] == {
+        "width": p["width"],
+        "blocks": p["blocks"],
+        "steps": RUN_STEPS,
+    }
     for name in (STEP_SOFTMAX, SAMPLING_DIRECT):
         assert entries[name]["params"] == {"width": p["width"], "blocks": p["blocks"]}
     for name, entry in entries.items():

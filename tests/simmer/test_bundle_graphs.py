@@ -12,6 +12,7 @@ import pytest
 
 from export.graphs import block_params, direct_graph
 from simmer.bundle import (
+    DECODE_RUN,
     GRAPHS,
     MANIFEST,
     MODEL,
@@ -28,7 +29,7 @@ from simmer.bundle import (
 )
 from tests.simmer.test_bundle import refusal
 
-ALL = (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE, SEQUENCE_LOGPROBS)
+ALL = (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE, DECODE_RUN, SEQUENCE_LOGPROBS)
 
 
 @pytest.fixture
@@ -67,6 +68,38 @@ def test_every_listed_graph_is_exposed_with_its_path_and_params(bundle: Path) ->
     assert scoring.path == bundle / "sequence_logprobs.onnx"
     assert dict(scoring.params) == {}
     assert scoring.outputs["logprobs"] == ("batch", "seq", loaded.vocab_size)
+    run = loaded.graph(DECODE_RUN)
+    assert run is not None
+    steps = run.params["steps"]
+    assert dict(run.params) == {"width": p["width"], "blocks": p["blocks"], "steps": steps}
+    assert steps >= 2
+    assert run.inputs["uniforms"] == ("batch", steps)
+    assert run.inputs["ban"] == ("batch", 1)
+    assert run.outputs["sampled"] == ("batch", steps)
+    assert run.outputs["hs"] == (steps, loaded.num_layers, "batch", loaded.hidden_size)
+
+
+def test_a_bundle_from_before_decode_run_loads_without_it(bundle: Path) -> None:
+    (bundle / "decode_run.onnx").unlink()
+    edit_manifest(bundle, lambda m: m[GRAPHS].pop(DECODE_RUN))
+    assert set(load_bundle(bundle).graphs) == set(ALL) - {DECODE_RUN}
+
+
+def test_a_decode_run_whose_steps_disagree_with_its_graph_is_refused(bundle: Path) -> None:
+    """The manifest's shapes relisted for one step more than the graph has: the file's
+    own shapes no longer match, and a run would read past its numbers."""
+
+    def edit(manifest: dict[str, Any]) -> None:
+        entry = manifest[GRAPHS][DECODE_RUN]
+        entry["params"]["steps"] += 1
+
+    edit_manifest(bundle, edit)
+    assert refusal(bundle).startswith("shape disagrees: decode_run.onnx ")
+
+
+def test_a_decode_run_without_steps_is_refused(bundle: Path) -> None:
+    edit_manifest(bundle, lambda m: m[GRAPHS][DECODE_RUN]["params"].pop("steps"))
+    assert refusal(bundle).endswith("graphs.decode_run.params has no steps")
 
 
 def test_a_bundle_from_before_the_scoring_graph_loads_without_it(bundle: Path) -> None:
@@ -74,7 +107,7 @@ def test_a_bundle_from_before_the_scoring_graph_loads_without_it(bundle: Path) -
     edit_manifest(bundle, lambda m: m[GRAPHS].pop(SEQUENCE_LOGPROBS))
     loaded = load_bundle(bundle)
     assert loaded.graph(SEQUENCE_LOGPROBS) is None
-    assert set(loaded.graphs) == {STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE}
+    assert set(loaded.graphs) == set(ALL) - {SEQUENCE_LOGPROBS}
 
 
 def test_a_scoring_graph_with_logits_at_the_last_position_only_is_refused(bundle: Path) -> None:
