@@ -40,7 +40,13 @@ def engine_for(model: ModelSession, settings: Settings, metrics: Metrics) -> Eng
         metrics.engine_step.observe(stats.seconds)
 
     hooks = Hooks(on_step, metrics.queue_time.observe, metrics.engine_failures.inc)
-    return build_engine(model, settings.max_batch, hooks, settings.max_coalesce_steps)
+    return build_engine(
+        model,
+        settings.max_batch,
+        hooks,
+        settings.max_coalesce_steps,
+        decode_runs=settings.decode_runs,
+    )
 
 
 def open_store(settings: Settings, metrics: Metrics) -> SessionStore:

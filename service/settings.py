@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         description="Under load, send each stream its tokens every few engine steps, at most "
         "this many, so one message carries several tokens; 1 sends every token as it comes.",
     )
+    decode_runs: bool = Field(
+        True,
+        description="Let a small batch take several decode steps in one onnxruntime call "
+        "(the bundle's decode_run graph): its tokens then arrive a few at a time, at a "
+        "lower cost per token. False takes one step per call.",
+    )
 
     @field_validator("providers", "api_keys", mode="before")
     @classmethod

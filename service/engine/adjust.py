@@ -91,6 +91,14 @@ class SlotAdjustments:
                 self._counts = np.zeros((len(self._slots), self.vocab), np.float32)
             self._counts[slot] = 0.0
 
+    def sole_bans(self, slots: np.ndarray) -> np.ndarray | None:
+        """Each slot's one ban, -1 for none, where no slot has any other change (a decode
+        run bans one word per row and changes nothing else); None otherwise."""
+        if self._other[slots].any():
+            return None
+        bans: np.ndarray = self._sole_ban[slots]
+        return bans
+
     def batch(self, slots: np.ndarray, seeded: np.ndarray) -> BatchAdjustments | None:
         """The changes of a batch whose row r runs in `slots[r]` (`seeded[r]`: with a seed
         of its own); None when it has none."""

@@ -8,6 +8,12 @@ commands, admit waiting requests into free slots and plan a step (the scheduler)
 feed and sample it (the runner), then count the tokens and retire the requests that
 ended (the scheduler again).
 
+A small batch that nothing waits to join steps in runs (`ModelRunner.execute_run`):
+one call samples several steps, and one result carries them all. A run starts only
+when no command is queued, no waiting request could take a free slot, and every row
+may sample the whole run before its token limit; when a row draws the stop token
+part-way, the steps after it are dropped and the batch carries on from there.
+
 The worker does not wait for the loop between steps: it posts each result and goes
 straight on, so the loop streams step N while the model computes step N + 1. It may
 run up to `PIPELINE_DEPTH` steps ahead of what the loop has applied, so a busy loop
@@ -89,6 +95,7 @@ class StepResult:
     failed: bool = False  # the step raised: every request in `requests` ends with "error"
     cpu: float = 0.0  # the worker thread's CPU seconds since its previous result
     load: Load = field(default_factory=Load)  # the scheduler once this result was made
+    more: list[StepOutput] = field(default_factory=list)  # a run's later steps, in order
 
 
 class EngineCore:
@@ -194,9 +201,11 @@ class EngineCore:
         if step is None:
             return
         if hooks.on_step is not None:
-            hooks.on_step(StepStats(len(result.requests), step.seconds))
+            for each in (step, *result.more):
+                hooks.on_step(StepStats(len(result.requests), each.seconds))
         tokens = step.tokens.tolist()
-        output.apply(result.requests, tokens, step.h, step.c, step.top, result.cpu)
+        more = [(each.tokens.tolist(), each.h, each.c) for each in result.more]
+        output.apply(result.requests, tokens, step.h, step.c, step.top, result.cpu, more)
 
     # --- health (read on the event loop) -------------------------------------------
 
@@ -267,9 +276,8 @@ class EngineCore:
                 # nothing to step; the loop still hears of what changed (counts, refusals)
                 news = StepResult([], None, admitted, refused)
                 return self._post(news) if taken or refused else True
-            out = self._step(plan)
-            self.scheduler.update(plan, out.tokens)
-            result = StepResult(plan.requests, out, admitted, refused)
+            steps = self._counted(plan, self._step(plan))
+            result = StepResult(plan.requests, steps[0], admitted, refused, more=steps[1:])
         except Exception:
             logger.exception("engine step failed; ending the running requests")
             self.runner.drop()
@@ -278,8 +286,28 @@ class EngineCore:
         result.cpu, self._cpu_at = now - self._cpu_at, now
         return self._post(result)
 
-    def _step(self, plan: StepPlan) -> StepOutput:
-        return self.runner.execute(plan)
+    def _step(self, plan: StepPlan) -> list[StepOutput]:
+        """A run of `plan` where one may start (see the module docstring), else a step."""
+        runner, scheduler = self.runner, self.scheduler
+        if (
+            runner.run_steps
+            and self._inbox.empty()
+            and not (scheduler.num_waiting and scheduler.free_slots)
+            and scheduler.headroom(plan) >= runner.run_steps
+        ):
+            run = runner.execute_run(plan)
+            if run is not None:
+                return run
+        return [runner.execute(plan)]
+
+    def _counted(self, plan: StepPlan, steps: list[StepOutput]) -> list[StepOutput]:
+        """The scheduler counts each step's tokens; once a row has ended, the steps after
+        it are dropped and the runner carries on from the last one kept."""
+        for i, step in enumerate(steps):
+            if self.scheduler.update(plan, step.tokens) and i + 1 < len(steps):
+                self.runner.keep(step)
+                return steps[: i + 1]
+        return steps
 
     def _take_commands(self, block: bool) -> int | None:
         """Hand queued commands to the scheduler; with `block`, wait for the first one.
@@ -349,11 +377,13 @@ def build_engine(
     max_stride: int = 16,
     fuse_sampling: bool = True,
     sampling_graphs: bool = True,
+    decode_runs: bool = True,
 ) -> EngineCore:
     """An engine core over `model`: the bundle's sampling graphs when it has them (and
     `sampling_graphs`), else sampling in numpy; the softmax fused into the model's call
-    for small batches when the bundle has that graph too (and `fuse_sampling`)."""
+    for small batches when the bundle has that graph too (and `fuse_sampling`); decode
+    runs for small batches when it has decode_run (and `decode_runs`)."""
     threads = max(1, model.intra_op_threads)
     head = SamplingHead.from_bundle(model.bundle, threads) if sampling_graphs else None
-    runner = ModelRunner(model, max_batch, head, fuse_sampling)
+    runner = ModelRunner(model, max_batch, head, fuse_sampling, decode_runs)
     return EngineCore(runner, max_batch, OutputProcessor(hooks, max_stride))

@@ -7,6 +7,10 @@ with a different T.
 `run_softmax` is `run` with the softmax that direct sampling needs computed in the same
 onnxruntime call: the bundle's `step_softmax` graph, built at export. A bundle without
 it still serves; the runner then samples with separate calls.
+
+`run_decode` takes `run_steps` decode steps in one call, each sampled in the graph and
+fed to the next: the bundle's `decode_run` graph (see `simmer.bundle`). A bundle
+without it serves one step per call (`run_steps` is 0).
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from simmer.bundle import BundleError, ModelBundle, check_graph
+from simmer.bundle import DECODE_RUN, STEP_SOFTMAX, BundleError, ModelBundle, check_graph
 from simmer.ort import GraphLoadError, fast_run, open_session
 
 logger = logging.getLogger(__name__)
 
 _OUTPUTS = ["logits", "hn", "cn"]
 _SOFTMAX_OUTPUTS = ["logits", "hn", "cn", "weights", "sums"]
+_RUN_OUTPUTS = ["sampled", "hs", "cs"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,13 @@ class ModelOutput:
 class SoftmaxOutput(ModelOutput):
     probs: np.ndarray  # (B, nb * width): softmax(logits * inv_t), zero past the vocabulary
     sums: np.ndarray  # (B, nb) block sums of the probabilities
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    tokens: np.ndarray  # (B, K) int64: each row's token at each of the K steps
+    h: np.ndarray  # (K, L, B, H) float32: the state after each step
+    c: np.ndarray
 
 
 class ModelSession:
@@ -63,8 +75,11 @@ class ModelSession:
         self.vocab_size = bundle.vocab_size
         self._run = fast_run(self.session)
         self._run_softmax: Any = None
+        self._run_decode: Any = None
+        self.run_steps = 0  # steps per run_decode call; 0 without the graph
         self._check_graph()
         self._open_softmax()
+        self._open_run()
 
     @property
     def has_softmax(self) -> bool:
@@ -87,16 +102,27 @@ class ModelSession:
             )
 
     def _open_softmax(self) -> None:
-        graph = self.bundle.graph("step_softmax")
+        self._run_softmax = self._open(STEP_SOFTMAX, "sampling in separate calls")
+
+    def _open_run(self) -> None:
+        self._run_decode = self._open(DECODE_RUN, "one decode step per call")
+        graph = self.bundle.graph(DECODE_RUN)
+        if self._run_decode is not None and graph is not None:
+            self.run_steps = int(graph.params["steps"])
+
+    def _open(self, name: str, otherwise: str) -> Any:
+        """A fast run function over the bundle's graph `name`; None, with a warning that
+        says what the service does `otherwise`, where it has none or it cannot open."""
+        graph = self.bundle.graph(name)
         if graph is None:
-            logger.warning("the bundle has no step_softmax graph; sampling in separate calls")
-            return
+            logger.warning("the bundle has no %s graph; %s", name, otherwise)
+            return None
         try:
             session = open_session(graph.path, self.intra_op_threads, self.providers)
         except GraphLoadError:
-            logger.warning("cannot open the step_softmax graph", exc_info=True)
-            return
-        self._run_softmax = fast_run(session)
+            logger.warning("cannot open the %s graph; %s", name, otherwise, exc_info=True)
+            return None
+        return fast_run(session)
 
     def zero_state(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         shape = (self.num_layers, batch, self.hidden_size)
@@ -117,12 +143,41 @@ class ModelSession:
         logits, hn, cn, probs, sums = self._run_softmax(_SOFTMAX_OUTPUTS, feeds, None)
         return SoftmaxOutput(logits, hn, cn, probs, sums)
 
+    def run_decode(
+        self,
+        tokens: np.ndarray,
+        h: np.ndarray,
+        c: np.ndarray,
+        inv_t: np.ndarray,
+        ban: np.ndarray,
+        uniforms: np.ndarray,
+    ) -> RunOutput:
+        """`run_steps` decode steps from `tokens` (B, T) and state (h, c), each drawn from
+        softmax(logits * inv_t) (B,) without the row's `ban` (B,) (-1: none) with
+        `uniforms` (B, run_steps) float64 in [0, 1). Needs `run_steps`."""
+        if self._run_decode is None:
+            raise RuntimeError("the bundle has no decode_run graph")
+        feeds = {
+            "tokens": tokens,
+            "h0": h,
+            "c0": c,
+            "inv_t": inv_t.reshape(-1, 1),
+            "ban": ban.reshape(-1, 1),
+            "uniforms": uniforms,
+        }
+        sampled, hs, cs = self._run_decode(_RUN_OUTPUTS, feeds, None)
+        return RunOutput(sampled, hs, cs)
+
     def warm_up(self, batches: tuple[int, ...] = (1, 8)) -> float:
         """Run a few steps so the first real request does not pay for allocation."""
         started = time.perf_counter()
         for batch in batches:
             tokens = np.ones((batch, 1), np.int64)
             self.run(tokens, *self.zero_state(batch))
+            ones = np.ones(batch, np.float32)
             if self.has_softmax:
-                self.run_softmax(tokens, *self.zero_state(batch), np.ones(batch, np.float32))
+                self.run_softmax(tokens, *self.zero_state(batch), ones)
+            if self.run_steps:
+                no_ban, uniforms = np.full(batch, -1, np.int64), np.zeros((batch, self.run_steps))
+                self.run_decode(tokens, *self.zero_state(batch), ones, no_ban, uniforms)
         return time.perf_counter() - started

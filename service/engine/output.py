@@ -9,7 +9,9 @@ feed, so its session is exactly what the kept tokens imply; tokens the worker sa
 for it after that (it runs a few steps ahead) are dropped.
 
 Under load, waking every stream's consumer for every token costs the loop more than
-the tokens are worth: see `OutputProcessor.stride_for`.
+the tokens are worth: see `OutputProcessor.stride_for`. A decode run's result carries
+several steps; they are applied in order in one call, so a consumer woken by the first
+finds the rest too.
 
 Nothing here knows about HTTP or onnxruntime.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,10 +105,26 @@ class OutputProcessor:
         c: np.ndarray,
         top: dict[int, TopLogprobs],
         worker_cpu: float,
+        more: Sequence[tuple[list[int], np.ndarray, np.ndarray]] = (),
     ) -> None:
         """One step: `tokens[row]` for `requests[row]`, whose state after it is row `row`
-        of `h` and `c` (L, B, H); `top` for the rows that asked for logprobs."""
+        of `h` and `c` (L, B, H); `top` for the rows that asked for logprobs. `more`: a
+        run's later steps, (tokens, h, c) each, in order; `worker_cpu` is for them all,
+        so the coalescing stride is set once for the result."""
         stride = self.stride_for(len(requests), worker_cpu)
+        self._apply_step(requests, tokens, h, c, top, stride)
+        for step_tokens, step_h, step_c in more:
+            self._apply_step(requests, step_tokens, step_h, step_c, {}, stride)
+
+    def _apply_step(
+        self,
+        requests: list[Request],
+        tokens: list[int],
+        h: np.ndarray,
+        c: np.ndarray,
+        top: dict[int, TopLogprobs],
+        stride: int,
+    ) -> None:
         for row, request in enumerate(requests):
             if request.done:
                 continue  # ended by the loop after the worker took this step

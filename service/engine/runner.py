@@ -11,6 +11,16 @@ when requests join or leave (`flush`, then `load`).
 Each slot also keeps its request's logit bias, bans and penalties, and the counts of the
 words it has generated (`service.engine.adjust`, which says how a fused step samples
 them). Log-probabilities are those of the changed distribution.
+
+A decode run (`execute_run`) takes the model's `run_steps` steps in one onnxruntime
+call, each sampled in the graph and fed to the next (the bundle's `decode_run`). At a
+small batch the step itself is a fraction of what a step costs around it: the Python
+of a pass, the hand-off to the event loop and the message it sends. A run pays those
+once for `run_steps` tokens. It serves the common small batch only: up to `RUN_BATCH`
+rows, each sampling its whole distribution without a seed, with at most one ban (the
+server's [UNK] ban) and no other change, and none asking for logprobs or ignoring the
+stop token. A seeded row takes single steps, so its tokens never depend on what shares
+its batch. The engine core decides when a run may start and which of its steps count.
 """
 
 from __future__ import annotations
@@ -32,6 +42,14 @@ from simmer.tokenizer import PAD_ID
 
 logger = logging.getLogger(__name__)
 
+# The most rows a decode run takes. Per step, the run graph costs more than step_softmax
+# by 5 to 15 us a row (its lookup's small ops, and buffers for every step), and saves a
+# pass's Python and hand-off, about 35 us, plus the lookup in numpy: a clear gain at 1
+# to 4 rows, even at 6 to 8, a loss at 16 (783 against 552 us a step). Below 8 rows the
+# event loop also sends every token as its own message (`output.COALESCE_MIN_BATCH`),
+# and a run cuts those messages by its length; from 8 rows coalescing does that.
+RUN_BATCH = 7
+
 
 @dataclass
 class StepOutput:
@@ -52,6 +70,7 @@ class _Rows:
     no_eos: list[int]  # rows that never draw the stop token
     rngs: list[Uniforms]  # each row's generator (rows without a seed share one)
     adjust: BatchAdjustments | None = None  # logit bias, bans, penalties; None: no row has any
+    run_bans: np.ndarray | None = None  # (B,) each row's one ban (-1: none); None: no runs
 
 
 class ModelRunner:
@@ -61,10 +80,12 @@ class ModelRunner:
         max_batch: int,
         head: SamplingHead | None,
         fuse_sampling: bool = True,
+        decode_runs: bool = True,
     ) -> None:
         self.model = model
         self.head = head
         self.fuse = fuse_sampling and head is not None and model.has_softmax
+        self.run_steps = model.run_steps if decode_runs else 0  # 0: a step per call
         layers, hidden = model.num_layers, model.hidden_size
         self._h = np.zeros((layers, max_batch, hidden), np.float32)
         self._c = np.zeros((layers, max_batch, hidden), np.float32)
@@ -162,6 +183,35 @@ class ModelRunner:
         self._carry = (sampled.reshape(-1, 1), h, c)
         return StepOutput(sampled, h, c, top, time.perf_counter() - started)
 
+    def execute_run(self, plan: StepPlan) -> list[StepOutput] | None:
+        """`run_steps` steps of a running batch in one call, one output per step; None,
+        having done nothing, for a batch a run does not serve (see the module docstring)
+        or one with newcomers, whose first token should not wait for a whole run."""
+        if not self.run_steps or plan.prefill:
+            return None
+        rows = self._rows_of(plan)
+        if rows.run_bans is None:
+            return None
+        started = time.perf_counter()
+        if self._carry is not None:
+            feed, h_in, c_in = self._carry
+        else:
+            feed = self._next[rows.slots].reshape(-1, 1)
+            h_in, c_in = self._h[:, rows.slots], self._c[:, rows.slots]
+        steps = self.run_steps
+        # every row here is unseeded: they draw from the shared generator, in one call
+        uniforms = self._unseeded.rng.random((len(rows.slots), steps))
+        out = self.model.run_decode(feed, h_in, c_in, rows.params.inv_t, rows.run_bans, uniforms)
+        self.calls += 1
+        self._carry = (np.ascontiguousarray(out.tokens[:, -1:]), out.h[-1], out.c[-1])
+        seconds = (time.perf_counter() - started) / steps
+        return [StepOutput(out.tokens[:, k], out.h[k], out.c[k], {}, seconds) for k in range(steps)]
+
+    def keep(self, step: StepOutput) -> None:
+        """After a run: carry on from `step`, one of its steps, as if it had been the
+        last (the core drops the steps after a row ended)."""
+        self._carry = (np.ascontiguousarray(step.tokens).reshape(-1, 1), step.h, step.c)
+
     def _pick_fused(self, fused: SoftmaxOutput, logits: np.ndarray, rows: _Rows) -> np.ndarray:
         """One token per row of a fused step: from the fused softmax, except the rows whose
         changes it does not know (see `service.engine.adjust`), drawn from their changed
@@ -208,6 +258,15 @@ class ModelRunner:
                 rngs=[shared if r.rng is None else r.rng for r in plan.requests],
                 adjust=self._adjust.batch(slots, self._seeded[slots]),
             )
+            rows = self._rows
+            if (
+                self.run_steps
+                and len(slots) <= RUN_BATCH
+                and params.all_full
+                and not rows.logprobs
+                and not rows.no_eos
+            ):
+                rows.run_bans = self._adjust.sole_bans(slots)
         return self._rows
 
     def _prefill(self, plan: StepPlan) -> None:

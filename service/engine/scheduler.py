@@ -112,9 +112,15 @@ class Scheduler:
         self._steady = StepPlan(requests, slots, [], changed=False)
         return StepPlan(requests, slots, prefill, changed=True)
 
-    def update(self, plan: StepPlan, tokens: np.ndarray | list[int]) -> None:
+    def headroom(self, plan: StepPlan) -> int:
+        """The fewest tokens any row of `plan` may still sample before its limit."""
+        slots = plan.slots
+        return int((self._limit[slots] - self._sampled[slots]).min(initial=_MAX_LIMIT))
+
+    def update(self, plan: StepPlan, tokens: np.ndarray | list[int]) -> bool:
         """After a step: count each row's token; retire those that ended (stop token,
-        token limit). The event loop finishes them from the same step's result.
+        token limit), and say whether any did. The event loop finishes them from the
+        same step's result.
 
         Call it right after the step of `plan`, before anything is admitted or cancelled:
         the counts are per slot, and a slot given to a new request in between would be
@@ -136,6 +142,7 @@ class Scheduler:
             request_id = plan.requests[row].request_id
             if request_id in self._running:
                 self._retire(request_id)
+        return bool(ended)
 
     def clear(self) -> list[Request]:
         """After a failed step: drop every running request (their slots are freed)."""

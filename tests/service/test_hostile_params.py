@@ -102,10 +102,11 @@ class CheckingCore(EngineCore):
 
     sampled: list[int]
 
-    def _step(self, plan: StepPlan) -> StepOutput:
-        out = super()._step(plan)
-        self.sampled.extend(out.tokens.tolist())
-        return out
+    def _step(self, plan: StepPlan) -> list[StepOutput]:
+        steps = super()._step(plan)
+        for step in steps:
+            self.sampled.extend(step.tokens.tolist())
+        return steps
 
 
 @dataclass
@@ -120,17 +121,19 @@ class Harness:
         return self.loop.run_until_complete(coro)
 
 
-@pytest.fixture(scope="module", params=["fused", "onnx_head", "numpy"])
+@pytest.fixture(scope="module", params=["runs", "fused", "onnx_head", "numpy"])
 def harness(request: pytest.FixtureRequest, tiny_bundle: Path) -> Iterator[Harness]:
     bundle = load_bundle(tiny_bundle)
     engine = ModelSession(bundle, ["CPUExecutionProvider"], intra_op_threads=1)
     loop = asyncio.new_event_loop()
-    # "numpy": the fallback for a bundle without sampling graphs
+    # "runs": as served (small batches in decode runs where they can); "numpy": the
+    # fallback for a bundle without sampling graphs
     built = build_engine(
         engine,
         64,
-        fuse_sampling=request.param == "fused",
+        fuse_sampling=request.param in ("runs", "fused"),
         sampling_graphs=request.param != "numpy",
+        decode_runs=request.param == "runs",
     )
     scheduler = CheckingCore(built.runner, 64, built.output)
     scheduler.sampled = []

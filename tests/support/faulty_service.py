@@ -38,8 +38,8 @@ def _take(name: str) -> bool:
     return True
 
 
-def faulty_step(core: EngineCore, plan: StepPlan) -> StepOutput:
-    """The engine core's step, after acting on a fault file if there is one."""
+def faulty_step(core: EngineCore, plan: StepPlan) -> list[StepOutput]:
+    """The engine core's step (or run), after acting on a fault file if there is one."""
     if _take("raise"):
         raise RuntimeError("injected engine fault")
     if _take("kill"):
