@@ -12,8 +12,11 @@ import string
 import tempfile
 from pathlib import Path
 
-from simmer.bundle import GRAPHS, MANIFEST, SEQUENCE_LOGPROBS, is_bundle
+from simmer.bundle import DECODE_RUN, GRAPHS, MANIFEST, SEQUENCE_LOGPROBS, is_bundle
 from simmer.tokenizer import PAD, UNK, Tokenizer
+
+# graphs a cached bundle must have, else it comes from an older export and is built again
+NEWEST_GRAPHS = (SEQUENCE_LOGPROBS, DECODE_RUN)
 
 # A few real words so prompts encode to something other than [UNK].
 COMMON_WORDS = (
@@ -147,17 +150,21 @@ def cached_bundle(
     int8_data: Path | None = None,
 ) -> Path:
     """The random bundle of this size under `cache` (int8 with `int8_data`), built once,
-    and again when the cached one comes from an export without the scoring graph."""
+    and again when the cached one comes from an older export (`is_current`)."""
     suffix = "-int8" if int8_data else ""
     out = cache / f"random-v{vocab_size}-e{embedding_dim}-h{hidden_size}{suffix}"
-    if not is_bundle(out) or not _has_scoring_graph(out):
+    if not is_current(out):
         build_random_bundle(out, vocab_size, embedding_dim, hidden_size, int8_data=int8_data)
     return out
 
 
-def _has_scoring_graph(bundle: Path) -> bool:
+def is_current(bundle: Path) -> bool:
+    """Whether `bundle` is a bundle with every graph in NEWEST_GRAPHS."""
+    if not is_bundle(bundle):
+        return False
     try:
         manifest = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and SEQUENCE_LOGPROBS in (manifest.get(GRAPHS) or {})
+    graphs = manifest.get(GRAPHS) if isinstance(manifest, dict) else None
+    return isinstance(graphs, dict) and all(name in graphs for name in NEWEST_GRAPHS)

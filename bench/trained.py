@@ -23,8 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.model import is_current
 from bench.server import ROOT
-from simmer.bundle import is_bundle, sha256_file
+from simmer.bundle import sha256_file
 from training.presets import get_preset
 
 OUTPUT_TAIL = 3000  # characters of a failed command's output kept in its error
@@ -42,9 +43,10 @@ def trained_bundle(
     max_recipes: int | None = None,
 ) -> Path:
     """The bundle of `preset` trained for `epochs` on `data` (its first `max_recipes`
-    recipes), from `cache_dir` when it is there, else trained and exported into it."""
+    recipes), from `cache_dir` when it is there from the current export (`is_current`),
+    else trained and exported into it."""
     out = cache_dir / cache_name(data, preset, epochs, max_recipes)
-    if is_bundle(out):
+    if is_current(out):
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=cache_dir) as tmp:
@@ -55,12 +57,12 @@ def trained_bundle(
             train += ["--max-recipes", str(max_recipes)]
         _run_module("training", train)
         _run_module("export", ["--checkpoint", str(run), "--out", str(bundle), "--data", str(data)])
-        if out.exists():  # here but not a bundle (no manifest): nothing in it to keep
+        if out.exists():  # not a bundle, or an older export's: nothing in it to keep
             shutil.rmtree(out)
         try:
             bundle.rename(out)  # one step on the same file system: never half there
         except OSError:
-            if not is_bundle(out):  # another benchmark run may have finished first
+            if not is_current(out):  # another benchmark run may have finished first
                 raise
     return out
 

@@ -27,6 +27,7 @@ from bench.__main__ import (
     _round,
     ratios,
 )
+from bench.model import NEWEST_GRAPHS, is_current
 from bench.report import quotient, ratio
 from bench.trained import TrainedBundleError, trained_bundle
 from training import presets
@@ -298,9 +299,12 @@ def test_the_realistic_efficiency_is_the_median_of_its_rounds_or_says_why_it_is_
     assert items[REALISTIC]["reason"] == skipped["skipped"]
 
 
-def fake_modules(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def fake_modules(
+    monkeypatch: pytest.MonkeyPatch, graphs: tuple[str, ...] = NEWEST_GRAPHS
+) -> list[str]:
     """Replace the training and export processes with stand-ins that record their module
-    and leave what each would leave: a run folder, a bundle with its manifest."""
+    and leave what each would leave: a run folder, a bundle with its manifest (listing
+    `graphs`)."""
     ran: list[str] = []
 
     def run_module(module: str, args: list[str]) -> None:
@@ -308,7 +312,8 @@ def fake_modules(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         out = Path(args[args.index("--out") + 1])
         out.mkdir()
         if module == "export":
-            (out / "manifest.json").write_text("{}")
+            manifest = {"graphs": {name: {} for name in graphs}}
+            (out / "manifest.json").write_text(json.dumps(manifest))
 
     monkeypatch.setattr(trained, "_run_module", run_module)
     return ran
@@ -337,6 +342,24 @@ def test_a_trained_bundle_is_reused_from_the_cache_without_training_again(
     monkeypatch.setattr(presets, "PRESETS", changed)
     assert trained_bundle(cache, corpus, "tiny", 1, 200) != second
     assert ran == ["training", "export"] * 4
+
+
+def test_a_trained_bundle_from_an_older_export_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached bundle without a graph the export now builds (decode_run, say) would
+    measure an older service: it is trained and exported again, in its place."""
+    corpus = tmp_path / "recipes.json"
+    corpus.write_text("[]")
+    cache = tmp_path / "cache"
+    ran = fake_modules(monkeypatch, graphs=NEWEST_GRAPHS[:-1])
+    older = trained_bundle(cache, corpus, "tiny", 1, 200)
+    assert not is_current(older)
+    ran = fake_modules(monkeypatch)
+    again = trained_bundle(cache, corpus, "tiny", 1, 200)
+    assert again == older and is_current(again)
+    assert ran == ["training", "export"]
+    assert [p.name for p in cache.iterdir()] == [again.name]
 
 
 def test_a_failed_training_raises_with_its_output_and_leaves_nothing_to_reuse(
