@@ -42,6 +42,7 @@ with one line.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,24 +449,29 @@ def decode_run_graph(model: onnx.ModelProto, vocab: int, width: int, steps: int)
     b.add("Concat", sampled, ["sampled"], axis=1)
     b.add("Concat", hs, ["hs"], axis=0)
     b.add("Concat", cs, ["cs"], axis=0)
-    b.initializers = [*graph.initializer, *b.initializers]
     state = graph.input[1].type.tensor_type.shape.dim  # h0 (L, B, H)
     layers, hidden = state[0].dim_value, state[2].dim_value
-    return _model(
-        b,
-        "simmer_decode_run",
-        [
-            *graph.input,
-            _tensor("inv_t", TensorProto.FLOAT, ["batch", 1]),
-            _tensor("ban", TensorProto.INT64, ["batch", 1]),
-            _tensor("uniforms", TensorProto.DOUBLE, ["batch", steps]),
-        ],
-        [
-            _tensor("sampled", TensorProto.INT64, ["batch", steps]),
-            _tensor("hs", TensorProto.FLOAT, [steps, layers, "batch", hidden]),
-            _tensor("cs", TensorProto.FLOAT, [steps, layers, "batch", hidden]),
-        ],
+    if not (layers and hidden):
+        raise ExportError("decode_run needs the model's layers and hidden size as fixed sizes")
+    inputs = [
+        *graph.input,
+        _tensor("inv_t", TensorProto.FLOAT, ["batch", 1]),
+        _tensor("ban", TensorProto.INT64, ["batch", 1]),
+        _tensor("uniforms", TensorProto.DOUBLE, ["batch", steps]),
+    ]
+    outputs = [
+        _tensor("sampled", TensorProto.INT64, ["batch", steps]),
+        _tensor("hs", TensorProto.FLOAT, [steps, layers, "batch", hidden]),
+        _tensor("cs", TensorProto.FLOAT, [steps, layers, "batch", hidden]),
+    ]
+    initializers = [*graph.initializer, *b.initializers]
+    run = onnx.ModelProto()
+    run.CopyFrom(model)  # its opsets, functions and IR version, for its own nodes
+    run.graph.CopyFrom(
+        helper.make_graph(b.nodes, "simmer_decode_run", inputs, outputs, initializers)
     )
+    run.producer_name = "simmer-export"
+    return run
 
 
 def checked(name: str, model: onnx.ModelProto, params: dict[str, int]) -> BuiltGraph:
@@ -493,8 +499,11 @@ def build_graphs(model_path: Path, vocab: int) -> dict[str, BuiltGraph]:
         ),
     }
     if opset >= RUN_MIN_OPSET:  # older models serve without it
-        run = decode_run_graph(model, vocab, width, RUN_STEPS)
-        graphs[DECODE_RUN] = checked(DECODE_RUN, run, {**blocks, "steps": RUN_STEPS})
+        try:
+            run = decode_run_graph(model, vocab, width, RUN_STEPS)
+            graphs[DECODE_RUN] = checked(DECODE_RUN, run, {**blocks, "steps": RUN_STEPS})
+        except ExportError as exc:  # optional: the service then takes a step per call
+            print(f"export: decode_run skipped: {exc}", file=sys.stderr)
     return graphs
 
 
@@ -726,7 +735,7 @@ def check_graphs(
         except BundleError as exc:
             raise ExportError(str(exc)) from exc
     vocab = config.vocab_size
-    return {
+    checks: dict[str, Any] = {
         "tolerance": GRAPH_TOL,
         "batches": list(CHECK_BATCHES),
         "step_cases": [f"{b}x{s}" for b, s in STEP_CASES],
@@ -734,11 +743,11 @@ def check_graphs(
             SAMPLING_DIRECT: check_direct(graphs[SAMPLING_DIRECT], vocab),
             SAMPLING_ENVELOPE: check_envelope(graphs[SAMPLING_ENVELOPE], vocab),
             STEP_SOFTMAX: check_step_softmax(graphs[STEP_SOFTMAX], model_path, config),
-            **(
-                {DECODE_RUN: check_decode_run(graphs[DECODE_RUN], model_path, config)}
-                if DECODE_RUN in graphs
-                else {}
-            ),
         },
         "step_softmax_state_equals_model": True,
     }
+    if DECODE_RUN in graphs:
+        # how far a drawn word's interval was from its number (0: every one inside)
+        checks["decode_run_max_miss"] = check_decode_run(graphs[DECODE_RUN], model_path, config)
+        checks["decode_run_state_equals_model"] = True
+    return checks

@@ -16,9 +16,10 @@ part-way, the steps after it are dropped and the batch carries on from there.
 
 The worker does not wait for the loop between steps: it posts each result and goes
 straight on, so the loop streams step N while the model computes step N + 1. It may
-run up to `PIPELINE_DEPTH` steps ahead of what the loop has applied, so a busy loop
-does not stall the model; a request the loop ends (a stop string, a cancel) may be
-stepped a few more times, and those tokens are dropped.
+run up to `PIPELINE_DEPTH` results ahead of what the loop has applied (a decode run's
+result holds several steps), so a busy loop does not stall the model; a request the
+loop ends (a stop string, a cancel) may be stepped a few more times, and those tokens
+are dropped.
 
 Supervision: an exception in a step fails the requests of that step, and only those;
 one while loading a request into its slot fails that request; the worker goes on.
@@ -40,12 +41,12 @@ from service.engine.head import SamplingHead
 from service.engine.model import ModelSession
 from service.engine.output import Hooks, OutputProcessor, StepStats
 from service.engine.request import Request
-from service.engine.runner import ModelRunner, StepOutput
+from service.engine.runner import RUN_BATCH, ModelRunner, StepOutput
 from service.engine.scheduler import Scheduler, StepPlan
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_DEPTH = 16  # steps the worker may run ahead of the event loop
+PIPELINE_DEPTH = 16  # results the worker may post ahead of the event loop
 
 
 class EngineClosed(RuntimeError):
@@ -291,6 +292,7 @@ class EngineCore:
         runner, scheduler = self.runner, self.scheduler
         if (
             runner.run_steps
+            and len(plan.requests) <= RUN_BATCH
             and self._inbox.empty()
             and not (scheduler.num_waiting and scheduler.free_slots)
             and scheduler.headroom(plan) >= runner.run_steps
@@ -302,11 +304,15 @@ class EngineCore:
 
     def _counted(self, plan: StepPlan, steps: list[StepOutput]) -> list[StepOutput]:
         """The scheduler counts each step's tokens; once a row has ended, the steps after
-        it are dropped and the runner carries on from the last one kept."""
+        it are dropped and the runner carries on from the last one kept. The kept steps
+        then share the run's time."""
         for i, step in enumerate(steps):
             if self.scheduler.update(plan, step.tokens) and i + 1 < len(steps):
                 self.runner.keep(step)
-                return steps[: i + 1]
+                kept = steps[: i + 1]
+                for each in kept:
+                    each.seconds *= len(steps) / len(kept)
+                return kept
         return steps
 
     def _take_commands(self, block: bool) -> int | None:

@@ -312,7 +312,7 @@ def fake_modules(
         out = Path(args[args.index("--out") + 1])
         out.mkdir()
         if module == "export":
-            manifest = {"graphs": {name: {} for name in graphs}}
+            manifest: dict[str, Any] = {"graphs": {name: {} for name in graphs}}
             (out / "manifest.json").write_text(json.dumps(manifest))
 
     monkeypatch.setattr(trained, "_run_module", run_module)

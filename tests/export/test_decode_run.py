@@ -181,3 +181,22 @@ def test_a_model_before_opset_16_gets_every_graph_but_decode_run(
 def test_a_run_of_one_step_is_refused(tiny_onnx: Path) -> None:
     with pytest.raises(ExportError, match="at least 2 steps"):
         decode_run_graph(onnx.load(str(tiny_onnx)), 500, 23, 1)
+
+
+def test_a_model_decode_run_cannot_be_built_for_still_exports_the_other_graphs(
+    tiny_onnx: Path, tiny_model: RecipeLSTM, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """decode_run is optional: a model whose state sizes are not fixed gets the others,
+    and the export says why in one line."""
+    model = onnx.load(str(tiny_onnx))
+    for value in model.graph.input:
+        if value.name in ("h0", "c0"):
+            value.type.tensor_type.shape.dim[2].dim_param = "hidden"
+    odd = tmp_path / "symbolic.onnx"
+    onnx.save(model, str(odd))
+    built = build_graphs(odd, tiny_model.config.vocab_size)
+    assert DECODE_RUN not in built and len(built) == 3
+    assert capsys.readouterr().err == (
+        "export: decode_run skipped: decode_run needs the model's layers and hidden size "
+        "as fixed sizes\n"
+    )

@@ -57,3 +57,23 @@ def test_a_finished_request_keeps_the_state_of_its_last_kept_token() -> None:
     assert request.finish_reason == "length" and request.tokens == [7, 8]
     assert request.feed == [8]  # the last kept token is pending, not fed
     assert np.array_equal(request.h, np.full((1, 4), 2.0))
+
+
+def test_a_runs_steps_are_applied_in_order_and_stop_where_the_request_ends() -> None:
+    """One result with three steps: a stop string at the second keeps its state and
+    drops the third."""
+
+    async def main() -> Request:
+        output = OutputProcessor()
+        request = _request(1, max_new=10)
+        request.check = lambda token: "stop" if token == 8 else None
+        output.track(request)
+        steps = [np.full((1, 1, 4), float(k), np.float32) for k in (1, 2, 3)]
+        more = [([8], steps[1], steps[1]), ([9], steps[2], steps[2])]
+        output.apply([request], [7], steps[0], steps[0], {}, 0.0, more)
+        return request
+
+    request = asyncio.run(main())
+    assert request.finish_reason == "stop" and request.tokens == [7, 8]
+    assert request.feed == [8]
+    assert np.array_equal(request.h, np.full((1, 4), 2.0))

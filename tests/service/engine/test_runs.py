@@ -171,12 +171,28 @@ def test_a_batch_a_run_cannot_serve_takes_single_steps(
     model: RecordingModel, params: SamplingParams
 ) -> None:
     """One such row in the batch is enough: while both run, the batch steps one token
-    per call (once the other has ended, the plain one may run alone)."""
-    plain = request(model, [3, 4, 5], max_new=20)
-    other = request(model, [6, 7, 8], max_new=20, params=params)
-    generate(model, [plain, other])
-    assert ("step", 2) in model.calls
+    per call (once the other has ended, the plain one may run alone). Two plain rows,
+    the control, do run together."""
+    for _attempt in range(20):  # until neither row stops within its first 9 tokens
+        model.calls = []
+        plain = request(model, [3, 4, 5], max_new=20)
+        other = request(model, [6, 7, 8], max_new=20, params=params)
+        generate(model, [plain, other])
+        if min(len(plain.tokens), len(other.tokens)) > 9:
+            break
+    assert min(len(plain.tokens), len(other.tokens)) > 9, "every try stopped early"
     assert ("run", 2) not in model.calls, model.calls
+    assert model.calls.count(("step", 2)) >= 9
+
+
+def test_two_plain_rows_run_together(model: RecordingModel) -> None:
+    for _attempt in range(20):
+        model.calls = []
+        pair = [request(model, [3, 4, 5], max_new=20), request(model, [6, 7, 8], max_new=20)]
+        generate(model, pair)
+        if ("run", 2) in model.calls:
+            break
+    assert ("run", 2) in model.calls, model.calls
 
 
 def test_runs_can_be_turned_off(model: RecordingModel) -> None:
@@ -194,3 +210,81 @@ def test_a_seeded_request_gets_the_same_tokens_beside_a_batch_in_runs(
     others = [request(model, [5 + i], max_new=24) for i in range(3)]
     generate(model, [*others, beside])
     assert beside.tokens == alone.tokens
+
+
+def test_a_stop_string_or_a_cancel_inside_a_run_keeps_exactly_the_tokens_kept(
+    model: RecordingModel,
+) -> None:
+    """The loop ends rows while the worker runs ahead: one by a stop check a few tokens
+    in, one cancelled from its consumer; each session is its prompt and kept tokens
+    replayed, and the other rows go on to their limit or the stop token."""
+    steps = model.run_steps
+    prompts = [[3 + i, 7, 9] for i in range(5)]
+
+    async def main() -> list[Request]:
+        core = build_engine(model, 8)
+        rows = [request(model, list(p), max_new=4 * steps) for p in prompts]
+        rows[0].check = lambda token: "stop" if len(rows[0].tokens) == 3 else None
+        for r in rows:
+            core.submit(r)
+        core.start()
+        cancelled = rows[1]
+        while len(cancelled.tokens) < 2 and not cancelled.done:
+            await cancelled.event.wait()
+            cancelled.event.clear()
+        core.cancel(cancelled)
+        for r in rows:
+            while not r.done:
+                await r.event.wait()
+                r.event.clear()
+        await core.close()
+        return rows
+
+    rows = asyncio.run(main())
+    assert any(call == ("run", 5) for call in model.calls), model.calls
+    assert rows[0].finish_reason in ("stop", "eos") and len(rows[0].tokens) <= 3
+    assert rows[1].finish_reason in ("cancelled", "eos", "stop")
+    for r in rows[2:]:
+        assert r.finish_reason in ("eos", "length")
+        assert len(r.tokens) <= 4 * steps
+    for r, prompt in zip(rows, prompts, strict=True):
+        h, c = replayed(model, r, prompt)
+        np.testing.assert_allclose(r.h, h, atol=1e-5)
+        np.testing.assert_allclose(r.c, c, atol=1e-5)
+
+
+class FailingRunModel(RecordingModel):
+    """run_decode raises once, as a failing onnxruntime call would."""
+
+    failures = 1
+
+    def run_decode(
+        self,
+        tokens: np.ndarray,
+        h: np.ndarray,
+        c: np.ndarray,
+        inv_t: np.ndarray,
+        ban: np.ndarray,
+        uniforms: np.ndarray,
+    ) -> RunOutput:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("injected run failure")
+        return super().run_decode(tokens, h, c, inv_t, ban, uniforms)
+
+
+def test_a_failed_run_ends_its_rows_with_error_and_the_engine_goes_on(
+    tiny_bundle: Path,
+) -> None:
+    model = FailingRunModel(load_bundle(tiny_bundle), ["CPUExecutionProvider"])
+    model.calls = []
+    first = [request(model, [3, 4, 5], max_new=30) for _ in range(2)]
+    generate(model, first)
+    assert model.failures == 0
+    # every row the run held ends with "error" (one may have drawn the stop token first)
+    reasons = [r.finish_reason for r in first]
+    assert "error" in reasons and set(reasons) <= {"error", "eos"}
+    after = request(model, [3, 4, 5], max_new=30)
+    generate(model, [after])
+    assert after.finish_reason in ("eos", "length")
+    assert ("run", 1) in model.calls or after.finish_reason == "eos"
