@@ -151,7 +151,8 @@ class Metrics:
         )
         self.engine_step = Histogram(
             "simmer_engine_step_seconds",
-            "Wall time of one engine step, sampling included.",
+            "Wall time of one engine step, sampling included (a decode run's steps each "
+            "count its time over the steps kept).",
             buckets=FAST_BUCKETS,
             registry=r,
         )
