@@ -24,9 +24,11 @@ from simmer.tokenizer import PAD_ID, UNK_ID
 
 
 class RecordingModel(ModelSession):
-    """The real model session, recording each call as ("step" | "run", rows)."""
+    """The real model session, recording each call as ("step" | "run", rows); its next
+    `failures` runs raise, as a failing onnxruntime call would."""
 
     calls: list[tuple[str, int]]
+    failures = 0
 
     def run_softmax(
         self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
@@ -50,6 +52,9 @@ class RecordingModel(ModelSession):
     ) -> RunOutput:
         if hasattr(self, "calls"):
             self.calls.append(("run", len(tokens)))
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("injected run failure")
         return super().run_decode(tokens, h, c, inv_t, ban, uniforms)
 
 
@@ -253,31 +258,10 @@ def test_a_stop_string_or_a_cancel_inside_a_run_keeps_exactly_the_tokens_kept(
         np.testing.assert_allclose(r.c, c, atol=1e-5)
 
 
-class FailingRunModel(RecordingModel):
-    """run_decode raises once, as a failing onnxruntime call would."""
-
-    failures = 1
-
-    def run_decode(
-        self,
-        tokens: np.ndarray,
-        h: np.ndarray,
-        c: np.ndarray,
-        inv_t: np.ndarray,
-        ban: np.ndarray,
-        uniforms: np.ndarray,
-    ) -> RunOutput:
-        if self.failures:
-            self.failures -= 1
-            raise RuntimeError("injected run failure")
-        return super().run_decode(tokens, h, c, inv_t, ban, uniforms)
-
-
 def test_a_failed_run_ends_its_rows_with_error_and_the_engine_goes_on(
-    tiny_bundle: Path,
+    model: RecordingModel,
 ) -> None:
-    model = FailingRunModel(load_bundle(tiny_bundle), ["CPUExecutionProvider"])
-    model.calls = []
+    model.failures = 1
     first = [request(model, [3, 4, 5], max_new=30) for _ in range(2)]
     generate(model, first)
     assert model.failures == 0
