@@ -57,6 +57,10 @@ def _seq(engine: ModelSession, feed: list[int], max_new: int) -> Request:
 async def _run_all(scheduler: EngineCore, seqs: list[Request]) -> None:
     for seq in seqs:
         scheduler.submit(seq)
+    await _wait_all(seqs)
+
+
+async def _wait_all(seqs: list[Request]) -> None:
     for seq in seqs:
         while not seq.done:
             await seq.event.wait()
@@ -66,9 +70,11 @@ async def _run_all(scheduler: EngineCore, seqs: list[Request]) -> None:
 def test_many_sessions_share_each_decode_step(engine: CountingModel) -> None:
     async def main() -> None:
         scheduler = build_engine(engine, 64)
-        scheduler.start()
         seqs = [_seq(engine, [2 + i % 7], max_new=10) for i in range(40)]
-        await _run_all(scheduler, seqs)
+        for seq in seqs:  # before the worker starts, so it takes all 40 at once
+            scheduler.submit(seq)
+        scheduler.start()
+        await _wait_all(seqs)
         await scheduler.close()
         assert all(len(s.tokens) == 10 or s.finish_reason == "eos" for s in seqs)
 
