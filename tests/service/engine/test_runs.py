@@ -245,17 +245,21 @@ def test_a_stop_string_or_a_cancel_inside_a_run_keeps_exactly_the_tokens_kept(
         await core.close()
         return rows
 
-    rows = asyncio.run(main())
-    assert any(call == ("run", 5) for call in model.calls), model.calls
-    assert rows[0].finish_reason in ("stop", "eos") and len(rows[0].tokens) <= 3
-    assert rows[1].finish_reason in ("cancelled", "eos", "stop")
-    for r in rows[2:]:
-        assert r.finish_reason in ("eos", "length")
-        assert len(r.tokens) <= 4 * steps
-    for r, prompt in zip(rows, prompts, strict=True):
-        h, c = replayed(model, r, prompt)
-        np.testing.assert_allclose(r.h, h, atol=1e-5)
-        np.testing.assert_allclose(r.c, c, atol=1e-5)
+    for _attempt in range(10):  # until neither ended row drew the stop token first
+        model.calls = []
+        rows = asyncio.run(main())
+        for r, prompt in zip(rows, prompts, strict=True):
+            h, c = replayed(model, r, prompt)
+            np.testing.assert_allclose(r.h, h, atol=1e-5)
+            np.testing.assert_allclose(r.c, c, atol=1e-5)
+        for r in rows[2:]:
+            assert r.finish_reason in ("eos", "length")
+            assert len(r.tokens) <= 4 * steps
+        if (rows[0].finish_reason, rows[1].finish_reason) == ("stop", "cancelled"):
+            break
+    assert (rows[0].finish_reason, rows[1].finish_reason) == ("stop", "cancelled")
+    assert len(rows[0].tokens) == 3
+    assert any(kind == "run" and n >= 3 for kind, n in model.calls), model.calls
 
 
 def test_a_failed_run_ends_its_rows_with_error_and_the_engine_goes_on(
