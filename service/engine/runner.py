@@ -185,7 +185,7 @@ class ModelRunner:
 
     def execute_run(self, plan: StepPlan) -> list[StepOutput] | None:
         """`run_steps` steps of a running batch in one call, one output per step; None,
-        having done nothing, for a batch a run does not serve (see the module docstring)
+        with nothing stepped, for a batch a run does not serve (see the module docstring)
         or one with newcomers, whose first token should not wait for a whole run."""
         if not self.run_steps or plan.prefill or len(plan.requests) > RUN_BATCH:
             return None
