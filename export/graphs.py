@@ -16,8 +16,8 @@ service only loads them:
 - `decode_run` (from opset 16): `RUN_STEPS` decode steps in one call, each sampled in
   the graph and fed to the next, so that a small batch pays for one onnxruntime call,
   one Python pass and one hand-off to the event loop per `RUN_STEPS` tokens instead of
-  per token. It samples softmax(logits * inv_t), less one banned word per row, by the
-  same two-level lookup as the service (`_pick_nodes`).
+  per token. It samples softmax(logits * inv_t), less one banned word per row, by a
+  two-level lookup like the service's, in float64 (`_pick_nodes`).
 
 The vocabulary is cut into blocks of `width` = ceil(sqrt(V)) consecutive words; the
 last block is padded with -inf logits, whose weight is 0. Scaling by inv_t comes
