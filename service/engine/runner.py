@@ -141,11 +141,7 @@ class ModelRunner:
         fused: SoftmaxOutput | None = None
         if plan.prefill:
             self._prefill(plan)  # every row now feeds one token, from its slot
-        if self._carry is not None:
-            feed, h_in, c_in = self._carry
-        else:
-            feed = self._next[rows.slots].reshape(-1, 1)
-            h_in, c_in = self._h[:, rows.slots], self._c[:, rows.slots]
+        feed, h_in, c_in = self._feed(rows)
         if (
             self.fuse
             and rows.params.all_whole
@@ -193,11 +189,7 @@ class ModelRunner:
         if rows.run_bans is None:
             return None
         started = time.perf_counter()
-        if self._carry is not None:
-            feed, h_in, c_in = self._carry
-        else:
-            feed = self._next[rows.slots].reshape(-1, 1)
-            h_in, c_in = self._h[:, rows.slots], self._c[:, rows.slots]
+        feed, h_in, c_in = self._feed(rows)
         steps = self.run_steps
         # every row here is unseeded: they draw from the shared generator, in one call
         uniforms = self._unseeded.rng.random((len(rows.slots), steps))
@@ -206,6 +198,14 @@ class ModelRunner:
         self._carry = (np.ascontiguousarray(out.tokens[:, -1:]), out.h[-1], out.c[-1])
         seconds = (time.perf_counter() - started) / steps
         return [StepOutput(out.tokens[:, k], out.h[k], out.c[k], {}, seconds) for k in range(steps)]
+
+    def _feed(self, rows: _Rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the next step feeds, (B, 1) tokens and (L, B, H) state: the carry, or
+        the slots once the batch has changed."""
+        if self._carry is not None:
+            return self._carry
+        slots = rows.slots
+        return self._next[slots].reshape(-1, 1), self._h[:, slots], self._c[:, slots]
 
     def keep(self, step: StepOutput) -> None:
         """After a run: carry on from `step`, one of its steps, as if it had been the
