@@ -46,7 +46,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,8 @@ class BenchConfig:
     choices_repeats: int = 5
     # the headline ratios: rounds of raw engine and server side by side (median reported)
     headline_rounds: int = 5
+    # the engine with the server's sampler against the raw engine, rounds alternating
+    ceiling_rounds: int = 4
     # the realistic load: a trained model, clients x generations, each on a new connection
     realistic_streams: int = 256
     realistic_requests: int = 4
@@ -146,6 +148,7 @@ class BenchConfig:
             choices_tokens=8,
             choices_repeats=1,
             headline_rounds=2,
+            ceiling_rounds=2,
             realistic_streams=4,
             realistic_requests=2,
             realistic_preset="tiny",
@@ -471,6 +474,15 @@ def _realistic(
             )
             raw_large = raw.measure_engine(engine, large, config.engine_seconds).as_dict()
             rounds.append(_realistic_round(raw_large, _figures(run_load(server, spec))))
+        log(f"realistic load, one token each: {streams} clients x {requests} connections")
+        one_token = run_load(server, replace(spec, max_tokens=1))
+    log(f"engine with the server's sampler at batch {large}, realistic model")
+    ceiling = raw.sampling_ceiling(
+        model.path, threads, large, config.engine_seconds, config.ceiling_rounds
+    )
+    generations = sum(r["connect_ms"]["n"] for r in rounds)
+    per_generation = quotient(one_token["server_cpu_s"] * 1e6, one_token["requests"])
+    tokens_per_generation = quotient(sum(r["tokens"] for r in rounds), generations)
     return {
         "bundle": {**_bundle_info(model.path, loaded), "trained": model.trained},
         "streams": streams,
@@ -478,7 +490,27 @@ def _realistic(
         "max_tokens": config.tokens,
         "raw_batch": large,
         "rounds": rounds,
+        "sampling_ceiling": ceiling,
+        # a generation's fixed cost: connect, one token, save, close (one_token's CPU)
+        "one_token_cpu_per_generation_us": per_generation if one_token["server_cpu_s"] else None,
+        "one_token_errors": one_token["error_count"],
+        "tokens_per_generation": tokens_per_generation,
+        "ceiling_with_connections": _connection_ceiling(
+            ceiling, per_generation if one_token["server_cpu_s"] else None, tokens_per_generation
+        ),
     }
+
+
+def _connection_ceiling(
+    ceiling: dict[str, Any], per_generation_us: float | None, tokens_per_generation: float | None
+) -> float | None:
+    """The realistic load's CPU efficiency if serving cost only the model, the sampler and
+    each generation's fixed cost (a one-token generation on its own connection, spread
+    over the load's tokens per generation); None where a figure is missing."""
+    if "error" in ceiling or per_generation_us is None or not tokens_per_generation:
+        return None
+    per_token = ceiling["sampled_cpu_per_token_us"] + per_generation_us / tokens_per_generation
+    return quotient(ceiling["raw_cpu_per_token_us"], per_token)
 
 
 def run(
@@ -635,6 +667,10 @@ def run(
                 )
             )
     result["headline_rounds"] = rounds
+    log(f"engine with the server's sampler at batch {large}: {config.ceiling_rounds} rounds")
+    result["sampling_ceiling"] = raw.sampling_ceiling(
+        bundle, server_threads, large, config.engine_seconds, config.ceiling_rounds
+    )
 
     # 4. the realistic load
     result["realistic"] = _realistic(realistic, config, server_threads, settings, workdir)
@@ -678,6 +714,7 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
     concurrent = result["simmer_long"][str(config.long_concurrent)]["tokens_per_s"]
     realistic = result.get("realistic", {"skipped": "the realistic load was not run"})
     realistic_rounds = realistic.get("rounds", [])
+    ceiling = result.get("sampling_ceiling", {"error": "the engine with its sampler was not run"})
     ticks = (
         f"the server's CPU time rounded to 0 clock ticks (1/{CLOCK_TICKS} s) in every "
         "round: too little work to measure"
@@ -702,6 +739,26 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             f"{config.realistic_requests} connections one after another for {config.tokens} "
             f"tokens each, median of {len(realistic_rounds)} rounds",
             realistic.get("skipped", ticks),
+        ),
+        report.ratio(
+            f"CPU efficiency ceiling at {large} streams: the model and its sampler alone",
+            ceiling.get("ceiling"),
+            None,
+            "",
+            f"raw engine CPU/token at batch {large} / the same steps sampled by the server's "
+            f"sampling head, median of {ceiling.get('rounds')} alternating rounds: the most "
+            "a server sampling exactly with that head reaches if nothing else cost anything",
+            ceiling.get("error", "the sampled steps took no measurable CPU time"),
+        ),
+        report.ratio(
+            "CPU efficiency ceiling, realistic load: the model, its sampler and each "
+            "generation's fixed cost",
+            realistic.get("ceiling_with_connections"),
+            None,
+            "",
+            "raw engine CPU/token / (the sampled steps' CPU/token + the server's CPU for a "
+            "one-token generation on its own connection / the load's tokens per generation)",
+            realistic.get("skipped", "a figure it needs was not measured"),
         ),
         report.ratio(
             f"throughput at {large} streams",

@@ -23,6 +23,12 @@ The book's generator predicts one prefix per call, so 64 concurrent book streams
 at the tokens/s of one stream. `book_batching` measures whether one batched call over
 the 64 prefixes would have been faster.
 
+`sampling_ceiling` is the engine with the server's sampler: the raw decode step against
+the same step with its tokens drawn by the bundle's sampling head (the envelope above
+`SMALL_BATCH` rows) and fed back, rounds alternating. Their CPU per token bounds the
+CPU efficiency of any server that samples exactly with that head: the most it reaches
+if the event loop, the scheduler and the network cost nothing.
+
 `decode_with_scorer` shows that decoding does not pay for the scoring graph: the raw
 decode step's cost with no scorer in the process and with one opened and warmed (its
 session and memory arena allocated), rounds alternating. With one intra-op thread the
@@ -41,7 +47,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from service.engine.head import SamplingHead
 from service.engine.model import ModelSession
+from service.engine.params import Uniforms, make_rng
 from service.engine.scoring import Scorer
 from simmer.bundle import SEQUENCE_LOGPROBS, ModelBundle, load_bundle
 from simmer.ort import open_session
@@ -300,4 +308,59 @@ def decode_with_scorer(
         "clock": "thread CPU time" if threads == 1 else "wall time",
         "batches": figures,
         "ratio": max(figure["ratio"] for figure in figures.values()),
+    }
+
+
+# --- the engine with the server's sampler: what serving could reach at best --------------
+
+
+def sampled_cpu_per_token(
+    engine: ModelSession, head: SamplingHead, batch: int, seconds: float
+) -> float:
+    """CPU seconds per token of decode steps at `batch`, each sampled by `head` as the
+    server samples a plain request (temperature 1, the whole distribution) and the
+    drawn tokens fed back, for about `seconds`."""
+    tokens = np.random.default_rng(batch).integers(2, engine.vocab_size, (batch, 1))
+    tokens = tokens.astype(np.int64)
+    inv_t = np.ones(batch, np.float32)
+    h, c = engine.zero_state(batch)
+    rngs = [Uniforms(make_rng(batch))] * batch  # unseeded rows share one generator
+    steps = cpu = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or steps < 5:
+        started = time.process_time()
+        out = engine.run(tokens, h, c)
+        tokens = head.sample(out.logits, inv_t, rngs).reshape(-1, 1)
+        cpu += time.process_time() - started
+        h, c, steps = out.h, out.c, steps + 1
+    return cpu / (steps * batch)
+
+
+def sampling_ceiling(
+    bundle: Path, threads: int, batch: int, seconds: float, rounds: int
+) -> dict[str, Any]:
+    """The raw engine's CPU per token at `batch` against the same steps sampled by the
+    server's sampling head, rounds alternating: their quotient is the CPU efficiency a
+    server would reach if everything but the model and the sampler cost nothing."""
+    loaded = load_bundle(bundle)
+    engine = ModelSession(loaded, ["CPUExecutionProvider"], threads)
+    head = SamplingHead.from_bundle(loaded, threads)
+    if head is None:
+        return {"error": "the bundle has no sampling graphs"}
+    raw_us: list[float] = []
+    sampled_us: list[float] = []
+    for number in range(rounds):
+        for kind in ("raw", "sampled") if number % 2 == 0 else ("sampled", "raw"):
+            if kind == "raw":
+                raw_us.append(measure_engine(engine, batch, seconds).cpu_per_token_s * 1e6)
+            else:
+                sampled_us.append(sampled_cpu_per_token(engine, head, batch, seconds) * 1e6)
+    raw_cpu, sampled_cpu = statistics.median(raw_us), statistics.median(sampled_us)
+    return {
+        "batch": batch,
+        "rounds": rounds,
+        "raw_cpu_per_token_us": raw_cpu,
+        "sampled_cpu_per_token_us": sampled_cpu,
+        "sampling_cpu_per_token_us": sampled_cpu - raw_cpu,
+        "ceiling": raw_cpu / sampled_cpu if sampled_cpu > 0 else None,
     }

@@ -97,6 +97,9 @@ def summary(result: dict[str, Any]) -> str:
                 f"as written {_fmt(r.get('book_written_tokens_per_s'), 0)} tok/s = "
                 f"{_fmt(r.get('simmer_book_written_single'))}"
             )
+    if "sampling_ceiling" in result:
+        lines.append("")
+        lines.extend(_ceiling_lines("engine with the server's sampler", result["sampling_ceiling"]))
     lines.extend(_realistic_lines(result.get("realistic", {})))
     lines.append("")
     lines.append("ratios")
@@ -141,6 +144,19 @@ def _book_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _ceiling_lines(title: str, ceiling: dict[str, Any], indent: str = "") -> list[str]:
+    """The raw engine against the same steps sampled by the server's sampling head."""
+    if "error" in ceiling:
+        return [f"{indent}{title}: not measured ({ceiling['error']})"]
+    return [
+        f"{indent}{title} (batch {ceiling['batch']}, CPU us/token, median of "
+        f"{ceiling['rounds']} rounds)",
+        f"{indent}  raw {_fmt(ceiling['raw_cpu_per_token_us'], 1)}, sampled "
+        f"{_fmt(ceiling['sampled_cpu_per_token_us'], 1)} (sampling "
+        f"{_fmt(ceiling['sampling_cpu_per_token_us'], 1)}): ceiling {_fmt(ceiling['ceiling'], 3)}",
+    ]
+
+
 def _realistic_lines(realistic: dict[str, Any]) -> list[str]:
     """The realistic load, a line per round like the headline rounds."""
     if not realistic:
@@ -164,6 +180,20 @@ def _realistic_lines(realistic: dict[str, Any]) -> list[str]:
             f"{r['tokens_per_message']:.2f} tok/msg  finish {reasons or '-'}  "
             f"errors {r['errors']}"
         )
+    lines.append(
+        f"  one token per connection: {_fmt(realistic['one_token_cpu_per_generation_us'], 0)} us "
+        f"of server CPU per generation; {_fmt(realistic['tokens_per_generation'], 1)} tokens "
+        "per generation above"
+    )
+    lines.extend(
+        _ceiling_lines(
+            "the realistic model with the server's sampler", realistic["sampling_ceiling"], "  "
+        )
+    )
+    lines.append(
+        "  ceiling with each generation's fixed cost: "
+        f"{_fmt(realistic['ceiling_with_connections'], 3)}"
+    )
     return lines
 
 

@@ -20,6 +20,7 @@ import pytest
 from bench import trained
 from bench.__main__ import (
     BenchConfig,
+    _connection_ceiling,
     _figures,
     _realistic,
     _realistic_bundle,
@@ -111,7 +112,14 @@ def test_smoke_run_writes_json_chart_and_summary(
     # expiry marker (one slot per session, no global index)
     assert result["sessions"]["redis"]["keys_deleted"] == 2 * result["config"]["sessions"]
     by_name = {r["name"]: r for r in result["ratios"]}
-    assert len(by_name) == len(result["ratios"]) == 16
+    assert len(by_name) == len(result["ratios"]) == 18
+    # the engine with the server's sampler, for both models: a sampled step costs more
+    for ceiling in (result["sampling_ceiling"], result["realistic"]["sampling_ceiling"]):
+        assert ceiling["sampled_cpu_per_token_us"] > 0 and ceiling["raw_cpu_per_token_us"] > 0
+        assert ceiling["ceiling"] == pytest.approx(
+            ceiling["raw_cpu_per_token_us"] / ceiling["sampled_cpu_per_token_us"]
+        )
+    assert result["realistic"]["one_token_errors"] == 0
     # the realistic load: a tiny trained bundle, every generation on a connection of its own
     config, realistic = result["config"], result["realistic"]
     assert realistic["bundle"]["trained"].startswith("1 epoch(s) of the tiny preset")
@@ -297,6 +305,46 @@ def test_the_realistic_efficiency_is_the_median_of_its_rounds_or_says_why_it_is_
     items = {r["name"]: r for r in ratios({**base, "realistic": skipped}, config)}
     assert_well_formed(items[REALISTIC])
     assert items[REALISTIC]["reason"] == skipped["skipped"]
+
+
+def test_the_connection_ceiling_adds_each_generations_fixed_cost_to_the_sampled_step() -> None:
+    ceiling = {"raw_cpu_per_token_us": 18.0, "sampled_cpu_per_token_us": 24.0}
+    # 600 us a generation over 50 tokens is 12 us a token: 18 / (24 + 12)
+    assert _connection_ceiling(ceiling, 600.0, 50.0) == pytest.approx(0.5)
+    assert _connection_ceiling(ceiling, None, 50.0) is None  # 0 clock ticks
+    assert _connection_ceiling(ceiling, 600.0, None) is None
+    assert _connection_ceiling({"error": "no sampling graphs"}, 600.0, 50.0) is None
+
+
+def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing() -> None:
+    config = BenchConfig.smoke()
+    raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
+    busy = load_figures(0.064)
+    base = {
+        "headline_rounds": [_round(raw, busy, raw, busy, {"tokens_per_s": 100.0}, {}, busy)],
+        "history": {"ratio": 1.0},
+        "simmer_long": {str(config.long_concurrent): busy},
+        "sessions": {"memory": {"bytes_per_session": 500.0}, "redis": {"error": "no Redis"}},
+        "metrics_overhead": {"ratio": 1.0},
+    }
+    headline = f"CPU efficiency ceiling at {config.large} streams: the model and its sampler alone"
+    realistic = (
+        "CPU efficiency ceiling, realistic load: the model, its sampler and each "
+        "generation's fixed cost"
+    )
+    measured = {
+        **base,
+        "sampling_ceiling": {"ceiling": 0.75, "rounds": 2},
+        "realistic": {"rounds": [], "ceiling_with_connections": 0.5},
+    }
+    items = {r["name"]: r for r in ratios(measured, config)}
+    assert items[headline]["value"] == 0.75 and items[realistic]["value"] == 0.5
+    for name in (headline, realistic):
+        assert_well_formed(items[name])
+        assert items[name]["target"] is None and items[name]["met"] is None
+    missing = {r["name"]: r for r in ratios(base, config)}
+    assert missing[headline]["reason"] == "the engine with its sampler was not run"
+    assert missing[realistic]["reason"] == "the realistic load was not run"
 
 
 def fake_modules(
