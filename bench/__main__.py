@@ -481,7 +481,9 @@ def _realistic(
         model.path, threads, large, config.engine_seconds, config.ceiling_rounds
     )
     generations = sum(r["connect_ms"]["n"] for r in rounds)
-    per_generation = quotient(one_token["server_cpu_s"] * 1e6, one_token["requests"])
+    # None below one clock tick, as the load figures' CPU per token
+    cpu = one_token["server_cpu_s"]
+    per_generation = quotient(cpu * 1e6, one_token["requests"]) if cpu else None
     tokens_per_generation = quotient(sum(r["tokens"] for r in rounds), generations)
     return {
         "bundle": {**_bundle_info(model.path, loaded), "trained": model.trained},
@@ -492,11 +494,11 @@ def _realistic(
         "rounds": rounds,
         "sampling_ceiling": ceiling,
         # a generation's fixed cost: connect, one token, save, close (one_token's CPU)
-        "one_token_cpu_per_generation_us": per_generation if one_token["server_cpu_s"] else None,
+        "one_token_cpu_per_generation_us": per_generation,
         "one_token_errors": one_token["error_count"],
         "tokens_per_generation": tokens_per_generation,
         "ceiling_with_connections": _connection_ceiling(
-            ceiling, per_generation if one_token["server_cpu_s"] else None, tokens_per_generation
+            ceiling, per_generation, tokens_per_generation
         ),
     }
 
