@@ -475,15 +475,12 @@ def _realistic(
             raw_large = raw.measure_engine(engine, large, config.engine_seconds).as_dict()
             rounds.append(_realistic_round(raw_large, _figures(run_load(server, spec))))
         log(f"realistic load, one token each: {streams} clients x {requests} connections")
-        one_token = run_load(server, replace(spec, max_tokens=1))
+        one_token = _one_token_cost(server, spec)
     log(f"engine with the server's sampler at batch {large}, realistic model")
     ceiling = raw.sampling_ceiling(
         model.path, threads, large, config.engine_seconds, config.ceiling_rounds
     )
     generations = sum(r["connect_ms"]["n"] for r in rounds)
-    # None below one clock tick, as the load figures' CPU per token
-    cpu = one_token["server_cpu_s"]
-    per_generation = quotient(cpu * 1e6, one_token["requests"]) if cpu else None
     tokens_per_generation = quotient(sum(r["tokens"] for r in rounds), generations)
     return {
         "bundle": {**_bundle_info(model.path, loaded), "trained": model.trained},
@@ -493,22 +490,33 @@ def _realistic(
         "raw_batch": large,
         "rounds": rounds,
         "sampling_ceiling": ceiling,
-        # a generation's fixed cost: connect, one token, save, close (one_token's CPU)
-        "one_token_cpu_per_generation_us": per_generation,
-        "one_token_errors": one_token["error_count"],
+        "one_token": one_token,  # a generation's fixed cost: connect, one token, save, close
         "tokens_per_generation": tokens_per_generation,
-        "ceiling_with_connections": _connection_ceiling(
-            ceiling, per_generation, tokens_per_generation
+        "ceiling_with_fixed_cost": _fixed_cost_ceiling(
+            ceiling, one_token["cpu_per_generation_us"], tokens_per_generation
         ),
     }
 
 
-def _connection_ceiling(
+def _one_token_cost(server: ServiceProcess, spec: LoadSpec) -> dict[str, Any]:
+    """`spec`'s load with one token per generation: the server's CPU per generation, the
+    fixed cost of one (its messages in and out, its session, and with `reconnect` its
+    connection); None below one clock tick."""
+    run = run_load(server, replace(spec, max_tokens=1))
+    cpu = run["server_cpu_s"]
+    return {
+        "generations": run["requests"],
+        "cpu_per_generation_us": quotient(cpu * 1e6, run["requests"]) if cpu else None,
+        "errors": run["error_count"],
+    }
+
+
+def _fixed_cost_ceiling(
     ceiling: dict[str, Any], per_generation_us: float | None, tokens_per_generation: float | None
 ) -> float | None:
-    """The realistic load's CPU efficiency if serving cost only the model, the sampler and
-    each generation's fixed cost (a one-token generation on its own connection, spread
-    over the load's tokens per generation); None where a figure is missing."""
+    """The CPU efficiency if serving cost only the model, the sampler and each
+    generation's fixed cost (a one-token generation's, spread over the load's tokens per
+    generation); None where a figure is missing."""
     if "error" in ceiling or per_generation_us is None or not tokens_per_generation:
         return None
     per_token = ceiling["sampled_cpu_per_token_us"] + per_generation_us / tokens_per_generation
@@ -668,11 +676,31 @@ def run(
                     single,
                 )
             )
+        log(f"server: {large} streams x {config.ws_streams[large]} one-token generations")
+        one_token = _one_token_cost(
+            server,
+            LoadSpec(
+                url=server.ws_url,
+                streams=large,
+                requests=config.ws_streams[large],
+                prompt=config.prompt,
+            ),
+        )
     result["headline_rounds"] = rounds
     log(f"engine with the server's sampler at batch {large}: {config.ceiling_rounds} rounds")
-    result["sampling_ceiling"] = raw.sampling_ceiling(
+    ceiling = raw.sampling_ceiling(
         bundle, server_threads, large, config.engine_seconds, config.ceiling_rounds
     )
+    served = result["server"][f"ws-{large}"]
+    tokens_per_generation = quotient(served["tokens"], served["requests"])
+    result["sampling_ceiling"] = {
+        **ceiling,
+        "one_token": one_token,
+        "tokens_per_generation": tokens_per_generation,
+        "ceiling_with_fixed_cost": _fixed_cost_ceiling(
+            ceiling, one_token["cpu_per_generation_us"], tokens_per_generation
+        ),
+    }
 
     # 4. the realistic load
     result["realistic"] = _realistic(realistic, config, server_threads, settings, workdir)
@@ -753,9 +781,20 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             ceiling.get("error", "the sampled steps took no measurable CPU time"),
         ),
         report.ratio(
+            f"CPU efficiency ceiling at {large} streams: the model, its sampler and each "
+            "generation's fixed cost",
+            ceiling.get("ceiling_with_fixed_cost"),
+            None,
+            "",
+            "raw engine CPU/token / (the sampled steps' CPU/token + the server's CPU for a "
+            f"one-token generation at {large} streams / the tokens per generation at "
+            f"{large} streams)",
+            ceiling.get("error", "a figure it needs was not measured"),
+        ),
+        report.ratio(
             "CPU efficiency ceiling, realistic load: the model, its sampler and each "
             "generation's fixed cost",
-            realistic.get("ceiling_with_connections"),
+            realistic.get("ceiling_with_fixed_cost"),
             None,
             "",
             "raw engine CPU/token / (the sampled steps' CPU/token + the server's CPU for a "

@@ -99,7 +99,8 @@ def summary(result: dict[str, Any]) -> str:
             )
     if "sampling_ceiling" in result:
         lines.append("")
-        lines.extend(_ceiling_lines("engine with the server's sampler", result["sampling_ceiling"]))
+        ceiling = result["sampling_ceiling"]
+        lines.extend(_ceiling_lines("engine with the server's sampler", ceiling, ceiling))
     lines.extend(_realistic_lines(result.get("realistic", {})))
     lines.append("")
     lines.append("ratios")
@@ -144,16 +145,25 @@ def _book_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _ceiling_lines(title: str, ceiling: dict[str, Any], indent: str = "") -> list[str]:
-    """The raw engine against the same steps sampled by the server's sampling head."""
+def _ceiling_lines(
+    title: str, ceiling: dict[str, Any], fixed: dict[str, Any], indent: str = ""
+) -> list[str]:
+    """The raw engine against the same steps sampled by the server's sampling head, and
+    with each generation's fixed cost (`fixed`: one_token, tokens_per_generation and
+    ceiling_with_fixed_cost) added."""
     if "error" in ceiling:
         return [f"{indent}{title}: not measured ({ceiling['error']})"]
+    one_token = fixed["one_token"]
     return [
         f"{indent}{title} (batch {ceiling['batch']}, CPU us/token, median of "
         f"{ceiling['rounds']} rounds)",
         f"{indent}  raw {_fmt(ceiling['raw_cpu_per_token_us'], 1)}, sampled "
         f"{_fmt(ceiling['sampled_cpu_per_token_us'], 1)} (sampling "
         f"{_fmt(ceiling['sampling_cpu_per_token_us'], 1)}): ceiling {_fmt(ceiling['ceiling'], 3)}",
+        f"{indent}  one-token generations: {_fmt(one_token['cpu_per_generation_us'], 0)} us of "
+        f"server CPU each ({one_token['generations']}, errors {one_token['errors']}); over "
+        f"{_fmt(fixed['tokens_per_generation'], 1)} tokens per generation: ceiling "
+        f"{_fmt(fixed['ceiling_with_fixed_cost'], 3)}",
     ]
 
 
@@ -180,19 +190,13 @@ def _realistic_lines(realistic: dict[str, Any]) -> list[str]:
             f"{r['tokens_per_message']:.2f} tok/msg  finish {reasons or '-'}  "
             f"errors {r['errors']}"
         )
-    lines.append(
-        f"  one token per connection: {_fmt(realistic['one_token_cpu_per_generation_us'], 0)} us "
-        f"of server CPU per generation; {_fmt(realistic['tokens_per_generation'], 1)} tokens "
-        "per generation above"
-    )
     lines.extend(
         _ceiling_lines(
-            "the realistic model with the server's sampler", realistic["sampling_ceiling"], "  "
+            "the realistic model with the server's sampler",
+            realistic["sampling_ceiling"],
+            realistic,
+            "  ",
         )
-    )
-    lines.append(
-        "  ceiling with each generation's fixed cost: "
-        f"{_fmt(realistic['ceiling_with_connections'], 3)}"
     )
     return lines
 

@@ -20,8 +20,8 @@ import pytest
 from bench import trained
 from bench.__main__ import (
     BenchConfig,
-    _connection_ceiling,
     _figures,
+    _fixed_cost_ceiling,
     _realistic,
     _realistic_bundle,
     _realistic_round,
@@ -112,14 +112,18 @@ def test_smoke_run_writes_json_chart_and_summary(
     # expiry marker (one slot per session, no global index)
     assert result["sessions"]["redis"]["keys_deleted"] == 2 * result["config"]["sessions"]
     by_name = {r["name"]: r for r in result["ratios"]}
-    assert len(by_name) == len(result["ratios"]) == 18
+    assert len(by_name) == len(result["ratios"]) == 19
     # the engine with the server's sampler, for both models: a sampled step costs more
     for ceiling in (result["sampling_ceiling"], result["realistic"]["sampling_ceiling"]):
         assert ceiling["sampled_cpu_per_token_us"] > 0 and ceiling["raw_cpu_per_token_us"] > 0
         assert ceiling["ceiling"] == pytest.approx(
             ceiling["raw_cpu_per_token_us"] / ceiling["sampled_cpu_per_token_us"]
         )
-    assert result["realistic"]["one_token_errors"] == 0
+    # each generation's fixed cost: one-token generations on kept and on new connections
+    for fixed in (result["sampling_ceiling"], result["realistic"]):
+        assert fixed["one_token"]["errors"] == 0
+        assert fixed["one_token"]["generations"] > 0
+        assert fixed["tokens_per_generation"] > 0
     # the realistic load: a tiny trained bundle, every generation on a connection of its own
     config, realistic = result["config"], result["realistic"]
     assert realistic["bundle"]["trained"].startswith("1 epoch(s) of the tiny preset")
@@ -307,13 +311,13 @@ def test_the_realistic_efficiency_is_the_median_of_its_rounds_or_says_why_it_is_
     assert items[REALISTIC]["reason"] == skipped["skipped"]
 
 
-def test_the_connection_ceiling_adds_each_generations_fixed_cost_to_the_sampled_step() -> None:
+def test_the_fixed_cost_ceiling_adds_each_generations_fixed_cost_to_the_sampled_step() -> None:
     ceiling = {"raw_cpu_per_token_us": 18.0, "sampled_cpu_per_token_us": 24.0}
     # 600 us a generation over 50 tokens is 12 us a token: 18 / (24 + 12)
-    assert _connection_ceiling(ceiling, 600.0, 50.0) == pytest.approx(0.5)
-    assert _connection_ceiling(ceiling, None, 50.0) is None  # 0 clock ticks
-    assert _connection_ceiling(ceiling, 600.0, None) is None
-    assert _connection_ceiling({"error": "no sampling graphs"}, 600.0, 50.0) is None
+    assert _fixed_cost_ceiling(ceiling, 600.0, 50.0) == pytest.approx(0.5)
+    assert _fixed_cost_ceiling(ceiling, None, 50.0) is None  # 0 clock ticks
+    assert _fixed_cost_ceiling(ceiling, 600.0, None) is None
+    assert _fixed_cost_ceiling({"error": "no sampling graphs"}, 600.0, 50.0) is None
 
 
 def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing() -> None:
@@ -328,22 +332,29 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
         "metrics_overhead": {"ratio": 1.0},
     }
     headline = f"CPU efficiency ceiling at {config.large} streams: the model and its sampler alone"
+    fixed = (
+        f"CPU efficiency ceiling at {config.large} streams: the model, its sampler and each "
+        "generation's fixed cost"
+    )
     realistic = (
         "CPU efficiency ceiling, realistic load: the model, its sampler and each "
         "generation's fixed cost"
     )
     measured = {
         **base,
-        "sampling_ceiling": {"ceiling": 0.75, "rounds": 2},
-        "realistic": {"rounds": [], "ceiling_with_connections": 0.5},
+        "sampling_ceiling": {"ceiling": 0.75, "rounds": 2, "ceiling_with_fixed_cost": 0.7},
+        "realistic": {"rounds": [], "ceiling_with_fixed_cost": 0.5},
     }
     items = {r["name"]: r for r in ratios(measured, config)}
-    assert items[headline]["value"] == 0.75 and items[realistic]["value"] == 0.5
-    for name in (headline, realistic):
+    assert items[headline]["value"] == 0.75
+    assert items[fixed]["value"] == 0.7
+    assert items[realistic]["value"] == 0.5
+    for name in (headline, fixed, realistic):
         assert_well_formed(items[name])
         assert items[name]["target"] is None and items[name]["met"] is None
     missing = {r["name"]: r for r in ratios(base, config)}
     assert missing[headline]["reason"] == "the engine with its sampler was not run"
+    assert missing[fixed]["reason"] == "the engine with its sampler was not run"
     assert missing[realistic]["reason"] == "the realistic load was not run"
 
 
