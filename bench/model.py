@@ -12,11 +12,11 @@ import string
 import tempfile
 from pathlib import Path
 
-from simmer.bundle import DECODE_RUN, GRAPHS, MANIFEST, SEQUENCE_LOGPROBS, is_bundle
+from simmer.bundle import DECODE_RUN, GRAPHS, MANIFEST, PREFILL, SEQUENCE_LOGPROBS, is_bundle
 from simmer.tokenizer import PAD, UNK, Tokenizer
 
 # graphs a cached bundle must have, else it comes from an older export and is built again
-NEWEST_GRAPHS = (SEQUENCE_LOGPROBS, DECODE_RUN)
+NEWEST_GRAPHS = (SEQUENCE_LOGPROBS, DECODE_RUN, PREFILL)
 
 # A few real words so prompts encode to something other than [UNK].
 COMMON_WORDS = (

@@ -205,7 +205,7 @@ def build_bundle(
 
     graphs = build_graphs(shipped.path, config.vocab_size)
     graph_checks = check_graphs(graphs, shipped.path, config)
-    log(f"sampling graphs passed their checks: {', '.join(graphs)}")
+    log(f"the other graphs passed their checks: {', '.join(graphs)}")
     scoring = build_scoring(model, work, options.opset, int8)
     scoring_checks = check_scoring(scoring, shipped.reference, shipped.path, sample.token_lists())
     graphs[SEQUENCE_LOGPROBS] = scoring

@@ -13,6 +13,9 @@ service only loads them:
   service's rejection sampler (see `service.sampling`);
 - `step_softmax`: the model's step graph with `sampling_direct`'s nodes appended to its
   logits, so that a small decode batch gets logits, state and weights in one call;
+- `prefill`: the model's step graph without its output layer (the nodes that only the
+  logits need are dropped), so that feeding a prompt, whose logits nobody reads, costs
+  the LSTM alone: at batch 1 the output layer is most of a step;
 - `decode_run` (from opset 16): `RUN_STEPS` decode steps in one call, each sampled in
   the graph and fed to the next, so that a small batch pays for one onnxruntime call,
   one Python pass and one hand-off to the event loop per `RUN_STEPS` tokens instead of
@@ -34,10 +37,10 @@ the model does not use, and the public names (`inv_t`, `weights`, `sums`) must b
 `check_graphs` is their parity check, like `export.parity` for the model: each graph
 passes `onnx.checker` (full check), has the inputs and outputs `simmer.bundle` expects,
 matches a numpy reference on random logits in onnxruntime (batch 1 and 40),
-step_softmax gives exactly model.onnx's logits, hn and cn, and decode_run's states are
-exactly model.onnx's stepped with the tokens it drew, each token drawn where the
-float64 distribution puts its number. A failure is an ExportError
-with one line.
+step_softmax gives exactly model.onnx's logits, hn and cn, prefill exactly its hn and
+cn, and decode_run's states are exactly model.onnx's stepped with the tokens it drew,
+each token drawn where the float64 distribution puts its number. A failure is an
+ExportError with one line.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from export.parity import random_state
 from export.runtime import open_session
 from simmer.bundle import (
     DECODE_RUN,
+    PREFILL,
     SAMPLING_DIRECT,
     SAMPLING_ENVELOPE,
     STEP_SOFTMAX,
@@ -323,6 +327,33 @@ def step_softmax_graph(model: onnx.ModelProto, vocab: int, width: int) -> onnx.M
     return fused
 
 
+def prefill_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model's step graph with hn and cn its only outputs, and only the
+    nodes, initializers and value infos those need."""
+    state = onnx.ModelProto()
+    state.CopyFrom(model)
+    graph = state.graph
+    outputs = [value for value in graph.output if value.name in ("hn", "cn")]
+    if len(outputs) != 2:
+        raise ExportError("the model graph has no 'hn' and 'cn' outputs")
+    needed = {"hn", "cn"}
+    kept = []
+    for node in reversed(graph.node):  # a node comes after the nodes whose outputs it reads
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+    if len(kept) == len(graph.node):
+        raise ExportError("every node of the model graph computes the state: nothing to drop")
+    initializers = [init for init in graph.initializer if init.name in needed]
+    infos = [info for info in graph.value_info if info.name in needed]
+    del graph.node[:], graph.output[:], graph.initializer[:], graph.value_info[:]
+    graph.node.extend(reversed(kept))
+    graph.output.extend(outputs)
+    graph.initializer.extend(initializers)
+    graph.value_info.extend(infos)
+    return state
+
+
 # --- decode_run: several decode steps, sampled, in one call ----------------------------------
 
 INT_MAX = np.iinfo(np.int64).max
@@ -483,7 +514,7 @@ def checked(name: str, model: onnx.ModelProto, params: dict[str, int]) -> BuiltG
 
 
 def build_graphs(model_path: Path, vocab: int) -> dict[str, BuiltGraph]:
-    """step_softmax (from the model graph at `model_path`), sampling_direct,
+    """step_softmax and prefill (from the model graph at `model_path`), sampling_direct,
     sampling_envelope and, from opset 16, decode_run, each passed by onnx.checker, at
     the model's opset."""
     model = onnx.load(str(model_path))
@@ -498,6 +529,10 @@ def build_graphs(model_path: Path, vocab: int) -> dict[str, BuiltGraph]:
             SAMPLING_ENVELOPE, envelope_graph(vocab, width, k, opset), params
         ),
     }
+    try:
+        graphs[PREFILL] = checked(PREFILL, prefill_graph(model), {})
+    except ExportError as exc:  # optional: the service then prefills with the whole model
+        print(f"export: prefill skipped: {exc}", file=sys.stderr)
     if opset >= RUN_MIN_OPSET:  # older models serve without it
         try:
             run = decode_run_graph(model, vocab, width, RUN_STEPS)
@@ -669,6 +704,27 @@ def check_step_softmax(graph: BuiltGraph, model_path: Path, config: LSTMConfig) 
     return worst
 
 
+PREFILL_CASES = (*STEP_CASES, (3, 40))  # (batch, seq): a long prompt too
+
+
+def check_prefill(graph: BuiltGraph, model_path: Path, config: LSTMConfig) -> None:
+    """prefill gives exactly model.onnx's hn and cn for the same feed."""
+    model, state = open_session(model_path), open_session(graph.model)
+    rng = np.random.default_rng(SEED + 3)
+    for batch, seq in PREFILL_CASES:
+        tokens = rng.integers(0, config.vocab_size, (batch, seq), dtype=np.int64)
+        h, c = random_state(config, batch, rng)
+        feeds = {"tokens": tokens, "h0": h, "c0": c}
+        expected = model.run(["hn", "cn"], feeds)
+        got = state.run(["hn", "cn"], feeds)
+        for what, a, b in zip(("hn", "cn"), got, expected, strict=True):
+            if not np.array_equal(a, b):
+                raise ExportError(
+                    f"{graph.name} {what} differ from model.onnx's on input {[batch, seq]} "
+                    f"by {float(np.abs(a - b).max()):.2e}: they must be equal"
+                )
+
+
 def check_decode_run(graph: BuiltGraph, model_path: Path, config: LSTMConfig) -> float:
     """decode_run against model.onnx stepped with the tokens it sampled: every step's
     state exactly model.onnx's, and every token one that softmax(logits * inv_t), in
@@ -746,6 +802,9 @@ def check_graphs(
         },
         "step_softmax_state_equals_model": True,
     }
+    if PREFILL in graphs:
+        check_prefill(graphs[PREFILL], model_path, config)
+        checks["prefill_state_equals_model"] = True
     if DECODE_RUN in graphs:
         # how far a drawn word's interval was from its number (0: every one inside)
         checks["decode_run_max_miss"] = check_decode_run(graphs[DECODE_RUN], model_path, config)

@@ -28,6 +28,8 @@ A bundle is a folder holding:
     layers, batch, hidden], the state after each step. Step k feeds the token step k - 1
     sampled (step 0 the given tokens) and draws from softmax(logits * inv_t) with
     uniforms[:, k]. Its params add `steps`;
+  - `prefill.onnx`: model.onnx without its output layer: the same inputs -> `hn`/`cn`
+    alone, for feeding a prompt whose logits nobody reads. It has no params;
   - `sequence_logprobs.onnx`, the scoring graph: model.onnx's inputs -> `logprobs`
     float32 [batch, seq, vocab], the log-softmax over the vocabulary after every
     position (not only the last), and `hn`/`cn`. It has no params. Echo scoring reads it
@@ -44,7 +46,7 @@ int8 bundle `quantization`, `files` (name -> sha256 of model.onnx and tokenizer.
 and, when the bundle has the other graphs, `graphs`: graph name -> `file`, `sha256`,
 `inputs` and `outputs` (tensor name -> shape, a list of sizes and dynamic axis names
 such as "batch"), `params` (`width`, `blocks`, for the envelope `exact_blocks`, for
-decode_run `steps`; none for `sequence_logprobs`).
+decode_run `steps`; none for `prefill` and `sequence_logprobs`).
 """
 
 from __future__ import annotations
@@ -76,12 +78,14 @@ SAMPLING_DIRECT = "sampling_direct"
 SAMPLING_ENVELOPE = "sampling_envelope"
 SEQUENCE_LOGPROBS = "sequence_logprobs"
 DECODE_RUN = "decode_run"
+PREFILL = "prefill"
 GRAPH_PARAMS: dict[str, tuple[str, ...]] = {
     STEP_SOFTMAX: ("width", "blocks"),
     SAMPLING_DIRECT: ("width", "blocks"),
     SAMPLING_ENVELOPE: ("width", "blocks", "exact_blocks"),
     DECODE_RUN: ("width", "blocks", "steps"),
     SEQUENCE_LOGPROBS: (),
+    PREFILL: (),
 }
 
 Shape = tuple[int | str | None, ...]
@@ -159,7 +163,7 @@ class ModelBundle:
 
     def graph(self, name: str) -> GraphInfo | None:
         """The verified graph `name` (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE,
-        DECODE_RUN, SEQUENCE_LOGPROBS), or None for a bundle exported without it."""
+        DECODE_RUN, PREFILL, SEQUENCE_LOGPROBS), or None for a bundle exported without it."""
         return self.graphs.get(name)
 
     @property
@@ -275,9 +279,11 @@ def graph_contract(
 ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
     """The inputs and outputs graph `name` must have, given its params and the model's
     sizes (see the module docstring). KeyError for a graph name it does not know."""
-    if name == SEQUENCE_LOGPROBS:
+    if name in (SEQUENCE_LOGPROBS, PREFILL):
         inputs, outputs = model_contract(vocab_size, hidden_size, num_layers)
         del outputs["logits"]
+        if name == PREFILL:
+            return inputs, outputs
         return inputs, {"logprobs": TensorSpec("float32", (None, None, vocab_size)), **outputs}
     width, blocks = params["width"], params["blocks"]
     logits = TensorSpec("float32", (None, vocab_size))

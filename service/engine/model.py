@@ -8,6 +8,10 @@ with a different T.
 onnxruntime call: the bundle's `step_softmax` graph, built at export. A bundle without
 it still serves; the runner then samples with separate calls.
 
+`run_state` is `run` without the logits: the bundle's `prefill` graph, which leaves out
+the output layer, for a prompt whose logits nobody reads; model.onnx where the bundle
+has no such graph.
+
 `run_decode` takes `run_steps` decode steps in one call, each sampled in the graph and
 fed to the next: the bundle's `decode_run` graph (see `simmer.bundle`). A bundle
 without it serves one step per call (`run_steps` is 0).
@@ -24,12 +28,20 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from simmer.bundle import DECODE_RUN, STEP_SOFTMAX, BundleError, ModelBundle, check_graph
+from simmer.bundle import (
+    DECODE_RUN,
+    PREFILL,
+    STEP_SOFTMAX,
+    BundleError,
+    ModelBundle,
+    check_graph,
+)
 from simmer.ort import GraphLoadError, fast_run, open_session
 
 logger = logging.getLogger(__name__)
 
 _OUTPUTS = ["logits", "hn", "cn"]
+_STATE_OUTPUTS = ["hn", "cn"]
 _SOFTMAX_OUTPUTS = ["logits", "hn", "cn", "weights", "sums"]
 _RUN_OUTPUTS = ["sampled", "hs", "cs"]
 
@@ -79,12 +91,18 @@ class ModelSession:
         self.run_steps = 0  # steps per run_decode call; 0 without the graph
         self._check_graph()
         self._open_softmax()
+        self._run_prefill = self._open(PREFILL, "prompts are fed through the whole model")
         self._open_run()
 
     @property
     def has_softmax(self) -> bool:
         """Whether `run_softmax` is available (the bundle ships step_softmax)."""
         return self._run_softmax is not None
+
+    @property
+    def has_prefill(self) -> bool:
+        """Whether `run_state` skips the output layer (the bundle ships prefill)."""
+        return self._run_prefill is not None
 
     def _check_graph(self) -> None:
         """The bundle's graph contract (the same check as load_bundle), then a dry run."""
@@ -132,6 +150,17 @@ class ModelSession:
         logits, hn, cn = self._run(_OUTPUTS, {"tokens": tokens, "h0": h, "c0": c}, None)
         return ModelOutput(logits, hn, cn)
 
+    def run_state(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The state (h, c) after feeding `tokens` (B, T) from (h, c), as `run` gives it,
+        without computing the logits where the bundle has its prefill graph."""
+        if self._run_prefill is None:
+            out = self.run(tokens, h, c)
+            return out.h, out.c
+        hn, cn = self._run_prefill(_STATE_OUTPUTS, {"tokens": tokens, "h0": h, "c0": c}, None)
+        return hn, cn
+
     def run_softmax(
         self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
     ) -> SoftmaxOutput:
@@ -174,6 +203,7 @@ class ModelSession:
         for batch in batches:
             tokens = np.ones((batch, 1), np.int64)
             self.run(tokens, *self.zero_state(batch))
+            self.run_state(tokens, *self.zero_state(batch))
             ones = np.ones(batch, np.float32)
             if self.has_softmax:
                 self.run_softmax(tokens, *self.zero_state(batch), ones)

@@ -271,8 +271,9 @@ class ModelRunner:
 
     def _prefill(self, plan: StepPlan) -> None:
         """New requests' feeds, but for their last token: one state-only call per
-        distinct length, straight into their slots; the last token is fed with the
-        step's decode batch.
+        distinct length (`run_state`: no output layer where the bundle has its prefill
+        graph), straight into their slots; the last token is fed with the step's decode
+        batch.
 
         So a step with newcomers is still one decode call over the whole batch, whose
         logits need no gathering: the old way fed whole prompts in a call of their own
@@ -289,12 +290,12 @@ class ModelRunner:
         for length, rows in by_length.items():
             group = slots[rows]
             tokens = np.array([requests[row].feed[:-1] for row in rows], dtype=np.int64)
-            out = self.model.run(
+            h, c = self.model.run_state(
                 tokens.reshape(len(rows), length), self._h[:, group], self._c[:, group]
             )
             self.calls += 1
-            self._h[:, group] = out.h
-            self._c[:, group] = out.c
+            self._h[:, group] = h
+            self._c[:, group] = c
 
 
 _NO_ROWS = np.zeros(0, np.int64)

@@ -107,6 +107,7 @@ def test_export_replaces_an_existing_bundle(
         "decode_run.onnx",
         "manifest.json",
         "model.onnx",
+        "prefill.onnx",
         "sampling_direct.onnx",
         "sampling_envelope.onnx",
         "sequence_logprobs.onnx",

@@ -29,6 +29,7 @@ from export.runtime import open_session
 from simmer.bundle import (
     DECODE_RUN,
     GRAPHS,
+    PREFILL,
     SAMPLING_DIRECT,
     SAMPLING_ENVELOPE,
     SEQUENCE_LOGPROBS,
@@ -272,9 +273,12 @@ def test_the_bundle_ships_every_graph_listed_with_hash_shapes_and_params(
         SAMPLING_DIRECT,
         SAMPLING_ENVELOPE,
         DECODE_RUN,
+        PREFILL,
         SEQUENCE_LOGPROBS,
     }
     assert entries[SAMPLING_ENVELOPE]["params"] == p
+    assert entries[PREFILL]["params"] == {}
+    assert set(entries[PREFILL]["outputs"]) == {"hn", "cn"}
     assert entries[DECODE_RUN]["params"] == {
         "width": p["width"],
         "blocks": p["blocks"],
@@ -299,6 +303,7 @@ def test_the_bundle_ships_every_graph_listed_with_hash_shapes_and_params(
     assert envelope["weights"] == ["batch", p["exact_blocks"], p["width"]]
     checks = manifest["parity"]["graphs"]
     assert checks["step_softmax_state_equals_model"] is True
+    assert checks["prefill_state_equals_model"] is True
     assert all(error <= checks["tolerance"] for error in checks["max_rel_error"].values())
     # the files section still lists exactly the model and the tokenizer
     assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}

@@ -16,6 +16,7 @@ from simmer.bundle import (
     GRAPHS,
     MANIFEST,
     MODEL,
+    PREFILL,
     SAMPLING_DIRECT,
     SAMPLING_ENVELOPE,
     SEQUENCE_LOGPROBS,
@@ -29,7 +30,7 @@ from simmer.bundle import (
 )
 from tests.simmer.test_bundle import refusal
 
-ALL = (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE, DECODE_RUN, SEQUENCE_LOGPROBS)
+ALL = (STEP_SOFTMAX, SAMPLING_DIRECT, SAMPLING_ENVELOPE, DECODE_RUN, PREFILL, SEQUENCE_LOGPROBS)
 
 
 @pytest.fixture
@@ -77,6 +78,40 @@ def test_every_listed_graph_is_exposed_with_its_path_and_params(bundle: Path) ->
     assert run.inputs["ban"] == ("batch", 1)
     assert run.outputs["sampled"] == ("batch", steps)
     assert run.outputs["hs"] == (steps, loaded.num_layers, "batch", loaded.hidden_size)
+
+
+def test_the_prefill_graph_is_listed_with_the_models_inputs_and_its_state_alone(
+    bundle: Path,
+) -> None:
+    loaded = load_bundle(bundle)
+    prefill = loaded.graph(PREFILL)
+    assert prefill is not None
+    assert prefill.path == bundle / "prefill.onnx"
+    assert dict(prefill.params) == {}
+    assert set(prefill.inputs) == {"tokens", "h0", "c0"}
+    assert set(prefill.outputs) == {"hn", "cn"}
+
+
+def test_a_bundle_from_before_prefill_loads_without_it(bundle: Path) -> None:
+    (bundle / "prefill.onnx").unlink()
+    edit_manifest(bundle, lambda m: m[GRAPHS].pop(PREFILL))
+    assert set(load_bundle(bundle).graphs) == set(ALL) - {PREFILL}
+
+
+def test_model_onnx_shipped_as_the_prefill_graph_is_refused(bundle: Path) -> None:
+    """The whole model, hash and shapes relisted: only the contract can tell."""
+    file = bundle / "prefill.onnx"
+    file.write_bytes((bundle / MODEL).read_bytes())
+
+    def edit(manifest: dict[str, Any]) -> None:
+        entry = manifest[GRAPHS][PREFILL]
+        entry["sha256"] = sha256_file(file)
+        entry["outputs"] = {t: list(shape) for t, (_, shape) in graph_io(file).outputs.items()}
+
+    edit_manifest(bundle, edit)
+    assert refusal(bundle) == (
+        "prefill.onnx outputs are ['cn', 'hn', 'logits'], expected ['cn', 'hn']"
+    )
 
 
 def test_a_bundle_from_before_decode_run_loads_without_it(bundle: Path) -> None:

@@ -169,6 +169,12 @@ class PathModel(ModelSession):
         self.paths.append("run")
         return super().run(tokens, h, c)
 
+    def run_state(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        self.paths.append("state")
+        return super().run_state(tokens, h, c)
+
     def run_softmax(
         self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
     ) -> SoftmaxOutput:
@@ -210,8 +216,8 @@ def _generate(
 def test_plain_and_ban_only_requests_keep_the_fused_step(model: PathModel) -> None:
     for params in (SamplingParams(seed=1), SamplingParams(seed=1, logit_bias=((UNK_ID, BAN),))):
         (request,) = _generate(model, [params], max_new=40)
-        # the prefill runs the plain step; every decode step after it is fused
-        assert model.paths[0] == "run" and set(model.paths[1:]) == {"fused"}, params
+        # the prefill feeds the state alone; every decode step after it is fused
+        assert model.paths[0] == "state" and set(model.paths[1:]) == {"fused"}, params
     assert UNK_ID not in request.tokens
 
 

@@ -28,6 +28,13 @@ class CountingModel(ModelSession):
             self.calls.append(tokens.shape)
         return super().run(tokens, h, c)
 
+    def run_state(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if hasattr(self, "calls"):
+            self.calls.append(tokens.shape)
+        return super().run_state(tokens, h, c)
+
     def run_softmax(
         self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
     ) -> SoftmaxOutput:
@@ -284,14 +291,23 @@ class FailingModel(CountingModel):
     fail_on: set[int]
     kill_on: set[int]
 
-    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> ModelOutput:
+    def _inject(self, tokens: np.ndarray) -> None:
         number = len(getattr(self, "calls", ()))
         if number in getattr(self, "kill_on", ()):
             raise SystemExit("the worker thread is killed")  # not an Exception: it escapes
         if number in getattr(self, "fail_on", ()):
             self.calls.append(tokens.shape)
             raise RuntimeError("injected engine fault")
+
+    def run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> ModelOutput:
+        self._inject(tokens)
         return super().run(tokens, h, c)
+
+    def run_state(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        self._inject(tokens)
+        return super().run_state(tokens, h, c)
 
 
 @pytest.fixture

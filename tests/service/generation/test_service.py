@@ -28,6 +28,13 @@ class RecordingModel(ModelSession):
             self.fed.extend(tuple(row) for row in tokens.tolist())
         return super().run(tokens, h, c)
 
+    def run_state(
+        self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if hasattr(self, "fed"):
+            self.fed.extend(tuple(row) for row in tokens.tolist())
+        return super().run_state(tokens, h, c)
+
     def run_softmax(
         self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, inv_t: np.ndarray
     ) -> SoftmaxOutput:
