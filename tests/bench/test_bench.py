@@ -287,17 +287,25 @@ def test_a_bundle_without_the_scoring_graph_gives_no_book_as_written_figure_and_
         assert items[name]["reason"] == missing["error"], name
 
 
-def test_the_realistic_efficiency_is_the_median_of_its_rounds_or_says_why_it_is_missing() -> None:
-    config = BenchConfig.smoke()
-    raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
-    busy, idle = load_figures(0.064), load_figures(0.0)  # 1 ms per token; 0 clock ticks
-    base = {
+def one_round_result(
+    config: BenchConfig, raw: dict[str, float], busy: dict[str, Any]
+) -> dict[str, Any]:
+    """A result with one headline round of `raw` against `busy` and every other part a
+    stand-in, for the ratios."""
+    return {
         "headline_rounds": [_round(raw, busy, raw, busy, {"tokens_per_s": 100.0}, {}, busy)],
         "history": {"ratio": 1.0},
         "simmer_long": {str(config.long_concurrent): busy},
         "sessions": {"memory": {"bytes_per_session": 500.0}, "redis": {"error": "no Redis"}},
         "metrics_overhead": {"ratio": 1.0},
     }
+
+
+def test_the_realistic_efficiency_is_the_median_of_its_rounds_or_says_why_it_is_missing() -> None:
+    config = BenchConfig.smoke()
+    raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
+    busy, idle = load_figures(0.064), load_figures(0.0)  # 1 ms per token; 0 clock ticks
+    base = one_round_result(config, raw, busy)
     rounds = [_realistic_round(raw, figures) for figures in (busy, idle, busy)]
     assert [r["cpu_efficiency"] for r in rounds] == [0.5, None, 0.5]
     measured = {r["name"]: r for r in ratios({**base, "realistic": {"rounds": rounds}}, config)}
@@ -324,13 +332,7 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
     config = BenchConfig.smoke()
     raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
     busy = load_figures(0.064)
-    base = {
-        "headline_rounds": [_round(raw, busy, raw, busy, {"tokens_per_s": 100.0}, {}, busy)],
-        "history": {"ratio": 1.0},
-        "simmer_long": {str(config.long_concurrent): busy},
-        "sessions": {"memory": {"bytes_per_session": 500.0}, "redis": {"error": "no Redis"}},
-        "metrics_overhead": {"ratio": 1.0},
-    }
+    base = one_round_result(config, raw, busy)
     headline = f"CPU efficiency ceiling at {config.large} streams: the model and its sampler alone"
     fixed = (
         f"CPU efficiency ceiling at {config.large} streams: the model, its sampler and each "

@@ -98,17 +98,22 @@ def test_a_bundle_from_before_prefill_loads_without_it(bundle: Path) -> None:
     assert set(load_bundle(bundle).graphs) == set(ALL) - {PREFILL}
 
 
-def test_model_onnx_shipped_as_the_prefill_graph_is_refused(bundle: Path) -> None:
-    """The whole model, hash and shapes relisted: only the contract can tell."""
-    file = bundle / "prefill.onnx"
+def ship_model_as(bundle: Path, name: str) -> None:
+    """model.onnx shipped as graph `name`, its hash and shapes relisted in the manifest:
+    only the graph's contract can tell."""
+    file = bundle / f"{name}.onnx"
     file.write_bytes((bundle / MODEL).read_bytes())
 
     def edit(manifest: dict[str, Any]) -> None:
-        entry = manifest[GRAPHS][PREFILL]
+        entry = manifest[GRAPHS][name]
         entry["sha256"] = sha256_file(file)
         entry["outputs"] = {t: list(shape) for t, (_, shape) in graph_io(file).outputs.items()}
 
     edit_manifest(bundle, edit)
+
+
+def test_model_onnx_shipped_as_the_prefill_graph_is_refused(bundle: Path) -> None:
+    ship_model_as(bundle, PREFILL)
     assert refusal(bundle) == (
         "prefill.onnx outputs are ['cn', 'hn', 'logits'], expected ['cn', 'hn']"
     )
@@ -146,17 +151,7 @@ def test_a_bundle_from_before_the_scoring_graph_loads_without_it(bundle: Path) -
 
 
 def test_a_scoring_graph_with_logits_at_the_last_position_only_is_refused(bundle: Path) -> None:
-    """model.onnx shipped as the scoring graph, hash and shapes relisted: only the
-    contract can tell."""
-    file = bundle / "sequence_logprobs.onnx"
-    file.write_bytes((bundle / MODEL).read_bytes())
-
-    def edit(manifest: dict[str, Any]) -> None:
-        entry = manifest[GRAPHS][SEQUENCE_LOGPROBS]
-        entry["sha256"] = sha256_file(file)
-        entry["outputs"] = {t: list(shape) for t, (_, shape) in graph_io(file).outputs.items()}
-
-    edit_manifest(bundle, edit)
+    ship_model_as(bundle, SEQUENCE_LOGPROBS)
     assert refusal(bundle) == (
         "sequence_logprobs.onnx outputs are ['cn', 'hn', 'logits'], "
         "expected ['cn', 'hn', 'logprobs']"
