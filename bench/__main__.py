@@ -27,6 +27,11 @@ machine:
    every 64-token generation, as most clients do, beside the raw engine on that model;
 5. memory per stored session, in the memory store and in Redis.
 
+With 3 and 4 come two ceilings on the CPU efficiency (see `bench.engine`'s
+`sampling_ceiling`): the raw engine against the same steps sampled by the server's
+sampling head, and that with each generation's fixed cost added, estimated from the
+same load served one token per generation.
+
 The headline ratios compare the server with the raw engine measured right before it,
 in `headline_rounds` rounds (the realistic load too); each ratio is the median over
 rounds, so one burst of load from elsewhere on the machine does not decide it.
@@ -475,7 +480,7 @@ def _realistic(
             raw_large = raw.measure_engine(engine, large, config.engine_seconds).as_dict()
             rounds.append(_realistic_round(raw_large, _figures(run_load(server, spec))))
         log(f"realistic load, one token each: {streams} clients x {requests} connections")
-        one_token = _one_token_cost(server, spec)
+        one_token = _one_token_cost(server, spec, config.ceiling_rounds)
     log(f"engine with the server's sampler at batch {large}, realistic model")
     ceiling = raw.sampling_ceiling(
         model.path, threads, large, config.engine_seconds, config.ceiling_rounds
@@ -498,16 +503,24 @@ def _realistic(
     }
 
 
-def _one_token_cost(server: ServiceProcess, spec: LoadSpec) -> dict[str, Any]:
-    """`spec`'s load with one token per generation: the server's CPU per generation, the
-    fixed cost of one (its messages in and out, its session, and with `reconnect` its
-    connection); None below one clock tick."""
-    run = run_load(server, replace(spec, max_tokens=1))
-    cpu = run["server_cpu_s"]
+def _one_token_cost(server: ServiceProcess, spec: LoadSpec, rounds: int) -> dict[str, Any]:
+    """`spec`'s load with one token per generation, `rounds` times: the server's CPU per
+    generation that ended without an error (the median of the rounds; None where every
+    round was below one clock tick), the fixed cost of one (its messages in and out, its
+    session, and with `reconnect` its connection) and one step's."""
+    per_generation: list[float | None] = []
+    generations = errors = 0
+    for _ in range(rounds):
+        run = run_load(server, replace(spec, max_tokens=1))
+        ended = sum(run["finish_reasons"].values())
+        generations, errors = generations + ended, errors + run["error_count"]
+        cpu = run["server_cpu_s"]
+        per_generation.append(quotient(cpu * 1e6, ended) if cpu else None)
     return {
-        "generations": run["requests"],
-        "cpu_per_generation_us": quotient(cpu * 1e6, run["requests"]) if cpu else None,
-        "errors": run["error_count"],
+        "rounds": rounds,
+        "generations": generations,
+        "cpu_per_generation_us": _median(per_generation),
+        "errors": errors,
     }
 
 
@@ -515,12 +528,14 @@ def _fixed_cost_ceiling(
     ceiling: dict[str, Any], per_generation_us: float | None, tokens_per_generation: float | None
 ) -> float | None:
     """The CPU efficiency if serving cost only the model, the sampler and each
-    generation's fixed cost (a one-token generation's, spread over the load's tokens per
-    generation); None where a figure is missing."""
+    generation's fixed cost, spread over the load's tokens per generation; None where a
+    figure is missing. The fixed cost is a one-token generation's CPU less the one
+    sampled step it holds, which the sampled steps already count."""
     if "error" in ceiling or per_generation_us is None or not tokens_per_generation:
         return None
-    per_token = ceiling["sampled_cpu_per_token_us"] + per_generation_us / tokens_per_generation
-    return quotient(ceiling["raw_cpu_per_token_us"], per_token)
+    sampled = ceiling["sampled_cpu_per_token_us"]
+    fixed = max(per_generation_us - sampled, 0.0)
+    return quotient(ceiling["raw_cpu_per_token_us"], sampled + fixed / tokens_per_generation)
 
 
 def run(
@@ -685,6 +700,7 @@ def run(
                 requests=config.ws_streams[large],
                 prompt=config.prompt,
             ),
+            config.ceiling_rounds,
         )
     result["headline_rounds"] = rounds
     log(f"engine with the server's sampler at batch {large}: {config.ceiling_rounds} rounds")
@@ -786,9 +802,9 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             ceiling.get("ceiling_with_fixed_cost"),
             None,
             "",
-            "raw engine CPU/token / (the sampled steps' CPU/token + the server's CPU for a "
-            f"one-token generation at {large} streams / the tokens per generation at "
-            f"{large} streams)",
+            "raw engine CPU/token / (the sampled steps' CPU/token + (the server's CPU for a "
+            f"one-token generation at {large} streams - one sampled step) / the tokens per "
+            f"generation at {large} streams): an estimate",
             ceiling.get("error", "a figure it needs was not measured"),
         ),
         report.ratio(
@@ -797,8 +813,9 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             realistic.get("ceiling_with_fixed_cost"),
             None,
             "",
-            "raw engine CPU/token / (the sampled steps' CPU/token + the server's CPU for a "
-            "one-token generation on its own connection / the load's tokens per generation)",
+            "raw engine CPU/token / (the sampled steps' CPU/token + (the server's CPU for a "
+            "one-token generation on its own connection - one sampled step) / the load's "
+            "tokens per generation): an estimate",
             realistic.get("skipped", "a figure it needs was not measured"),
         ),
         report.ratio(

@@ -27,7 +27,8 @@ the 64 prefixes would have been faster.
 the same step with its tokens drawn by the bundle's sampling head (the envelope above
 `SMALL_BATCH` rows) and fed back, rounds alternating. Their CPU per token bounds the
 CPU efficiency of any server that samples exactly with that head: the most it reaches
-if the event loop, the scheduler and the network cost nothing.
+if the event loop, the scheduler and the network cost nothing (and without the
+server's [UNK] ban, which only adds to its cost).
 
 `decode_with_scorer` shows that decoding does not pay for the scoring graph: the raw
 decode step's cost with no scorer in the process and with one opened and warmed (its

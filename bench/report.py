@@ -161,7 +161,8 @@ def _ceiling_lines(
         f"{_fmt(ceiling['sampled_cpu_per_token_us'], 1)} (sampling "
         f"{_fmt(ceiling['sampling_cpu_per_token_us'], 1)}): ceiling {_fmt(ceiling['ceiling'], 3)}",
         f"{indent}  one-token generations: {_fmt(one_token['cpu_per_generation_us'], 0)} us of "
-        f"server CPU each ({one_token['generations']}, errors {one_token['errors']}); over "
+        f"server CPU each ({one_token['generations']} in {one_token['rounds']} rounds, errors "
+        f"{one_token['errors']}); over "
         f"{_fmt(fixed['tokens_per_generation'], 1)} tokens per generation: ceiling "
         f"{_fmt(fixed['ceiling_with_fixed_cost'], 3)}",
     ]

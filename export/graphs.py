@@ -329,7 +329,8 @@ def step_softmax_graph(model: onnx.ModelProto, vocab: int, width: int) -> onnx.M
 
 def prefill_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model's step graph with hn and cn its only outputs, and only the
-    nodes, initializers and value infos those need."""
+    nodes, inputs, initializers and value infos those need; an LSTM's outputs that
+    nothing kept reads (the whole sequence Y) are left out, as LSTM allows."""
     state = onnx.ModelProto()
     state.CopyFrom(model)
     graph = state.graph
@@ -344,12 +345,20 @@ def prefill_graph(model: onnx.ModelProto) -> onnx.ModelProto:
             needed.update(name for name in node.input if name)
     if len(kept) == len(graph.node):
         raise ExportError("every node of the model graph computes the state: nothing to drop")
+    for node in kept:
+        if node.op_type == "LSTM":  # Y, Y_h and Y_c are each optional
+            node.output[:] = [name if name in needed else "" for name in node.output]
+    inputs = [value for value in graph.input if value.name in needed]
     initializers = [init for init in graph.initializer if init.name in needed]
+    sparse = [init for init in graph.sparse_initializer if init.values.name in needed]
     infos = [info for info in graph.value_info if info.name in needed]
-    del graph.node[:], graph.output[:], graph.initializer[:], graph.value_info[:]
+    del graph.node[:], graph.input[:], graph.output[:], graph.initializer[:]
+    del graph.sparse_initializer[:], graph.value_info[:]
     graph.node.extend(reversed(kept))
+    graph.input.extend(inputs)
     graph.output.extend(outputs)
     graph.initializer.extend(initializers)
+    graph.sparse_initializer.extend(sparse)
     graph.value_info.extend(infos)
     return state
 

@@ -28,6 +28,7 @@ from bench.__main__ import (
     _round,
     ratios,
 )
+from bench.load import LoadSpec
 from bench.model import NEWEST_GRAPHS, is_current
 from bench.report import quotient, ratio
 from bench.trained import TrainedBundleError, trained_bundle
@@ -123,6 +124,7 @@ def test_smoke_run_writes_json_chart_and_summary(
     for fixed in (result["sampling_ceiling"], result["realistic"]):
         assert fixed["one_token"]["errors"] == 0
         assert fixed["one_token"]["generations"] > 0
+        assert fixed["one_token"]["rounds"] == result["config"]["ceiling_rounds"]
         assert fixed["tokens_per_generation"] > 0
     # the realistic load: a tiny trained bundle, every generation on a connection of its own
     config, realistic = result["config"], result["realistic"]
@@ -321,11 +323,44 @@ def test_the_realistic_efficiency_is_the_median_of_its_rounds_or_says_why_it_is_
 
 def test_the_fixed_cost_ceiling_adds_each_generations_fixed_cost_to_the_sampled_step() -> None:
     ceiling = {"raw_cpu_per_token_us": 18.0, "sampled_cpu_per_token_us": 24.0}
-    # 600 us a generation over 50 tokens is 12 us a token: 18 / (24 + 12)
-    assert _fixed_cost_ceiling(ceiling, 600.0, 50.0) == pytest.approx(0.5)
+    # 624 us a generation, less its one sampled step, over 50 tokens: 18 / (24 + 600 / 50)
+    assert _fixed_cost_ceiling(ceiling, 624.0, 50.0) == pytest.approx(0.5)
+    # a generation that cost less than a sampled step adds nothing
+    assert _fixed_cost_ceiling(ceiling, 10.0, 50.0) == pytest.approx(0.75)
     assert _fixed_cost_ceiling(ceiling, None, 50.0) is None  # 0 clock ticks
     assert _fixed_cost_ceiling(ceiling, 600.0, None) is None
     assert _fixed_cost_ceiling({"error": "no sampling graphs"}, 600.0, 50.0) is None
+
+
+def test_the_one_token_cost_is_the_median_cpu_per_ended_generation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rounds below a clock tick are left out of the median; generations that failed are
+    not counted as served."""
+    import bench.__main__ as main
+
+    runs = iter(
+        [
+            {"server_cpu_s": 0.02, "finish_reasons": {"length": 90, "eos": 10}, "error_count": 0},
+            {"server_cpu_s": 0.0, "finish_reasons": {"length": 100}, "error_count": 0},
+            {"server_cpu_s": 0.03, "finish_reasons": {"length": 75}, "error_count": 25},
+        ]
+    )
+    specs: list[LoadSpec] = []
+
+    def fake_run_load(server: Any, spec: LoadSpec) -> dict[str, Any]:
+        specs.append(spec)
+        return next(runs)
+
+    monkeypatch.setattr(main, "run_load", fake_run_load)
+    spec = LoadSpec(url="ws://127.0.0.1:1/v1/stream", streams=100, max_tokens=64)
+    cost = main._one_token_cost(None, spec, 3)  # type: ignore[arg-type]
+    assert {s.max_tokens for s in specs} == {1} and spec.max_tokens == 64
+    # 200 us and 400 us per generation that ended; the 0-tick round is not measured
+    assert cost == {"rounds": 3, "generations": 275, "cpu_per_generation_us": 300.0, "errors": 25}
+    idle = iter([{"server_cpu_s": 0.0, "finish_reasons": {"length": 1}, "error_count": 0}] * 2)
+    monkeypatch.setattr(main, "run_load", lambda server, spec: next(idle))
+    assert main._one_token_cost(None, spec, 2)["cpu_per_generation_us"] is None  # type: ignore[arg-type]
 
 
 def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing() -> None:

@@ -44,7 +44,9 @@ def test_prefill_drops_the_output_layer_and_keeps_the_rest_of_the_model(tiny_onn
     assert dropped and all(init in model.graph.initializer for init in state.graph.initializer)
     vocab = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
     assert any(vocab in init.dims for init in dropped)  # the (vocab, hidden) output weights
-    assert not any(node.op_type in ("Gemm", "MatMul") for node in state.graph.node)
+    head = ("Gemm", "MatMul", "MatMulInteger", "DynamicQuantizeLinear")
+    assert any(node.op_type in head for node in model.graph.node)
+    assert not any(node.op_type in head for node in state.graph.node)
 
 
 def test_a_prefill_graph_whose_state_differs_fails_the_export_check(
@@ -82,3 +84,34 @@ def test_a_prefill_graph_that_cannot_be_built_is_skipped_with_one_line(
     )
     checks = check_graphs(graphs, tiny_onnx, tiny_model.config)  # the rest still check
     assert "prefill_state_equals_model" not in checks
+
+
+def test_the_int8_bundles_prefill_gives_the_int8_models_state_without_its_output_layer(
+    int8_bundle: Path, tiny_model: RecipeLSTM
+) -> None:
+    model, state = (
+        onnx.load(str(int8_bundle / "model.onnx")),
+        onnx.load(str(int8_bundle / "prefill.onnx")),
+    )
+    vocab = tiny_model.config.vocab_size
+    kept = {init.name for init in state.graph.initializer}
+    dropped = [init for init in model.graph.initializer if init.name not in kept]
+    assert any(vocab in init.dims for init in dropped)  # the int8 output layer's weights
+    head = ("Gemm", "MatMul", "MatMulInteger", "DynamicQuantizeLinear")
+    assert any(node.op_type in head for node in model.graph.node)
+    assert not any(node.op_type in head for node in state.graph.node)
+    rng = np.random.default_rng(5)
+    h, c = random_state(tiny_model.config, 3, rng)
+    tokens = rng.integers(0, vocab, (3, 8), dtype=np.int64)
+    feeds = {"tokens": tokens, "h0": h, "c0": c}
+    want = open_session(int8_bundle / "model.onnx").run(["hn", "cn"], feeds)
+    got = open_session(int8_bundle / "prefill.onnx").run(["hn", "cn"], feeds)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_prefill_leaves_out_the_lstm_sequence_nobody_reads(tiny_onnx: Path) -> None:
+    state = prefill_graph(onnx.load(str(tiny_onnx)))
+    lstms = [node for node in state.graph.node if node.op_type == "LSTM"]
+    read = {name for node in state.graph.node for name in node.input} | {"hn", "cn"}
+    assert lstms and lstms[-1].output[0] == ""  # the last layer's Y fed the output layer
+    assert all(name in read for node in lstms for name in node.output if name)
