@@ -86,13 +86,13 @@ class ModelSession:
         self.hidden_size = bundle.hidden_size
         self.vocab_size = bundle.vocab_size
         self._run = fast_run(self.session)
-        self._run_softmax: Any = None
-        self._run_decode: Any = None
-        self.run_steps = 0  # steps per run_decode call; 0 without the graph
         self._check_graph()
-        self._open_softmax()
+        self._run_softmax = self._open(STEP_SOFTMAX, "sampling in separate calls")
         self._run_prefill = self._open(PREFILL, "prompts are fed through the whole model")
-        self._open_run()
+        self._run_decode = self._open(DECODE_RUN, "one decode step per call")
+        run = self.bundle.graph(DECODE_RUN)
+        # steps per run_decode call; 0 without the graph
+        self.run_steps = int(run.params["steps"]) if self._run_decode and run else 0
 
     @property
     def has_softmax(self) -> bool:
@@ -118,15 +118,6 @@ class ModelSession:
                 f"vocabulary size disagrees: graph gives {out.logits.shape[-1]} logits, "
                 f"tokenizer has {self.vocab_size} words"
             )
-
-    def _open_softmax(self) -> None:
-        self._run_softmax = self._open(STEP_SOFTMAX, "sampling in separate calls")
-
-    def _open_run(self) -> None:
-        self._run_decode = self._open(DECODE_RUN, "one decode step per call")
-        graph = self.bundle.graph(DECODE_RUN)
-        if self._run_decode is not None and graph is not None:
-            self.run_steps = int(graph.params["steps"])
 
     def _open(self, name: str, otherwise: str) -> Any:
         """A fast run function over the bundle's graph `name`; None, with a warning that
@@ -203,7 +194,8 @@ class ModelSession:
         for batch in batches:
             tokens = np.ones((batch, 1), np.int64)
             self.run(tokens, *self.zero_state(batch))
-            self.run_state(tokens, *self.zero_state(batch))
+            if self.has_prefill:  # else run_state is the run above
+                self.run_state(tokens, *self.zero_state(batch))
             ones = np.ones(batch, np.float32)
             if self.has_softmax:
                 self.run_softmax(tokens, *self.zero_state(batch), ones)
