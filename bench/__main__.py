@@ -30,10 +30,13 @@ machine:
 With 3 and 4 come two ceilings on the CPU efficiency (see `bench.engine`'s
 `sampling_ceiling`): the raw engine against the same steps sampled by the server's
 sampling head, and that with each generation's fixed cost added, estimated from the
-same load served one token per generation.
+same load served one token per generation. Beside the inter-token latency comes its
+floor (`run_floor`): a step of the bundle's decode_run graph at batch 1 against the raw
+step, rounds alternating.
 
 The headline ratios compare the server with the raw engine measured right before it,
-in `headline_rounds` rounds (the realistic load too); each ratio is the median over
+in `headline_rounds` rounds (the realistic load too; each round serves the 1-stream
+and the concurrent 200-token generations again); each ratio is the median over
 rounds, so one burst of load from elsewhere on the machine does not decide it.
 
 It writes the JSON to --out, a PNG chart beside it, and prints a summary. --smoke runs
@@ -376,6 +379,7 @@ def _round(
     book: dict[str, Any],
     book_written: dict[str, Any],
     simmer_single: dict[str, Any],
+    simmer_concurrent: dict[str, Any],
 ) -> dict[str, float | None]:
     """One round of the headline ratios, from figures taken one right after the other.
 
@@ -399,6 +403,9 @@ def _round(
         "book_written_tokens_per_s": written,
         "book_written_raw_steps": quotient(quotient(1e3, written), raw_small["step_ms"]),
         "simmer_book_written_single": quotient(simmer_single["tokens_per_s"], written),
+        "simmer_concurrent_tokens_per_s": simmer_concurrent["tokens_per_s"],
+        "simmer_book_concurrent": quotient(simmer_concurrent["tokens_per_s"], book["tokens_per_s"]),
+        "simmer_book_written_concurrent": quotient(simmer_concurrent["tokens_per_s"], written),
         "book_raw_steps": quotient(quotient(1e3, book["tokens_per_s"]), raw_small["step_ms"]),
     }
 
@@ -670,6 +677,7 @@ def run(
                 result["book"],
                 result["book_as_written"],
                 result["simmer_long"]["1"],
+                result["simmer_long"][str(config.long_concurrent)],
             )
         )
         for number in range(2, config.headline_rounds + 1):
@@ -680,6 +688,7 @@ def run(
             server_large = _load(server, config, large, config.ws_streams[large], config.tokens)
             book_round, written_round = book(), book_written()
             single = _load(server, config, 1, config.long_single_requests, config.long_tokens)
+            concurrent = _load(server, config, config.long_concurrent, 1, config.long_tokens)
             rounds.append(
                 _round(
                     raw_small,
@@ -689,6 +698,7 @@ def run(
                     book_round,
                     written_round,
                     single,
+                    concurrent,
                 )
             )
         log(f"server: {large} streams x {config.ws_streams[large]} one-token generations")
@@ -717,6 +727,11 @@ def run(
             ceiling, one_token["cpu_per_generation_us"], tokens_per_generation
         ),
     }
+
+    log(f"decode_run against the raw step at batch 1: {config.ceiling_rounds} rounds")
+    result["itl_floor"] = raw.run_floor(
+        bundle, server_threads, config.engine_seconds, config.ceiling_rounds
+    )
 
     # 4. the realistic load
     result["realistic"] = _realistic(realistic, config, server_threads, settings, workdir)
@@ -750,17 +765,15 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
     def median(key: str) -> float | None:
         return _median([r[key] for r in rounds])
 
-    book = median("book_tokens_per_s")
-    written = median("book_written_tokens_per_s")
     written_missing = result.get("book_as_written", {}).get(
         "error", "the book-as-written tokens/s was 0 or missing in every round"
     )
     scorer = result.get("decode_with_scorer", {})
     redis = result["sessions"].get("redis", {})
-    concurrent = result["simmer_long"][str(config.long_concurrent)]["tokens_per_s"]
     realistic = result.get("realistic", {"skipped": "the realistic load was not run"})
     realistic_rounds = realistic.get("rounds", [])
     ceiling = result.get("sampling_ceiling", {"error": "the engine with its sampler was not run"})
+    floor = result.get("itl_floor", {"error": "the decode_run graph's step was not measured"})
     ticks = (
         f"the server's CPU time rounded to 0 clock ticks (1/{CLOCK_TICKS} s) in every "
         "round: too little work to measure"
@@ -836,6 +849,16 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             "every generation arrived in one message in every round: no gap between tokens",
         ),
         report.ratio(
+            "inter-token latency floor at 1 stream: the decode_run graph's own step",
+            floor.get("floor"),
+            None,
+            "",
+            "a step of decode_run at batch 1 / the raw batch-1 step, median of "
+            f"{floor.get('rounds')} alternating rounds: tokens that come in runs cannot come "
+            "faster than the run graph computes them",
+            floor.get("error", "the decode_run graph's step was not measured"),
+        ),
+        report.ratio(
             "long history cost",
             result["history"]["ratio"],
             1.2,
@@ -873,10 +896,10 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
         ),
         report.ratio(
             f"simmer / book, last position only, {config.long_concurrent} concurrent",
-            quotient(concurrent, book),
+            median("simmer_book_concurrent"),
             10.0,
             ">=",
-            "the book serves requests one after another",
+            f"the book serves requests one after another; median of {count} rounds",
             "the book's tokens/s was 0 or missing in every round",
         ),
         report.ratio(
@@ -900,12 +923,12 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
         ),
         report.ratio(
             f"simmer / book as written, {config.long_concurrent} concurrent",
-            quotient(concurrent, written),
+            median("simmer_book_written_concurrent"),
             100.0,
             ">=",
             f"the book's generator predicts one prefix per call: {config.long_concurrent} "
             "streams are that many batch-1 re-runs per token step, the tokens/s of one stream "
-            "(book_as_written_batching: one batched call instead)",
+            f"(book_as_written_batching: one batched call instead); median of {count} rounds",
             written_missing,
         ),
         report.ratio(

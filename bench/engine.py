@@ -54,6 +54,7 @@ from service.engine.params import Uniforms, make_rng
 from service.engine.scoring import Scorer
 from simmer.bundle import SEQUENCE_LOGPROBS, ModelBundle, load_bundle
 from simmer.ort import open_session
+from simmer.tokenizer import UNK_ID
 
 
 @dataclass(frozen=True)
@@ -364,4 +365,53 @@ def sampling_ceiling(
         "sampled_cpu_per_token_us": sampled_cpu,
         "sampling_cpu_per_token_us": sampled_cpu - raw_cpu,
         "ceiling": raw_cpu / sampled_cpu if sampled_cpu > 0 else None,
+    }
+
+
+# --- decode runs at one stream: what inter-token latency could reach at best --------------
+
+
+def run_step_ms(engine: ModelSession, seconds: float) -> float:
+    """The median wall time of one step of `decode_run` at batch 1, in ms, each run
+    sampled as the server samples a plain request (temperature 1, [UNK] banned) and its
+    last token and state fed to the next, for about `seconds`."""
+    steps = engine.run_steps
+    tokens = np.full((1, 1), 2, np.int64)
+    h, c = engine.zero_state(1)
+    inv_t, ban = np.ones(1, np.float32), np.full(1, UNK_ID, np.int64)
+    rng = make_rng(1)
+    samples: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < 5:
+        uniforms = rng.random((1, steps))
+        started = time.perf_counter()
+        out = engine.run_decode(tokens, h, c, inv_t, ban, uniforms)
+        samples.append((time.perf_counter() - started) / steps)
+        tokens, h, c = np.ascontiguousarray(out.tokens[:, -1:]), out.h[-1], out.c[-1]
+    return statistics.median(samples[1:]) * 1e3  # the first pays for allocation
+
+
+def run_floor(bundle: Path, threads: int, seconds: float, rounds: int) -> dict[str, Any]:
+    """The raw batch-1 step against a step of `decode_run` at batch 1, rounds
+    alternating: at one stream the server takes its tokens in runs, which cannot come
+    faster than the run graph computes them, so their quotient bounds the inter-token
+    latency in raw steps from below."""
+    engine = ModelSession(load_bundle(bundle), ["CPUExecutionProvider"], threads)
+    if not engine.run_steps:
+        return {"error": "the bundle has no decode_run graph"}
+    raw_ms: list[float] = []
+    run_ms: list[float] = []
+    for number in range(rounds):
+        for kind in ("raw", "run") if number % 2 == 0 else ("run", "raw"):
+            if kind == "raw":
+                raw_ms.append(measure_engine(engine, 1, seconds).step_s * 1e3)
+            else:
+                run_ms.append(run_step_ms(engine, seconds))
+    raw_step, run_step = statistics.median(raw_ms), statistics.median(run_ms)
+    return {
+        "rounds": rounds,
+        "steps_per_run": engine.run_steps,
+        "raw_step_ms": raw_step,
+        "run_step_ms": run_step,
+        "floor": run_step / raw_step if raw_step > 0 else None,
     }

@@ -95,12 +95,25 @@ def summary(result: dict[str, Any]) -> str:
                 f"  simmer/book 1 stream {_fmt(r['simmer_single_tokens_per_s'], 0)} / "
                 f"{_fmt(r['book_tokens_per_s'], 0)} = {_fmt(r['simmer_book_single'])}, "
                 f"as written {_fmt(r.get('book_written_tokens_per_s'), 0)} tok/s = "
-                f"{_fmt(r.get('simmer_book_written_single'))}"
+                f"{_fmt(r.get('simmer_book_written_single'))};  "
+                f"concurrent {_fmt(r.get('simmer_concurrent_tokens_per_s'), 0)} tok/s = "
+                f"{_fmt(r.get('simmer_book_written_concurrent'))} x as written"
             )
     if "sampling_ceiling" in result:
         lines.append("")
         ceiling = result["sampling_ceiling"]
         lines.extend(_ceiling_lines("engine with the server's sampler", ceiling, ceiling))
+    floor = result.get("itl_floor")
+    if floor is not None:
+        lines.append("")
+        if "error" in floor:
+            lines.append(f"decode_run at batch 1: not measured ({floor['error']})")
+        else:
+            lines.append(
+                f"decode_run at batch 1 ({floor['steps_per_run']} steps a call, median of "
+                f"{floor['rounds']} rounds): {_fmt(floor['run_step_ms'], 3)} ms a step against "
+                f"the raw step's {_fmt(floor['raw_step_ms'], 3)}: floor {_fmt(floor['floor'])}"
+            )
     lines.extend(_realistic_lines(result.get("realistic", {})))
     lines.append("")
     lines.append("ratios")

@@ -113,7 +113,11 @@ def test_smoke_run_writes_json_chart_and_summary(
     # expiry marker (one slot per session, no global index)
     assert result["sessions"]["redis"]["keys_deleted"] == 2 * result["config"]["sessions"]
     by_name = {r["name"]: r for r in result["ratios"]}
-    assert len(by_name) == len(result["ratios"]) == 19
+    assert len(by_name) == len(result["ratios"]) == 20
+    # decode_run at batch 1 against the raw step, in the same process
+    floor = result["itl_floor"]
+    assert floor["steps_per_run"] >= 2 and floor["rounds"] == result["config"]["ceiling_rounds"]
+    assert floor["floor"] == pytest.approx(floor["run_step_ms"] / floor["raw_step_ms"])
     # the engine with the server's sampler, for both models: a sampled step costs more
     for ceiling in (result["sampling_ceiling"], result["realistic"]["sampling_ceiling"]):
         assert ceiling["sampled_cpu_per_token_us"] > 0 and ceiling["raw_cpu_per_token_us"] > 0
@@ -231,7 +235,8 @@ def test_zero_server_clock_ticks_give_no_cpu_efficiency_and_say_why() -> None:
     book = {"tokens_per_s": 100.0}
     written = {"tokens_per_s": 4.0}
     rounds = [
-        _round(raw, idle, raw, idle, book, written, idle) for _ in range(config.headline_rounds)
+        _round(raw, idle, raw, idle, book, written, idle, idle)
+        for _ in range(config.headline_rounds)
     ]
     assert {r["cpu_efficiency"] for r in rounds} == {None}
     assert {r["itl_ratio"] for r in rounds} == {None}  # every token came in one message
@@ -258,9 +263,35 @@ def test_zero_server_clock_ticks_give_no_cpu_efficiency_and_say_why() -> None:
 def test_a_measured_server_cpu_time_gives_a_cpu_efficiency() -> None:
     busy = load_figures(0.064)  # 1 ms per token
     raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
-    figures = _round(raw, busy, raw, busy, {"tokens_per_s": 100.0}, {"tokens_per_s": 2.0}, busy)
+    figures = _round(
+        raw, busy, raw, busy, {"tokens_per_s": 100.0}, {"tokens_per_s": 2.0}, busy, busy
+    )
     assert figures["cpu_efficiency"] == pytest.approx(0.5)
     assert figures["simmer_book_written_single"] == pytest.approx(64.0)
+
+
+def test_the_concurrent_ratios_are_the_median_of_the_rounds() -> None:
+    """Each headline round serves its own concurrent load: one slow round (a burst from
+    elsewhere on the machine) does not decide the figure."""
+    config = BenchConfig.smoke()
+    raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
+    busy = load_figures(0.064)
+    rounds = []
+    for concurrent in (640.0, 100.0, 400.0):  # 320x, 50x and 200x the book as written
+        served = {**busy, "tokens_per_s": concurrent}
+        book, written = {"tokens_per_s": 10.0}, {"tokens_per_s": 2.0}
+        rounds.append(_round(raw, busy, raw, busy, book, written, busy, served))
+    assert [r["simmer_book_written_concurrent"] for r in rounds] == [320.0, 50.0, 200.0]
+    result = {
+        **one_round_result(config, raw, busy),
+        "headline_rounds": rounds,
+        "book_as_written": {"tokens_per_s": 2.0},
+    }
+    items = {r["name"]: r for r in ratios(result, config)}
+    written = items[f"simmer / book as written, {config.long_concurrent} concurrent"]
+    assert written["value"] == pytest.approx(200.0)
+    last = items[f"simmer / book, last position only, {config.long_concurrent} concurrent"]
+    assert last["value"] == pytest.approx(40.0)
 
 
 def test_a_bundle_without_the_scoring_graph_gives_no_book_as_written_figure_and_says_why() -> None:
@@ -268,7 +299,9 @@ def test_a_bundle_without_the_scoring_graph_gives_no_book_as_written_figure_and_
     figures = load_figures(0.064)
     raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
     missing = {"error": "the bundle has no sequence_logprobs graph"}
-    rounds = [_round(raw, figures, raw, figures, {"tokens_per_s": 100.0}, missing, figures)]
+    rounds = [
+        _round(raw, figures, raw, figures, {"tokens_per_s": 100.0}, missing, figures, figures)
+    ]
     assert rounds[0]["simmer_book_written_single"] is None
     result = {
         "headline_rounds": rounds,
@@ -295,7 +328,7 @@ def one_round_result(
     """A result with one headline round of `raw` against `busy` and every other part a
     stand-in, for the ratios."""
     return {
-        "headline_rounds": [_round(raw, busy, raw, busy, {"tokens_per_s": 100.0}, {}, busy)],
+        "headline_rounds": [_round(raw, busy, raw, busy, {"tokens_per_s": 100.0}, {}, busy, busy)],
         "history": {"ratio": 1.0},
         "simmer_long": {str(config.long_concurrent): busy},
         "sessions": {"memory": {"bytes_per_session": 500.0}, "redis": {"error": "no Redis"}},
@@ -377,22 +410,29 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
         "CPU efficiency ceiling, realistic load: the model, its sampler and each "
         "generation's fixed cost"
     )
+    floor = "inter-token latency floor at 1 stream: the decode_run graph's own step"
     measured = {
         **base,
         "sampling_ceiling": {"ceiling": 0.75, "rounds": 2, "ceiling_with_fixed_cost": 0.7},
         "realistic": {"rounds": [], "ceiling_with_fixed_cost": 0.5},
+        "itl_floor": {"floor": 1.2, "rounds": 2},
     }
     items = {r["name"]: r for r in ratios(measured, config)}
     assert items[headline]["value"] == 0.75
     assert items[fixed]["value"] == 0.7
     assert items[realistic]["value"] == 0.5
-    for name in (headline, fixed, realistic):
+    assert items[floor]["value"] == 1.2
+    for name in (headline, fixed, realistic, floor):
         assert_well_formed(items[name])
         assert items[name]["target"] is None and items[name]["met"] is None
     missing = {r["name"]: r for r in ratios(base, config)}
     assert missing[headline]["reason"] == "the engine with its sampler was not run"
     assert missing[fixed]["reason"] == "the engine with its sampler was not run"
     assert missing[realistic]["reason"] == "the realistic load was not run"
+    assert missing[floor]["reason"] == "the decode_run graph's step was not measured"
+    no_graph = {**base, "itl_floor": {"error": "the bundle has no decode_run graph"}}
+    no_run = {r["name"]: r for r in ratios(no_graph, config)}
+    assert no_run[floor]["reason"] == "the bundle has no decode_run graph"
 
 
 def fake_modules(

@@ -1,9 +1,10 @@
 """Decode runs: a small unseeded batch takes several steps per onnxruntime call, and
 each request ends exactly as single steps would have ended it.
 
-A run starts only when every row can sample the whole run before its token limit, so
-limits hold; a row that draws the stop token part-way ends there and the batch goes on
-from that step, so every session's state is its prompt and kept tokens replayed.
+A run starts only when every row can sample at least half the run before its token
+limit; a row that reaches its limit or draws the stop token part-way ends there and
+the batch goes on from that step, so limits hold and every session's state is its
+prompt and kept tokens replayed.
 """
 
 from __future__ import annotations
@@ -112,19 +113,30 @@ def test_a_small_unseeded_batch_takes_its_steps_in_runs(model: RecordingModel) -
         assert PAD_ID not in r.tokens
 
 
-def test_a_run_never_passes_a_token_limit(model: RecordingModel) -> None:
-    """One step for the first token, a run, then single steps for what a run would pass."""
-    steps = model.run_steps
-    limit = 1 + steps + steps // 2
-    for _attempt in range(20):  # until one generation reaches its limit without the stop token
+def generate_to_limit(model: RecordingModel, limit: int) -> Request:
+    """One generation of `limit` tokens that reached its limit without the stop token."""
+    for _attempt in range(20):
         model.calls = []
         r = request(model, [5, 6, 7], max_new=limit)  # prefill (1, 2): not a step
         generate(model, [r])
         if r.finish_reason == "length":
-            break
-    assert r.finish_reason == "length", "20 generations in a row stopped early"
-    assert len(r.tokens) == limit
-    assert model.calls == [("step", 1), ("run", 1)] + [("step", 1)] * (steps // 2)
+            return r
+    raise AssertionError("20 generations in a row stopped early")
+
+
+@pytest.mark.parametrize("tail", ["half a run", "less than half"])
+def test_a_run_never_passes_a_token_limit(model: RecordingModel, tail: str) -> None:
+    """One step for the first token, a run, then for the rest: a run cut at the limit
+    where it keeps at least half its steps, else single steps."""
+    steps = model.run_steps
+    rest = steps // 2 if tail == "half a run" else steps // 2 - 1
+    r = generate_to_limit(model, 1 + steps + rest)
+    assert len(r.tokens) == 1 + steps + rest
+    tail_calls = [("run", 1)] if tail == "half a run" else [("step", 1)] * rest
+    assert model.calls == [("step", 1), ("run", 1), *tail_calls]
+    h, c = replayed(model, r, [5, 6, 7])
+    np.testing.assert_allclose(r.h, h, atol=1e-5)  # the state of the kept tokens
+    np.testing.assert_allclose(r.c, c, atol=1e-5)
 
 
 def test_each_session_ends_as_its_prompt_and_kept_tokens_replayed(
