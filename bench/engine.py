@@ -316,6 +316,19 @@ def decode_with_scorer(
 # --- the engine with the server's sampler: what serving could reach at best --------------
 
 
+def alternating_medians(
+    rounds: int, first: Callable[[], float], second: Callable[[], float]
+) -> tuple[float, float]:
+    """The medians of `rounds` measurements by each of `first` and `second`, the two
+    taking turns to go first, so a slow spell of the machine does not fall on one."""
+    samples: tuple[list[float], list[float]] = ([], [])
+    for number in range(rounds):
+        order = (0, 1) if number % 2 == 0 else (1, 0)
+        for which in order:
+            samples[which].append((first, second)[which]())
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
 def sampled_cpu_per_token(
     engine: ModelSession, head: SamplingHead, batch: int, seconds: float
 ) -> float:
@@ -349,15 +362,11 @@ def sampling_ceiling(
     head = SamplingHead.from_bundle(loaded, threads)
     if head is None:
         return {"error": "the bundle has no sampling graphs"}
-    raw_us: list[float] = []
-    sampled_us: list[float] = []
-    for number in range(rounds):
-        for kind in ("raw", "sampled") if number % 2 == 0 else ("sampled", "raw"):
-            if kind == "raw":
-                raw_us.append(measure_engine(engine, batch, seconds).cpu_per_token_s * 1e6)
-            else:
-                sampled_us.append(sampled_cpu_per_token(engine, head, batch, seconds) * 1e6)
-    raw_cpu, sampled_cpu = statistics.median(raw_us), statistics.median(sampled_us)
+    raw_cpu, sampled_cpu = alternating_medians(
+        rounds,
+        lambda: measure_engine(engine, batch, seconds).cpu_per_token_s * 1e6,
+        lambda: sampled_cpu_per_token(engine, head, batch, seconds) * 1e6,
+    )
     return {
         "batch": batch,
         "rounds": rounds,
@@ -399,15 +408,11 @@ def run_floor(bundle: Path, threads: int, seconds: float, rounds: int) -> dict[s
     engine = ModelSession(load_bundle(bundle), ["CPUExecutionProvider"], threads)
     if not engine.run_steps:
         return {"error": "the bundle has no decode_run graph"}
-    raw_ms: list[float] = []
-    run_ms: list[float] = []
-    for number in range(rounds):
-        for kind in ("raw", "run") if number % 2 == 0 else ("run", "raw"):
-            if kind == "raw":
-                raw_ms.append(measure_engine(engine, 1, seconds).step_s * 1e3)
-            else:
-                run_ms.append(run_step_ms(engine, seconds))
-    raw_step, run_step = statistics.median(raw_ms), statistics.median(run_ms)
+    raw_step, run_step = alternating_medians(
+        rounds,
+        lambda: measure_engine(engine, 1, seconds).step_s * 1e3,
+        lambda: run_step_ms(engine, seconds),
+    )
     return {
         "rounds": rounds,
         "steps_per_run": engine.run_steps,
