@@ -685,6 +685,15 @@ def check_envelope(graph: BuiltGraph, vocab: int) -> float:
     return worst
 
 
+def _require_equal(name: str, what: str, got: np.ndarray, want: np.ndarray, where: str) -> None:
+    """ExportError unless graph `name`'s `what` is exactly model.onnx's (`want`)."""
+    if not np.array_equal(got, want):
+        raise ExportError(
+            f"{name} {what} differ from model.onnx's {where} by "
+            f"{float(np.abs(got - want).max()):.2e}: they must be equal"
+        )
+
+
 def check_step_softmax(graph: BuiltGraph, model_path: Path, config: LSTMConfig) -> float:
     """step_softmax gives exactly model.onnx's logits, hn and cn for the same feed, and
     weights and sums of those logits as `direct_reference`; the worst error of those."""
@@ -699,11 +708,7 @@ def check_step_softmax(graph: BuiltGraph, model_path: Path, config: LSTMConfig) 
         expected = model.run(["logits", "hn", "cn"], feeds)
         got = fused.run(["logits", "hn", "cn", "weights", "sums"], {**feeds, "inv_t": inv_t})
         for what, a, b in zip(("logits", "hn", "cn"), got[:3], expected, strict=True):
-            if not np.array_equal(a, b):
-                raise ExportError(
-                    f"{graph.name} {what} differ from model.onnx's on input {[batch, seq]} "
-                    f"by {float(np.abs(a - b).max()):.2e}: they must be equal"
-                )
+            _require_equal(graph.name, what, a, b, f"on input {[batch, seq]}")
         want = direct_reference(expected[0], inv_t, graph.params["width"])
         for what, a, w in zip(("weights", "sums"), got[3:], want, strict=True):
             error = _error(a, w)
@@ -727,11 +732,7 @@ def check_prefill(graph: BuiltGraph, model_path: Path, config: LSTMConfig) -> No
         expected = model.run(["hn", "cn"], feeds)
         got = state.run(["hn", "cn"], feeds)
         for what, a, b in zip(("hn", "cn"), got, expected, strict=True):
-            if not np.array_equal(a, b):
-                raise ExportError(
-                    f"{graph.name} {what} differ from model.onnx's on input {[batch, seq]} "
-                    f"by {float(np.abs(a - b).max()):.2e}: they must be equal"
-                )
+            _require_equal(graph.name, what, a, b, f"on input {[batch, seq]}")
 
 
 def check_decode_run(graph: BuiltGraph, model_path: Path, config: LSTMConfig) -> float:
@@ -759,11 +760,7 @@ def check_decode_run(graph: BuiltGraph, model_path: Path, config: LSTMConfig) ->
             feed = tokens if k == 0 else sampled[:, k - 1 : k]
             logits, h, c = model.run(["logits", "hn", "cn"], {"tokens": feed, "h0": h, "c0": c})
             for what, a, b in (("hs", hs[k], h), ("cs", cs[k], c)):
-                if not np.array_equal(a, b):
-                    raise ExportError(
-                        f"{graph.name} {what} of step {k} differ from model.onnx's by "
-                        f"{float(np.abs(a - b).max()):.2e}: they must be equal"
-                    )
+                _require_equal(graph.name, what, a, b, f"at step {k}")
             scaled = (logits * inv_t).astype(np.float64)  # scaled in float32, as the graph
             rows = np.flatnonzero(ban[:, 0] >= 0)
             scaled[rows, ban[rows, 0]] = -np.inf
