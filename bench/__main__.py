@@ -30,7 +30,10 @@ machine:
 With 3 and 4 come two ceilings on the CPU efficiency (see `bench.engine`'s
 `sampling_ceiling`): the raw engine against the same steps sampled by the server's
 sampling head, and that with each generation's fixed cost added, estimated from the
-same load served one token per generation. Beside the inter-token latency comes its
+same load served one token per generation. A third puts the bare protocol server
+(`bench.bare`: uvicorn speaking simmer's WebSocket protocol with nothing behind it)
+under the same load in place of everything the server does but the model and its
+sampler: what any app on that ASGI server pays at least. Beside the inter-token latency comes its
 floor (`run_floor`): a step of the bundle's decode_run graph at batch 1 against the raw
 step, rounds alternating.
 
@@ -397,6 +400,7 @@ def _round(
         "server_cpu_per_token_us_large": server_cpu,
         "cpu_efficiency": quotient(raw_large["cpu_per_token_us"], server_cpu),
         "throughput_ratio": quotient(server_large["tokens_per_s"], raw_large["tokens_per_s"]),
+        "tokens_per_message_large": server_large["tokens_per_message"],
         "book_tokens_per_s": book["tokens_per_s"],
         "simmer_single_tokens_per_s": simmer_single["tokens_per_s"],
         "simmer_book_single": quotient(simmer_single["tokens_per_s"], book["tokens_per_s"]),
@@ -492,6 +496,8 @@ def _realistic(
     ceiling = raw.sampling_ceiling(
         model.path, threads, large, config.engine_seconds, config.ceiling_rounds
     )
+    per_message = _median([r["tokens_per_message"] for r in rounds])
+    bare = _bare_floor(model.path, workdir, spec, per_message, config.ceiling_rounds)
     generations = sum(r["connect_ms"]["n"] for r in rounds)
     tokens_per_generation = quotient(sum(r["tokens"] for r in rounds), generations)
     return {
@@ -507,7 +513,42 @@ def _realistic(
         "ceiling_with_fixed_cost": _fixed_cost_ceiling(
             ceiling, one_token["cpu_per_generation_us"], tokens_per_generation
         ),
+        "bare_server": bare,
+        "ceiling_with_bare_server": _bare_ceiling(ceiling, bare["cpu_per_token_us"]),
     }
+
+
+def _bare_floor(
+    bundle: Path, workdir: Path, spec: LoadSpec, tokens_per_message: float | None, rounds: int
+) -> dict[str, Any]:
+    """`spec`'s load on the bare protocol server (`bench.bare`), `rounds` times: its CPU
+    per token (the median; None where every round was below one clock tick). Its
+    messages carry the server's tokens per message, rounded up, so it sends no more
+    messages than the server did."""
+    per = max(1, math.ceil(tokens_per_message or 1))
+    log(f"bare protocol server, {per} tokens a message: {rounds} rounds")
+    per_token: list[float | None] = []
+    with ServiceProcess(
+        bundle,
+        workdir / f"server-bare-{spec.streams}-{'new' if spec.reconnect else 'kept'}.log",
+        "bench.bare",
+        bare_tokens_per_message=str(per),
+    ) as server:
+        run_load(server, replace(spec, url=server.ws_url, streams=8, requests=1))  # warm-up
+        for _ in range(rounds):
+            run = run_load(server, replace(spec, url=server.ws_url))
+            cpu = run["server_cpu_s"]
+            per_token.append(quotient(cpu * 1e6, run["tokens"]) if cpu else None)
+    return {"tokens_per_message": per, "rounds": rounds, "cpu_per_token_us": _median(per_token)}
+
+
+def _bare_ceiling(ceiling: dict[str, Any], bare_us: float | None) -> float | None:
+    """The CPU efficiency if serving cost only the model, its sampler and the bare
+    protocol server's CPU per token on the same load; None where a figure is missing."""
+    if "error" in ceiling or bare_us is None:
+        return None
+    sampled = ceiling["sampled_cpu_per_token_us"]
+    return quotient(ceiling["raw_cpu_per_token_us"], sampled + bare_us)
 
 
 def _one_token_cost(server: ServiceProcess, spec: LoadSpec, rounds: int) -> dict[str, Any]:
@@ -719,6 +760,15 @@ def run(
     )
     served = result["server"][f"ws-{large}"]
     tokens_per_generation = quotient(served["tokens"], served["requests"])
+    headline = LoadSpec(
+        url="",
+        streams=large,
+        requests=config.ws_streams[large],
+        max_tokens=config.tokens,
+        prompt=config.prompt,
+    )
+    per_message = _median([r["tokens_per_message_large"] for r in rounds])
+    bare = _bare_floor(bundle, workdir, headline, per_message, config.ceiling_rounds)
     result["sampling_ceiling"] = {
         **ceiling,
         "one_token": one_token,
@@ -726,6 +776,8 @@ def run(
         "ceiling_with_fixed_cost": _fixed_cost_ceiling(
             ceiling, one_token["cpu_per_generation_us"], tokens_per_generation
         ),
+        "bare_server": bare,
+        "ceiling_with_bare_server": _bare_ceiling(ceiling, bare["cpu_per_token_us"]),
     }
 
     log(f"decode_run against the raw step at batch 1: {config.ceiling_rounds} rounds")
@@ -829,6 +881,28 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             "raw engine CPU/token / (the sampled steps' CPU/token + (the server's CPU for a "
             "one-token generation on its own connection - one sampled step) / the load's "
             "tokens per generation): an estimate",
+            realistic.get("skipped", "a figure it needs was not measured"),
+        ),
+        report.ratio(
+            f"CPU efficiency ceiling at {large} streams: the model, its sampler and a bare "
+            "protocol server",
+            ceiling.get("ceiling_with_bare_server"),
+            None,
+            "",
+            "raw engine CPU/token / (the sampled steps' CPU/token + the CPU/token of uvicorn "
+            "speaking the WebSocket protocol with nothing behind it, `bench.bare`, under the "
+            f"same load): the most any app on that server reaches at {large} streams",
+            ceiling.get("error", "a figure it needs was not measured"),
+        ),
+        report.ratio(
+            "CPU efficiency ceiling, realistic load: the model, its sampler and a bare "
+            "protocol server",
+            realistic.get("ceiling_with_bare_server"),
+            None,
+            "",
+            "raw engine CPU/token / (the sampled steps' CPU/token + the bare protocol "
+            "server's CPU/token under the same connection-per-generation load): the most any "
+            "app on that server reaches on it",
             realistic.get("skipped", "a figure it needs was not measured"),
         ),
         report.ratio(

@@ -163,10 +163,11 @@ def _ceiling_lines(
 ) -> list[str]:
     """The raw engine against the same steps sampled by the server's sampling head, and
     with each generation's fixed cost (`fixed`: one_token, tokens_per_generation and
-    ceiling_with_fixed_cost) added."""
+    ceiling_with_fixed_cost) added, and with the bare protocol server's cost (`fixed`'s
+    bare_server and ceiling_with_bare_server)."""
     if "error" in ceiling:
         return [f"{indent}{title}: not measured ({ceiling['error']})"]
-    one_token = fixed["one_token"]
+    one_token, bare = fixed["one_token"], fixed["bare_server"]
     return [
         f"{indent}{title} (batch {ceiling['batch']}, CPU us/token, median of "
         f"{ceiling['rounds']} rounds)",
@@ -178,6 +179,9 @@ def _ceiling_lines(
         f"{one_token['errors']}); over "
         f"{_fmt(fixed['tokens_per_generation'], 1)} tokens per generation: ceiling "
         f"{_fmt(fixed['ceiling_with_fixed_cost'], 3)}",
+        f"{indent}  bare protocol server, {bare['tokens_per_message']} tokens a message: "
+        f"{_fmt(bare['cpu_per_token_us'], 2)} us of CPU per token (median of "
+        f"{bare['rounds']} rounds): ceiling {_fmt(fixed['ceiling_with_bare_server'], 3)}",
     ]
 
 

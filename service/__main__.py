@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from service.settings import Settings
 from service.state import ServiceState
 
 logger = logging.getLogger("simmer")
@@ -56,8 +57,44 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class WebSocketAccessLog(logging.Filter):
+    """Drops uvicorn's line for each accepted WebSocket: the connection's access log line,
+    which it writes at info whether or not the access log is on. One line per client
+    costs a write and a formatted record; SIMMER_ACCESS_LOG brings both logs back."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            isinstance(record.msg, str) and record.msg.endswith('"WebSocket %s" [accepted]')
+        )
+
+
+def server_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration for serving `app` (the service, or the bench's bare
+    protocol server, which must be served alike)."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        ws_per_message_deflate=False,
+        ws_max_size=settings.max_ws_message_bytes * 4,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def quiet_server_logs(settings: Settings) -> None:
+    """The ASGI server's loggers: no API key in any line, and no line per connection
+    unless the access log is on."""
+    from service.security import redact_server_logs
+
+    if not settings.access_log:
+        # uvicorn logs each accepted WebSocket on its error logger, access log or not
+        logging.getLogger("uvicorn.error").addFilter(WebSocketAccessLog())
+    redact_server_logs("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
 def main() -> int:
-    from service.settings import Settings
     from simmer.bundle import BundleError, load_bundle
 
     try:
@@ -79,8 +116,7 @@ def main() -> int:
     from prometheus_client import disable_created_metrics
 
     from service.app import create_app
-    from service.routes.ws import with_server_send
-    from service.security import redact_server_logs
+    from service.routes.ws import with_stream
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -95,17 +131,8 @@ def main() -> int:
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(
-        with_server_send(app),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        ws_per_message_deflate=False,
-        ws_max_size=settings.max_ws_message_bytes * 4,
-        timeout_graceful_shutdown=5,
-    )
-    redact_server_logs("uvicorn", "uvicorn.error", "uvicorn.access")
+    config = server_config(with_stream(app), settings)
+    quiet_server_logs(settings)
     DrainingServer(config, app.state.runtime, settings.shutdown_grace_s).run()
     return 0
 

@@ -139,20 +139,21 @@ ERROR_HANDLERS: ExceptionHandlersMap = {
 }
 
 
-def access_control(settings: Settings, metrics: Metrics) -> DefineMiddleware:
-    """API keys and rate limits, in front of every route."""
+def access_policy(settings: Settings, metrics: Metrics) -> dict[str, Any]:
+    """`AccessMiddleware`'s arguments: API keys and rate limits, in front of every route.
+    The app keeps them (`app.state.access`) for the stream, which the server serves past
+    Litestar (`ws.with_stream`) with the same keys and the same buckets."""
     limiter = (
         RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         if settings.rate_limit_per_s > 0
         else None
     )
-    return DefineMiddleware(
-        AccessMiddleware,
-        keys=KeyRing(settings.all_api_keys()),
-        limiter=limiter,
-        protect_metrics=settings.metrics_require_key,
-        on_reject=metrics.failure,
-    )
+    return {
+        "keys": KeyRing(settings.all_api_keys()),
+        "limiter": limiter,
+        "protect_metrics": settings.metrics_require_key,
+        "on_reject": metrics.failure,
+    }
 
 
 def create_app(settings: Settings | None = None, bundle: ModelBundle | None = None) -> Litestar:
@@ -177,10 +178,11 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
         async with serving(runtime, bundle):
             yield
 
+    access = access_policy(settings, metrics)
     app = Litestar(
         route_handlers=ROUTES,
         lifespan=[lifespan],
-        middleware=[access_control(settings, metrics)],
+        middleware=[DefineMiddleware(AccessMiddleware, **access)],
         exception_handlers=ERROR_HANDLERS,
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_body_bytes,
@@ -188,4 +190,5 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
     )
     complete_openapi(app, settings)
     app.state.runtime = runtime
+    app.state.access = access
     return app

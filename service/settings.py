@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level for the service and the ASGI server."
     )
+    access_log: bool = Field(
+        False,
+        description="Log a line for every HTTP request and every WebSocket connection "
+        "accepted (at info). Off, a busy server writes no log line per client.",
+    )
 
     # sessions
     store: Literal["memory", "redis"] = Field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from bench import trained
 from bench.__main__ import (
     BenchConfig,
+    _bare_ceiling,
     _figures,
     _fixed_cost_ceiling,
     _realistic,
@@ -31,7 +33,9 @@ from bench.__main__ import (
 from bench.load import LoadSpec
 from bench.model import NEWEST_GRAPHS, is_current
 from bench.report import quotient, ratio
+from bench.server import run_load
 from bench.trained import TrainedBundleError, trained_bundle
+from harness.server import ServiceProcess
 from training import presets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,7 +117,7 @@ def test_smoke_run_writes_json_chart_and_summary(
     # expiry marker (one slot per session, no global index)
     assert result["sessions"]["redis"]["keys_deleted"] == 2 * result["config"]["sessions"]
     by_name = {r["name"]: r for r in result["ratios"]}
-    assert len(by_name) == len(result["ratios"]) == 20
+    assert len(by_name) == len(result["ratios"]) == 22
     # decode_run at batch 1 against the raw step, in the same process
     floor = result["itl_floor"]
     assert floor["steps_per_run"] >= 2 and floor["rounds"] == result["config"]["ceiling_rounds"]
@@ -130,6 +134,10 @@ def test_smoke_run_writes_json_chart_and_summary(
         assert fixed["one_token"]["generations"] > 0
         assert fixed["one_token"]["rounds"] == result["config"]["ceiling_rounds"]
         assert fixed["tokens_per_generation"] > 0
+        # the bare protocol server under the same load: it served, in the rounds asked
+        bare = fixed["bare_server"]
+        assert bare["rounds"] == result["config"]["ceiling_rounds"]
+        assert bare["tokens_per_message"] >= 1
     # the realistic load: a tiny trained bundle, every generation on a connection of its own
     config, realistic = result["config"], result["realistic"]
     assert realistic["bundle"]["trained"].startswith("1 epoch(s) of the tiny preset")
@@ -396,6 +404,42 @@ def test_the_one_token_cost_is_the_median_cpu_per_ended_generation(
     assert main._one_token_cost(None, spec, 2)["cpu_per_generation_us"] is None  # type: ignore[arg-type]
 
 
+def test_the_bare_server_ceiling_adds_its_cpu_per_token_to_the_sampled_step() -> None:
+    ceiling = {"raw_cpu_per_token_us": 18.0, "sampled_cpu_per_token_us": 24.0}
+    assert _bare_ceiling(ceiling, 6.0) == pytest.approx(0.6)
+    assert _bare_ceiling(ceiling, 0.0) == pytest.approx(0.75)
+    assert _bare_ceiling(ceiling, None) is None  # 0 clock ticks
+    assert _bare_ceiling({"error": "no sampling graphs"}, 6.0) is None
+
+
+@pytest.mark.parametrize(("per_message", "max_tokens"), [(1, 1), (3, 7), (9, 64), (64, 5)])
+def test_the_bare_server_speaks_the_stream_protocol_in_messages_of_the_size_asked(
+    tmp_path: Path, per_message: int, max_tokens: int
+) -> None:
+    settings = {"bare_tokens_per_message": str(per_message)}
+    with ServiceProcess(tmp_path, tmp_path / "bare.log", "bench.bare", **settings) as server:
+        for reconnect in (False, True):
+            spec = LoadSpec(
+                url=server.ws_url, streams=3, requests=2, max_tokens=max_tokens, reconnect=reconnect
+            )
+            run = run_load(server, spec)
+            assert run["error_count"] == 0, run["errors"]
+            assert run["tokens"] == run["tokens_received"] == 6 * max_tokens
+            assert run["token_messages"] == 6 * math.ceil(max_tokens / per_message)
+            assert run["finish_reasons"] == {"length": 6}
+
+
+def test_the_bare_server_refuses_a_message_size_below_one(tmp_path: Path) -> None:
+    env = {**os.environ, "SIMMER_BARE_TOKENS_PER_MESSAGE": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bare"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip() == "error: SIMMER_BARE_TOKENS_PER_MESSAGE must be a whole number >= 1"
+    )
+
+
 def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing() -> None:
     config = BenchConfig.smoke()
     raw = {"step_ms": 0.1, "cpu_per_token_us": 500.0, "tokens_per_s": 5000.0}
@@ -411,10 +455,26 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
         "generation's fixed cost"
     )
     floor = "inter-token latency floor at 1 stream: the decode_run graph's own step"
+    bare = (
+        f"CPU efficiency ceiling at {config.large} streams: the model, its sampler and a bare "
+        "protocol server"
+    )
+    realistic_bare = (
+        "CPU efficiency ceiling, realistic load: the model, its sampler and a bare protocol server"
+    )
     measured = {
         **base,
-        "sampling_ceiling": {"ceiling": 0.75, "rounds": 2, "ceiling_with_fixed_cost": 0.7},
-        "realistic": {"rounds": [], "ceiling_with_fixed_cost": 0.5},
+        "sampling_ceiling": {
+            "ceiling": 0.75,
+            "rounds": 2,
+            "ceiling_with_fixed_cost": 0.7,
+            "ceiling_with_bare_server": 0.72,
+        },
+        "realistic": {
+            "rounds": [],
+            "ceiling_with_fixed_cost": 0.5,
+            "ceiling_with_bare_server": 0.6,
+        },
         "itl_floor": {"floor": 1.2, "rounds": 2},
     }
     items = {r["name"]: r for r in ratios(measured, config)}
@@ -422,13 +482,17 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
     assert items[fixed]["value"] == 0.7
     assert items[realistic]["value"] == 0.5
     assert items[floor]["value"] == 1.2
-    for name in (headline, fixed, realistic, floor):
+    assert items[bare]["value"] == 0.72
+    assert items[realistic_bare]["value"] == 0.6
+    for name in (headline, fixed, realistic, floor, bare, realistic_bare):
         assert_well_formed(items[name])
         assert items[name]["target"] is None and items[name]["met"] is None
     missing = {r["name"]: r for r in ratios(base, config)}
     assert missing[headline]["reason"] == "the engine with its sampler was not run"
     assert missing[fixed]["reason"] == "the engine with its sampler was not run"
     assert missing[realistic]["reason"] == "the realistic load was not run"
+    assert missing[bare]["reason"] == "the engine with its sampler was not run"
+    assert missing[realistic_bare]["reason"] == "the realistic load was not run"
     assert missing[floor]["reason"] == "the decode_run graph's step was not measured"
     no_graph = {**base, "itl_floor": {"error": "the bundle has no decode_run graph"}}
     no_run = {r["name"]: r for r in ratios(no_graph, config)}

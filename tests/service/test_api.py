@@ -462,3 +462,21 @@ def test_two_generations_at_once_on_one_session_is_409(
         time.sleep(0.05)
     assert response.status_code == 200, response.text
     assert response.json()["session_id"] == session_id
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_the_access_log_has_a_line_per_request_and_connection_only_when_asked(
+    start_server: Any, access_log: bool
+) -> None:
+    from websockets.sync.client import connect
+
+    server = start_server(access_log=str(access_log).lower())
+    assert httpx.get(f"{server.base_url}/v1/models").status_code == 200
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"type": "generate", "prompt": "recipe for", "max_tokens": 1}))
+        while json.loads(ws.recv(timeout=30))["type"] != "done":
+            pass
+    log = server.log()
+    assert ('"WebSocket /v1/stream" [accepted]' in log) is access_log
+    assert ('"GET /v1/models HTTP/1.1" 200' in log) is access_log
+    assert "Uvicorn running on" in log  # the server's own lines stay either way
