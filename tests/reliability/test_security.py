@@ -145,6 +145,26 @@ def test_rate_limit_answers_429_with_retry_after(
     assert httpx.get(f"{server.base_url}/healthz").status_code == 200
 
 
+def test_http_requests_and_websocket_connections_share_a_keys_rate_limit(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    server = start_server(rate_limit_per_s="0.2", rate_limit_burst="3", api_keys=KEY_A)
+    url, ws_url = f"{server.base_url}/v1/models", f"{server.ws_url}?api_key={KEY_A}"
+    assert [httpx.get(url, headers=auth(KEY_A)).status_code for _ in range(2)] == [200, 200]
+    with connect(ws_url) as ws:  # the bucket's third token
+        ws.send(json.dumps({"type": "generate", "prompt": "recipe for", "max_tokens": 1}))
+        while (event := json.loads(ws.recv(timeout=30)))["type"] not in ("done", "error"):
+            pass
+        assert event["type"] == "done"
+    with connect(ws_url) as ws:  # the stream is served past Litestar, from the same bucket
+        event = json.loads(ws.recv(timeout=10))
+        assert event["type"] == "error" and event["code"] == "rate_limited"
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+        assert ws.close_code == 4429
+    _error(httpx.get(url, headers=auth(KEY_A)), 429, "rate_limited")
+
+
 def test_admission_control_refuses_past_the_queue(
     start_server: Callable[..., ServerProcess],
 ) -> None:
