@@ -1,8 +1,10 @@
 """Engine faults on a real server process: a failing step fails only its generations, a
-dead or hung worker turns readiness and liveness false.
+dead or hung worker turns readiness and liveness false, and a fault in the WebSocket
+stream's own loop closes only that connection.
 
 The server is `tests.support.faulty_service`: the shipped service whose engine worker
-acts on a file dropped into a folder (raise, kill, hang) before its next step.
+acts on a file dropped into a folder (raise, kill, hang) before its next step, and
+whose stream does (stream) before its next message.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import ServerProcess
@@ -207,3 +210,26 @@ def test_a_hung_worker_turns_readiness_and_liveness_false_after_the_stall_deadli
     health = httpx.get(f"{base}/healthz", timeout=10)
     assert health.status_code == 503 and "no step" in health.json()["reason"]
     server.proc.kill()  # the hung call holds its request until the process goes
+
+
+def test_a_fault_in_the_streams_own_loop_closes_that_connection_counted_and_logged(
+    start_server: Callable[..., ServerProcess], faults: Path
+) -> None:
+    server = _start(start_server, faults)
+    failures = 'simmer_request_failure_total{code="internal_error"}'
+    with connect(server.ws_url) as ws:  # the metric exists once a first failure is counted
+        (faults / "stream").touch()
+        ws.send(json.dumps({"type": "generate", "prompt": "recipe for", "max_tokens": 1}))
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+        assert ws.close_code == 1011
+    assert _metric(server, failures) == 1
+    assert "WebSocket connection failed" in server.log()
+    assert "injected stream fault" in server.log()
+    with connect(server.ws_url) as ws:  # the server, and the next connection, carry on
+        ws.send(json.dumps({"type": "generate", "prompt": "recipe for", "max_tokens": 2}))
+        while (event := json.loads(ws.recv(timeout=30)))["type"] not in ("done", "error"):
+            pass
+        assert event["type"] == "done"
+    assert httpx.get(f"{server.base_url}/readyz", timeout=10).status_code == 200
+    assert _metric(server, failures) == 1
