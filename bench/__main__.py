@@ -236,6 +236,7 @@ def _figures(run: dict[str, Any]) -> dict[str, Any]:
         "request_latency_ms": _ms(run["request_latency_s"]),
         "connect_ms": _ms(run["connect_s"]),  # n is 0 unless each request connected anew
         "tokens_per_message": run["tokens_per_message"],
+        "messages_per_generation": quotient(run["token_messages"], run["requests"]),
         "finish_reasons": run["finish_reasons"],
         "errors": run["error_count"],
         "error_examples": run["errors"],
@@ -400,7 +401,7 @@ def _round(
         "server_cpu_per_token_us_large": server_cpu,
         "cpu_efficiency": quotient(raw_large["cpu_per_token_us"], server_cpu),
         "throughput_ratio": quotient(server_large["tokens_per_s"], raw_large["tokens_per_s"]),
-        "tokens_per_message_large": server_large["tokens_per_message"],
+        "messages_per_generation_large": server_large["messages_per_generation"],
         "book_tokens_per_s": book["tokens_per_s"],
         "simmer_single_tokens_per_s": simmer_single["tokens_per_s"],
         "simmer_book_single": quotient(simmer_single["tokens_per_s"], book["tokens_per_s"]),
@@ -444,6 +445,7 @@ def _realistic_round(raw_large: dict[str, Any], served: dict[str, Any]) -> dict[
         "ttft_ms": served["ttft_ms"],
         "connect_ms": served["connect_ms"],
         "tokens_per_message": served["tokens_per_message"],
+        "messages_per_generation": served["messages_per_generation"],
         "finish_reasons": served["finish_reasons"],
         "errors": served["errors"],
         "error_examples": served["error_examples"],
@@ -496,8 +498,8 @@ def _realistic(
     ceiling = raw.sampling_ceiling(
         model.path, threads, large, config.engine_seconds, config.ceiling_rounds
     )
-    per_message = _median([r["tokens_per_message"] for r in rounds])
-    bare = _bare_floor(model.path, workdir, spec, per_message, config.ceiling_rounds)
+    messages = _median([r["messages_per_generation"] for r in rounds])
+    bare = _bare_floor(model.path, workdir, spec, messages, config.ceiling_rounds, settings)
     generations = sum(r["connect_ms"]["n"] for r in rounds)
     tokens_per_generation = quotient(sum(r["tokens"] for r in rounds), generations)
     return {
@@ -519,27 +521,41 @@ def _realistic(
 
 
 def _bare_floor(
-    bundle: Path, workdir: Path, spec: LoadSpec, tokens_per_message: float | None, rounds: int
+    bundle: Path,
+    workdir: Path,
+    spec: LoadSpec,
+    messages: float | None,
+    rounds: int,
+    settings: dict[str, str],
 ) -> dict[str, Any]:
-    """`spec`'s load on the bare protocol server (`bench.bare`), `rounds` times: its CPU
-    per token (the median; None where every round was below one clock tick). Its
-    messages carry the server's tokens per message, rounded up, so it sends no more
-    messages than the server did."""
-    per = max(1, math.ceil(tokens_per_message or 1))
-    log(f"bare protocol server, {per} tokens a message: {rounds} rounds")
+    """`spec`'s load on the bare protocol server (`bench.bare`, with the server's
+    `settings`), `rounds` times: its CPU per token (the median; None where every round
+    was below one clock tick). Each generation runs to `spec.max_tokens` in at most the
+    server's token messages per generation, rounded down: no more messages, and no fewer
+    tokens to spread each connection over, than the server had."""
+    most = max(1, math.floor(messages or 1))
+    log(f"bare protocol server, {most} token messages a generation: {rounds} rounds")
     per_token: list[float | None] = []
+    sent = None
     with ServiceProcess(
         bundle,
         workdir / f"server-bare-{spec.streams}-{'new' if spec.reconnect else 'kept'}.log",
         "bench.bare",
-        bare_tokens_per_message=str(per),
+        **settings,
+        bare_messages=str(most),
     ) as server:
         run_load(server, replace(spec, url=server.ws_url, streams=8, requests=1))  # warm-up
         for _ in range(rounds):
             run = run_load(server, replace(spec, url=server.ws_url))
             cpu = run["server_cpu_s"]
             per_token.append(quotient(cpu * 1e6, run["tokens"]) if cpu else None)
-    return {"tokens_per_message": per, "rounds": rounds, "cpu_per_token_us": _median(per_token)}
+            sent = quotient(run["token_messages"], run["requests"])
+    return {
+        "messages_per_generation": sent,
+        "server_messages_per_generation": messages,
+        "rounds": rounds,
+        "cpu_per_token_us": _median(per_token),
+    }
 
 
 def _bare_ceiling(ceiling: dict[str, Any], bare_us: float | None) -> float | None:
@@ -767,8 +783,8 @@ def run(
         max_tokens=config.tokens,
         prompt=config.prompt,
     )
-    per_message = _median([r["tokens_per_message_large"] for r in rounds])
-    bare = _bare_floor(bundle, workdir, headline, per_message, config.ceiling_rounds)
+    messages = _median([r["messages_per_generation_large"] for r in rounds])
+    bare = _bare_floor(bundle, workdir, headline, messages, config.ceiling_rounds, settings)
     result["sampling_ceiling"] = {
         **ceiling,
         "one_token": one_token,

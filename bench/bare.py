@@ -1,17 +1,19 @@
 """The bare protocol server: simmer's WebSocket protocol with nothing behind it.
 
-    SIMMER_PORT=8001 SIMMER_BARE_TOKENS_PER_MESSAGE=9 python -m bench.bare
+    SIMMER_PORT=8001 SIMMER_BARE_MESSAGES=6 python -m bench.bare
 
-It serves WS /v1/stream on uvicorn, configured as the service is (`server_config`), and
-answers each generate message as the service does: a session event, `max_tokens`
-tokens in messages of SIMMER_BARE_TOKENS_PER_MESSAGE each, then a done event. There is
+It serves WS /v1/stream on uvicorn, configured as the service is (`server_config`, the
+same SIMMER_* settings), and answers each generate message as the service does: a
+session event, `max_tokens` tokens in at most SIMMER_BARE_MESSAGES token messages
+(all but the last of ceil(max_tokens / SIMMER_BARE_MESSAGES) tokens), then a done
+event. There is
 no Litestar, no validation, no session store and no engine: its CPU per token under a
 load is what the ASGI server and the wire protocol alone cost on that load, a floor
 under the service's. GET /readyz answers 200, for `ServiceProcess`.
 
-It sends at least as few messages as the service did on the same load (the bench rounds
-the service's tokens per message up), and every generation runs to `max_tokens`, which
-spreads each connection's cost over at least as many tokens.
+The bench gives it the service's token messages per generation on the same load,
+rounded down, and every generation runs to `max_tokens`: no more messages, and no fewer
+tokens to spread each connection's cost over, than the service had.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ _encode = msgspec.json.Encoder().encode
 WORD = " word"  # each token's text: about as long as the trained model's words
 
 
-def protocol_app(tokens_per_message: int) -> Any:
+def protocol_app(messages: int) -> Any:
     """The ASGI app: lifespan, GET /readyz, and WS /v1/stream."""
     sessions = itertools.count()
 
@@ -55,11 +57,12 @@ def protocol_app(tokens_per_message: int) -> Any:
         while (message := await receive())["type"] != "websocket.disconnect":
             request = _decode(message["text"])
             total = int(request.get("max_tokens", 16))
+            per = max(1, -(-total // messages))  # ceil(total / messages)
             created = not session_id
             session_id = session_id or f"{next(sessions):032x}"
             await _send(send, {"type": "session", "session_id": session_id, "created": created})
-            for index in range(0, total, tokens_per_message):
-                count = min(tokens_per_message, total - index)
+            for index in range(0, total, per):
+                count = min(per, total - index)
                 token = {"type": "token", "text": WORD * count, "index": index, "count": count}
                 await _send(send, token)
             usage = {
@@ -81,14 +84,14 @@ async def _send(send: Any, obj: dict[str, Any]) -> None:
 
 def main() -> int:
     try:
-        per = int(os.environ.get("SIMMER_BARE_TOKENS_PER_MESSAGE", "1"))
-        if per < 1:
-            raise ValueError(per)
+        messages = int(os.environ.get("SIMMER_BARE_MESSAGES", "1"))
+        if messages < 1:
+            raise ValueError(messages)
     except ValueError:
-        print("error: SIMMER_BARE_TOKENS_PER_MESSAGE must be a whole number >= 1", file=sys.stderr)
+        print("error: SIMMER_BARE_MESSAGES must be a whole number >= 1", file=sys.stderr)
         return 2
     settings = Settings()
-    config = server_config(protocol_app(per), settings)
+    config = server_config(protocol_app(messages), settings)
     quiet_server_logs(settings)
     uvicorn.Server(config).run()
     return 0

@@ -179,7 +179,8 @@ def _ceiling_lines(
         f"{one_token['errors']}); over "
         f"{_fmt(fixed['tokens_per_generation'], 1)} tokens per generation: ceiling "
         f"{_fmt(fixed['ceiling_with_fixed_cost'], 3)}",
-        f"{indent}  bare protocol server, {bare['tokens_per_message']} tokens a message: "
+        f"{indent}  bare protocol server, {_fmt(bare['messages_per_generation'], 1)} token "
+        f"messages a generation (the server: {_fmt(bare['server_messages_per_generation'], 1)}): "
         f"{_fmt(bare['cpu_per_token_us'], 2)} us of CPU per token (median of "
         f"{bare['rounds']} rounds): ceiling {_fmt(fixed['ceiling_with_bare_server'], 3)}",
     ]

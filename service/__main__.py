@@ -89,7 +89,8 @@ def quiet_server_logs(settings: Settings) -> None:
     from service.security import redact_server_logs
 
     if not settings.access_log:
-        # uvicorn logs each accepted WebSocket on its error logger, access log or not
+        # uvicorn logs each accepted WebSocket on its error logger, access log or not;
+        # added before RedactKeys, which rewrites the message this filter matches
         logging.getLogger("uvicorn.error").addFilter(WebSocketAccessLog())
     redact_server_logs("uvicorn", "uvicorn.error", "uvicorn.access")
 

@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         False,
         description="Log a line for every HTTP request and every WebSocket connection "
-        "accepted (at info). Off, a busy server writes no log line per client.",
+        "accepted, at info (so not below SIMMER_LOG_LEVEL=info). Off, a busy server writes "
+        "no log line per client.",
     )
 
     # sessions

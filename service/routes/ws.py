@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from litestar import Litestar, WebSocket, websocket
 from litestar.enums import ScopeType
+from litestar.exceptions import WebSocketDisconnect
 from litestar.types import ASGIApp, Receive, Scope, Send
 from pydantic import ValidationError
 
@@ -49,25 +51,34 @@ def with_stream(app: Litestar) -> ASGIApp:
     runtime = runtime_of(app.state)
 
     async def stream_app(scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await serve_stream(scope, receive, send, runtime)
-        except OSError:  # the client went away mid-handshake (uvicorn's ClientDisconnected)
-            pass
-        except Exception:
-            logger.exception("WebSocket connection failed")
-            runtime.metrics.failure(INTERNAL.code)
-            with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": 1011, "reason": INTERNAL.code})
+        await serve_stream(scope, receive, send, runtime)
 
     guarded = AccessMiddleware(stream_app, **app.state.access)
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        # Litestar's router would also check the Host header; nothing here reads it
         if scope["type"] == ScopeType.WEBSOCKET and scope["path"] == STREAM_PATH:
-            await guarded(scope, receive, send)
+            await _closing_on_error(guarded(scope, receive, send), send, runtime)
         else:
             await app(scope, receive, send)
 
     return asgi
+
+
+async def _closing_on_error(connection: Awaitable[None], send: Send, runtime: ServiceState) -> None:
+    """Run one connection; a bug that escapes it is logged, counted as internal_error,
+    and closes the socket with 1011, on either path to the handler."""
+    try:
+        await connection
+    except Exception:
+        logger.exception("WebSocket connection failed")
+        runtime.metrics.failure(INTERNAL.code)
+        with contextlib.suppress(Exception):
+            await send({"type": "websocket.close", "code": 1011, "reason": INTERNAL.code})
+
+
+class _ClientGone(Exception):
+    """A message could not be sent: the client has closed the connection."""
 
 
 class _Connection:
@@ -81,7 +92,12 @@ class _Connection:
         self.owner = str(scope.get("simmer_owner", ""))
 
     async def send(self, obj: dict[str, Any]) -> None:
-        await self._send({"type": "websocket.send", "bytes": None, "text": encode(obj).decode()})
+        try:
+            await self._send(
+                {"type": "websocket.send", "bytes": None, "text": encode(obj).decode()}
+            )
+        except (OSError, WebSocketDisconnect) as exc:  # uvicorn's, and Litestar's wrapper's
+            raise _ClientGone from exc
 
     async def error(self, error: Rendered) -> None:
         self.runtime.metrics.failure(error.code)
@@ -126,6 +142,10 @@ class _Connection:
         except DomainError as exc:
             self._failed(created)
             await self.error(render(exc))
+        except _ClientGone:
+            # a message to a client that has just left: the service has stopped the
+            # generation and saves what it kept, as for any client that goes away
+            self._failed(created)
         except Exception:
             # anything else is a bug: the client hears of it, the connection stays usable
             logger.exception("WebSocket generation failed")
@@ -178,9 +198,16 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
 
 async def serve_stream(scope: Scope, receive: Receive, send: Send, runtime: ServiceState) -> None:
     """One WebSocket connection, from its connect message to its disconnect."""
+    await _closing_on_error(_serve(scope, receive, send, runtime), send, runtime)
+
+
+async def _serve(scope: Scope, receive: Receive, send: Send, runtime: ServiceState) -> None:
     if (await receive())["type"] != "websocket.connect":
         return
-    await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+    try:
+        await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+    except OSError:  # the client left during the handshake (uvicorn's ClientDisconnected)
+        return
     conn = _Connection(scope, send, runtime)
     runtime.websockets.add(conn)
     runtime.metrics.websocket_connections.inc()

@@ -134,10 +134,13 @@ def test_smoke_run_writes_json_chart_and_summary(
         assert fixed["one_token"]["generations"] > 0
         assert fixed["one_token"]["rounds"] == result["config"]["ceiling_rounds"]
         assert fixed["tokens_per_generation"] > 0
-        # the bare protocol server under the same load: it served, in the rounds asked
+        # the bare protocol server under the same load, in the rounds asked: never more
+        # token messages a generation than the server sent
         bare = fixed["bare_server"]
         assert bare["rounds"] == result["config"]["ceiling_rounds"]
-        assert bare["tokens_per_message"] >= 1
+        assert (
+            1 <= bare["messages_per_generation"] <= max(1, bare["server_messages_per_generation"])
+        )
     # the realistic load: a tiny trained bundle, every generation on a connection of its own
     config, realistic = result["config"], result["realistic"]
     assert realistic["bundle"]["trained"].startswith("1 epoch(s) of the tiny preset")
@@ -227,6 +230,7 @@ def load_figures(cpu_seconds: float) -> dict[str, Any]:
             "request_latency_s": {"p50": 0.1, "p99": 0.2},
             "connect_s": {"p50": None, "p99": None, "mean": None, "n": 0},
             "tokens_per_message": 16.0,
+            "token_messages": 4,
             "finish_reasons": {"length": 4},
             "error_count": 0,
             "errors": [],
@@ -412,11 +416,13 @@ def test_the_bare_server_ceiling_adds_its_cpu_per_token_to_the_sampled_step() ->
     assert _bare_ceiling({"error": "no sampling graphs"}, 6.0) is None
 
 
-@pytest.mark.parametrize(("per_message", "max_tokens"), [(1, 1), (3, 7), (9, 64), (64, 5)])
-def test_the_bare_server_speaks_the_stream_protocol_in_messages_of_the_size_asked(
-    tmp_path: Path, per_message: int, max_tokens: int
+@pytest.mark.parametrize(
+    ("messages", "max_tokens", "sent"), [(1, 1, 1), (3, 7, 3), (6, 64, 6), (7, 64, 7), (64, 5, 5)]
+)
+def test_the_bare_server_speaks_the_stream_protocol_in_at_most_the_messages_asked(
+    tmp_path: Path, messages: int, max_tokens: int, sent: int
 ) -> None:
-    settings = {"bare_tokens_per_message": str(per_message)}
+    settings = {"bare_messages": str(messages)}
     with ServiceProcess(tmp_path, tmp_path / "bare.log", "bench.bare", **settings) as server:
         for reconnect in (False, True):
             spec = LoadSpec(
@@ -425,19 +431,17 @@ def test_the_bare_server_speaks_the_stream_protocol_in_messages_of_the_size_aske
             run = run_load(server, spec)
             assert run["error_count"] == 0, run["errors"]
             assert run["tokens"] == run["tokens_received"] == 6 * max_tokens
-            assert run["token_messages"] == 6 * math.ceil(max_tokens / per_message)
+            assert run["token_messages"] == 6 * sent
             assert run["finish_reasons"] == {"length": 6}
 
 
-def test_the_bare_server_refuses_a_message_size_below_one(tmp_path: Path) -> None:
-    env = {**os.environ, "SIMMER_BARE_TOKENS_PER_MESSAGE": "0"}
+def test_the_bare_server_refuses_a_message_count_below_one(tmp_path: Path) -> None:
+    env = {**os.environ, "SIMMER_BARE_MESSAGES": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.bare"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 2
-    assert (
-        proc.stderr.strip() == "error: SIMMER_BARE_TOKENS_PER_MESSAGE must be a whole number >= 1"
-    )
+    assert proc.stderr.strip() == "error: SIMMER_BARE_MESSAGES must be a whole number >= 1"
 
 
 def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing() -> None:

@@ -224,6 +224,7 @@ def test_a_fault_in_the_streams_own_loop_closes_that_connection_counted_and_logg
             ws.recv(timeout=30)
         assert ws.close_code == 1011
     assert _metric(server, failures) == 1
+    assert _metric(server, "simmer_websocket_connections") == 0  # its close was counted
     assert "WebSocket connection failed" in server.log()
     assert "injected stream fault" in server.log()
     with connect(server.ws_url) as ws:  # the server, and the next connection, carry on
