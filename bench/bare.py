@@ -6,10 +6,9 @@ It serves WS /v1/stream on uvicorn, configured as the service is (`server_config
 same SIMMER_* settings), and answers each generate message as the service does: a
 session event, `max_tokens` tokens in at most SIMMER_BARE_MESSAGES token messages
 (all but the last of ceil(max_tokens / SIMMER_BARE_MESSAGES) tokens), then a done
-event. There is
-no Litestar, no validation, no session store and no engine: its CPU per token under a
-load is what the ASGI server and the wire protocol alone cost on that load, a floor
-under the service's. GET /readyz answers 200, for `ServiceProcess`.
+event. There is no Litestar, no validation, no session store and no engine: its CPU
+per token under a load is what the ASGI server and the wire protocol alone cost on
+that load, a floor under the service's. GET /readyz answers 200, for `ServiceProcess`.
 
 The bench gives it the service's token messages per generation on the same load,
 rounded down, and every generation runs to `max_tokens`: no more messages, and no fewer
