@@ -58,13 +58,20 @@ class DrainingServer(uvicorn.Server):
 
 
 class WebSocketAccessLog(logging.Filter):
-    """Drops uvicorn's line for each accepted WebSocket: the connection's access log line,
-    which it writes at info whether or not the access log is on. One line per client
-    costs a write and a formatted record; SIMMER_ACCESS_LOG brings both logs back."""
+    """Drops the lines uvicorn's error logger writes for every WebSocket: its "[accepted]"
+    line, and the websockets library's "connection open" and "connection closed". They
+    are the connection's access log, written at info whether or not the access log is
+    on; a line per client costs a formatted record and a write. SIMMER_ACCESS_LOG brings
+    them back, with the HTTP access log."""
+
+    PER_CONNECTION = frozenset({"connection open", "connection closed"})
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            isinstance(record.msg, str) and record.msg.endswith('"WebSocket %s" [accepted]')
+        message = record.msg
+        if not isinstance(message, str):
+            return True
+        return message not in self.PER_CONNECTION and not message.endswith(
+            '"WebSocket %s" [accepted]'
         )
 
 

@@ -478,5 +478,6 @@ def test_the_access_log_has_a_line_per_request_and_connection_only_when_asked(
             pass
     log = server.log()
     assert ('"WebSocket /v1/stream" [accepted]' in log) is access_log
+    assert ("connection open" in log) is access_log  # the websockets library's own line
     assert ('"GET /v1/models HTTP/1.1" 200' in log) is access_log
     assert "Uvicorn running on" in log  # the server's own lines stay either way
