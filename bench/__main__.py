@@ -33,9 +33,9 @@ sampling head, and that with each generation's fixed cost added, estimated from 
 same load served one token per generation. A third puts the bare protocol server
 (`bench.bare`: uvicorn speaking simmer's WebSocket protocol with nothing behind it)
 under the same load in place of everything the server does but the model and its
-sampler: what any app on that ASGI server pays at least. Beside the inter-token latency comes its
-floor (`run_floor`): a step of the bundle's decode_run graph at batch 1 against the raw
-step, rounds alternating.
+sampler: what any app on that ASGI server pays at least. Beside the inter-token latency
+comes its floor (`run_floor`): a step of the bundle's decode_run graph at batch 1
+against the raw step, rounds alternating.
 
 The headline ratios compare the server with the raw engine measured right before it,
 in `headline_rounds` rounds (the realistic load too; each round serves the 1-stream
@@ -558,13 +558,14 @@ def _bare_floor(
     }
 
 
-def _bare_ceiling(ceiling: dict[str, Any], bare_us: float | None) -> float | None:
-    """The CPU efficiency if serving cost only the model, its sampler and the bare
-    protocol server's CPU per token on the same load; None where a figure is missing."""
-    if "error" in ceiling or bare_us is None:
+def _bare_ceiling(ceiling: dict[str, Any], extra_us: float | None) -> float | None:
+    """The CPU efficiency if serving cost only the model, its sampler and `extra_us` of
+    CPU per token (the bare protocol server's on the same load, or each generation's
+    fixed cost spread over its tokens); None where a figure is missing."""
+    if "error" in ceiling or extra_us is None:
         return None
     sampled = ceiling["sampled_cpu_per_token_us"]
-    return quotient(ceiling["raw_cpu_per_token_us"], sampled + bare_us)
+    return quotient(ceiling["raw_cpu_per_token_us"], sampled + extra_us)
 
 
 def _one_token_cost(server: ServiceProcess, spec: LoadSpec, rounds: int) -> dict[str, Any]:
@@ -597,9 +598,8 @@ def _fixed_cost_ceiling(
     sampled step it holds, which the sampled steps already count."""
     if "error" in ceiling or per_generation_us is None or not tokens_per_generation:
         return None
-    sampled = ceiling["sampled_cpu_per_token_us"]
-    fixed = max(per_generation_us - sampled, 0.0)
-    return quotient(ceiling["raw_cpu_per_token_us"], sampled + fixed / tokens_per_generation)
+    fixed = max(per_generation_us - ceiling["sampled_cpu_per_token_us"], 0.0)
+    return _bare_ceiling(ceiling, fixed / tokens_per_generation)
 
 
 def run(

@@ -278,3 +278,24 @@ def test_a_tampered_bundle_is_refused_at_start(tiny_bundle: Path, tmp_path: Path
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "sha256 mismatch" in lines[0] and "model.onnx" in lines[0]
+
+
+def test_a_setting_that_is_not_a_boolean_stops_the_start_with_one_line(
+    tiny_bundle: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "SIMMER_BUNDLE": str(tiny_bundle),
+            "SIMMER_PORT": str(free_port()),
+            "SIMMER_ACCESS_LOG": "sometimes",
+        },
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: SIMMER_ACCESS_LOG: "), lines
