@@ -498,6 +498,15 @@ def _realistic(
     ceiling = raw.sampling_ceiling(
         model.path, threads, large, config.engine_seconds, config.ceiling_rounds
     )
+    log(f"the engine core alone under the realistic load: {config.ceiling_rounds} rounds")
+    core = raw.engine_core_load(
+        model.path,
+        threads,
+        large,
+        config.engine_seconds,
+        config.ceiling_rounds,
+        _core_load(config, int(settings["max_batch"])),
+    )
     messages = _median([r["messages_per_generation"] for r in rounds])
     bare = _bare_floor(model.path, workdir, spec, messages, config.ceiling_rounds, settings)
     generations = sum(r["connect_ms"]["n"] for r in rounds)
@@ -517,7 +526,34 @@ def _realistic(
         ),
         "bare_server": bare,
         "ceiling_with_bare_server": _bare_ceiling(ceiling, bare["cpu_per_token_us"]),
+        "engine_core": core,
+        "ceiling_engine_core_with_bare_server": _core_ceiling(core, bare["cpu_per_token_us"]),
     }
+
+
+def _core_load(config: BenchConfig, max_batch: int) -> raw.CoreLoad:
+    """The realistic load's clients, prompt and limit, with the server's engine settings."""
+    from service.settings import Settings
+
+    defaults = Settings()
+    return raw.CoreLoad(
+        streams=config.realistic_streams,
+        requests=config.realistic_requests,
+        max_tokens=config.tokens,
+        prompt=config.prompt,
+        max_batch=max_batch,
+        max_stride=defaults.max_coalesce_steps,
+        decode_runs=defaults.decode_runs,
+        ban_unk=defaults.ban_unk,
+    )
+
+
+def _core_ceiling(core: dict[str, Any], extra_us: float | None) -> float | None:
+    """The CPU efficiency if serving cost only the engine core under the load and
+    `extra_us` of CPU per token (the bare protocol server's); None where one is missing."""
+    if extra_us is None:
+        return None
+    return quotient(core["raw_cpu_per_token_us"], core["core_cpu_per_token_us"] + extra_us)
 
 
 def _bare_floor(
@@ -919,6 +955,26 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             "raw engine CPU/token / (the sampled steps' CPU/token + the bare protocol "
             "server's CPU/token under the same connection-per-generation load): the most any "
             "app on that server reaches on it",
+            realistic.get("skipped", "a figure it needs was not measured"),
+        ),
+        report.ratio(
+            "CPU efficiency ceiling, realistic load: the engine core alone",
+            realistic.get("engine_core", {}).get("ceiling"),
+            None,
+            "",
+            "raw engine CPU/token / the CPU/token of the server's engine core (scheduler, "
+            "sampling head, output processor) under the same clients, prompt and token "
+            "limit, with consumers that only wait, median of alternating rounds: the most a "
+            "server on that engine reaches on that load",
+            realistic.get("skipped", "the engine core was not measured"),
+        ),
+        report.ratio(
+            "CPU efficiency ceiling, realistic load: the engine core and a bare protocol server",
+            realistic.get("ceiling_engine_core_with_bare_server"),
+            None,
+            "",
+            "raw engine CPU/token / (the engine core's CPU/token under the load + the bare "
+            "protocol server's under the same load)",
             realistic.get("skipped", "a figure it needs was not measured"),
         ),
         report.ratio(

@@ -30,6 +30,13 @@ CPU efficiency of any server that samples exactly with that head: the most it re
 if the event loop, the scheduler and the network cost nothing (and without the
 server's [UNK] ban, which only adds to its cost).
 
+`engine_core_load` is the realistic load on the engine core alone: the server's own
+engine (scheduler, sampling head, decode runs, output processor) under the same clients,
+prompt and token limit, each a coroutine that submits a request, only waits for it to
+end and submits the next, with no server, sessions or messages. Beside the raw decode
+step, rounds alternating, it bounds the CPU efficiency of any server built on that
+engine under that load: the server does all of this and more.
+
 `decode_with_scorer` shows that decoding does not pay for the scoring graph: the raw
 decode step's cost with no scorer in the process and with one opened and warmed (its
 session and memory arena allocated), rounds alternating. With one intra-op thread the
@@ -38,19 +45,23 @@ cost is the calling thread's CPU time, which other work on the machine does not 
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from service.engine.core import build_engine
 from service.engine.head import SamplingHead
 from service.engine.model import ModelSession
-from service.engine.params import Uniforms, make_rng
+from service.engine.output import Hooks, StepStats
+from service.engine.params import BAN, SamplingParams, Uniforms, make_rng
+from service.engine.request import Request
 from service.engine.scoring import Scorer
 from simmer.bundle import SEQUENCE_LOGPROBS, ModelBundle, load_bundle
 from simmer.ort import open_session
@@ -374,6 +385,98 @@ def sampling_ceiling(
         "sampled_cpu_per_token_us": sampled_cpu,
         "sampling_cpu_per_token_us": sampled_cpu - raw_cpu,
         "ceiling": raw_cpu / sampled_cpu if sampled_cpu > 0 else None,
+    }
+
+
+@dataclass(frozen=True)
+class CoreLoad:
+    """What the realistic load on the engine core alone asks: the server's settings."""
+
+    streams: int  # clients, each with one generation at a time
+    requests: int  # generations per client, one after another
+    max_tokens: int
+    prompt: str
+    max_batch: int
+    max_stride: int  # the server's max_coalesce_steps
+    decode_runs: bool
+    ban_unk: bool
+
+
+async def _core_round(model: ModelSession, load: CoreLoad) -> dict[str, float]:
+    """One round of `load` on a fresh engine core over `model`: the process's CPU per
+    token kept, the tokens per generation and the mean batch of its steps."""
+    batches: list[int] = []
+
+    def on_step(stats: StepStats) -> None:
+        batches.append(stats.batch_size)
+
+    engine = build_engine(
+        model, load.max_batch, Hooks(on_step), load.max_stride, decode_runs=load.decode_runs
+    )
+    engine.start()
+    prompt = model.bundle.tokenizer.encode(load.prompt)
+    bans = ((UNK_ID, BAN),) if load.ban_unk else ()
+    h, c = model.zero_state(1)
+    tokens = 0
+
+    async def client() -> None:
+        nonlocal tokens
+        for _ in range(load.requests):
+            request = engine.submit(
+                Request(
+                    feed=list(prompt),
+                    h=h[:, 0],
+                    c=c[:, 0],
+                    params=SamplingParams(logit_bias=bans),
+                    max_new_tokens=load.max_tokens,
+                )
+            )
+            while not request.done:
+                await request.event.wait()
+                request.event.clear()
+            if request.finish_reason not in ("eos", "length"):
+                raise RuntimeError(f"the engine ended a request with {request.finish_reason}")
+            tokens += len(request.tokens)
+
+    try:
+        started = time.process_time()
+        await asyncio.gather(*(client() for _ in range(load.streams)))
+        cpu = time.process_time() - started
+    finally:
+        await engine.close()
+    return {
+        "cpu_per_token_us": cpu / max(tokens, 1) * 1e6,
+        "tokens_per_generation": tokens / (load.streams * load.requests),
+        "mean_batch": statistics.fmean(batches) if batches else 0.0,
+    }
+
+
+def engine_core_load(
+    bundle: Path, threads: int, batch: int, seconds: float, rounds: int, load: CoreLoad
+) -> dict[str, Any]:
+    """`load` on the engine core alone (see the module docstring) against the raw decode
+    step at `batch`, `rounds` of each, alternating: the medians of their CPU per token,
+    and the quotient, the most CPU efficiency a server on that engine reaches."""
+    loaded = load_bundle(bundle)
+    model = ModelSession(loaded, ["CPUExecutionProvider"], threads)
+    figures: list[dict[str, float]] = []
+
+    def core() -> float:
+        figures.append(asyncio.run(_core_round(model, load)))
+        return figures[-1]["cpu_per_token_us"]
+
+    asyncio.run(_core_round(model, replace(load, streams=min(load.streams, 8), requests=1)))
+    raw_cpu, core_cpu = alternating_medians(
+        rounds, lambda: measure_engine(model, batch, seconds).cpu_per_token_s * 1e6, core
+    )
+    return {
+        "batch": batch,
+        "rounds": rounds,
+        "raw_cpu_per_token_us": raw_cpu,
+        "core_cpu_per_token_us": core_cpu,
+        "tokens_per_generation": statistics.median(f["tokens_per_generation"] for f in figures),
+        "mean_batch": statistics.median(f["mean_batch"] for f in figures),
+        "ceiling": raw_cpu / core_cpu if core_cpu > 0 else None,
     }
 
 

@@ -22,6 +22,7 @@ from bench import trained
 from bench.__main__ import (
     BenchConfig,
     _bare_ceiling,
+    _core_ceiling,
     _figures,
     _fixed_cost_ceiling,
     _realistic,
@@ -117,7 +118,7 @@ def test_smoke_run_writes_json_chart_and_summary(
     # expiry marker (one slot per session, no global index)
     assert result["sessions"]["redis"]["keys_deleted"] == 2 * result["config"]["sessions"]
     by_name = {r["name"]: r for r in result["ratios"]}
-    assert len(by_name) == len(result["ratios"]) == 22
+    assert len(by_name) == len(result["ratios"]) == 24
     # decode_run at batch 1 against the raw step, in the same process
     floor = result["itl_floor"]
     assert floor["steps_per_run"] >= 2 and floor["rounds"] == result["config"]["ceiling_rounds"]
@@ -152,6 +153,20 @@ def test_smoke_run_writes_json_chart_and_summary(
         assert r["connect_ms"]["n"] == config["realistic_streams"] * config["realistic_requests"]
         assert sum(r["finish_reasons"].values()) == r["connect_ms"]["n"]
     assert by_name[REALISTIC]["reason"] != "the realistic load was not run"
+    # the same load on the engine core alone, beside the raw step: every client's
+    # generations ended, within the token limit, at batches no larger than the clients
+    core = realistic["engine_core"]
+    assert core["rounds"] == config["ceiling_rounds"]
+    assert core["core_cpu_per_token_us"] > 0 and core["raw_cpu_per_token_us"] > 0
+    assert core["ceiling"] == pytest.approx(
+        core["raw_cpu_per_token_us"] / core["core_cpu_per_token_us"]
+    )
+    assert 1 <= core["tokens_per_generation"] <= config["tokens"]
+    assert 1 <= core["mean_batch"] <= config["realistic_streams"]
+    bare_cpu = realistic["bare_server"]["cpu_per_token_us"]
+    if bare_cpu is not None:  # None below one clock tick
+        assert realistic["ceiling_engine_core_with_bare_server"] < core["ceiling"]
+    assert "the engine core alone under this load" in proc.stdout
     choices = result["choices"]
     assert choices["n"] == result["config"]["choices"]
     assert choices["seconds_median"]["n"] > 0 and choices["seconds_median"]["separate"] > 0
@@ -416,6 +431,13 @@ def test_the_bare_server_ceiling_adds_its_cpu_per_token_to_the_sampled_step() ->
     assert _bare_ceiling({"error": "no sampling graphs"}, 6.0) is None
 
 
+def test_the_engine_core_ceiling_adds_the_bare_servers_cpu_per_token_to_the_cores() -> None:
+    core = {"raw_cpu_per_token_us": 45.0, "core_cpu_per_token_us": 90.0, "ceiling": 0.5}
+    assert _core_ceiling(core, 0.0) == pytest.approx(0.5)
+    assert _core_ceiling(core, 10.0) == pytest.approx(0.45)
+    assert _core_ceiling(core, None) is None  # 0 clock ticks
+
+
 @pytest.mark.parametrize(
     ("messages", "max_tokens", "sent"), [(1, 1, 1), (3, 7, 3), (6, 64, 6), (7, 64, 7), (64, 5, 5)]
 )
@@ -466,6 +488,8 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
     realistic_bare = (
         "CPU efficiency ceiling, realistic load: the model, its sampler and a bare protocol server"
     )
+    core = "CPU efficiency ceiling, realistic load: the engine core alone"
+    core_bare = "CPU efficiency ceiling, realistic load: the engine core and a bare protocol server"
     measured = {
         **base,
         "sampling_ceiling": {
@@ -478,6 +502,8 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
             "rounds": [],
             "ceiling_with_fixed_cost": 0.5,
             "ceiling_with_bare_server": 0.6,
+            "engine_core": {"ceiling": 0.5},
+            "ceiling_engine_core_with_bare_server": 0.45,
         },
         "itl_floor": {"floor": 1.2, "rounds": 2},
     }
@@ -488,7 +514,9 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
     assert items[floor]["value"] == 1.2
     assert items[bare]["value"] == 0.72
     assert items[realistic_bare]["value"] == 0.6
-    for name in (headline, fixed, realistic, floor, bare, realistic_bare):
+    assert items[core]["value"] == 0.5
+    assert items[core_bare]["value"] == 0.45
+    for name in (headline, fixed, realistic, floor, bare, realistic_bare, core, core_bare):
         assert_well_formed(items[name])
         assert items[name]["target"] is None and items[name]["met"] is None
     missing = {r["name"]: r for r in ratios(base, config)}
@@ -497,6 +525,8 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
     assert missing[realistic]["reason"] == "the realistic load was not run"
     assert missing[bare]["reason"] == "the engine with its sampler was not run"
     assert missing[realistic_bare]["reason"] == "the realistic load was not run"
+    assert missing[core]["reason"] == "the realistic load was not run"
+    assert missing[core_bare]["reason"] == "the realistic load was not run"
     assert missing[floor]["reason"] == "the decode_run graph's step was not measured"
     no_graph = {**base, "itl_floor": {"error": "the bundle has no decode_run graph"}}
     no_run = {r["name"]: r for r in ratios(no_graph, config)}
