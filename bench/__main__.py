@@ -549,11 +549,12 @@ def _core_load(config: BenchConfig, max_batch: int) -> raw.CoreLoad:
 
 
 def _core_ceiling(core: dict[str, Any], extra_us: float | None) -> float | None:
-    """The CPU efficiency if serving cost only the engine core under the load and
-    `extra_us` of CPU per token (the bare protocol server's); None where one is missing."""
+    """The CPU efficiency if serving cost only the engine core's worker thread under the
+    load and `extra_us` of CPU per token (the bare protocol server's); None where one is
+    missing."""
     if extra_us is None:
         return None
-    return quotient(core["raw_cpu_per_token_us"], core["core_cpu_per_token_us"] + extra_us)
+    return quotient(core["raw_cpu_per_token_us"], core["worker_cpu_per_token_us"] + extra_us)
 
 
 def _bare_floor(
@@ -958,22 +959,23 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             realistic.get("skipped", "a figure it needs was not measured"),
         ),
         report.ratio(
-            "CPU efficiency ceiling, realistic load: the engine core alone",
+            "CPU efficiency ceiling, realistic load: the engine core's worker alone",
             realistic.get("engine_core", {}).get("ceiling"),
             None,
             "",
-            "raw engine CPU/token / the CPU/token of the server's engine core (scheduler, "
-            "sampling head, output processor) under the same clients, prompt and token "
-            "limit, with consumers that only wait, median of alternating rounds: the most a "
-            "server on that engine reaches on that load",
+            "raw engine CPU/token / the CPU/token of the server's engine worker thread "
+            "(scheduler, model, sampling head) under the same clients, prompt and token "
+            "limit on the engine core alone, median of alternating rounds: the most a server "
+            "on that engine reaches on that load",
             realistic.get("skipped", "the engine core was not measured"),
         ),
         report.ratio(
-            "CPU efficiency ceiling, realistic load: the engine core and a bare protocol server",
+            "CPU efficiency ceiling, realistic load: the engine core's worker and a bare "
+            "protocol server",
             realistic.get("ceiling_engine_core_with_bare_server"),
             None,
             "",
-            "raw engine CPU/token / (the engine core's CPU/token under the load + the bare "
+            "raw engine CPU/token / (the engine worker's CPU/token under the load + the bare "
             "protocol server's under the same load)",
             realistic.get("skipped", "a figure it needs was not measured"),
         ),

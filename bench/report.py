@@ -221,7 +221,8 @@ def _realistic_lines(realistic: dict[str, Any]) -> list[str]:
     if core:
         lines.append(
             f"  the engine core alone under this load (CPU us/token, median of {core['rounds']} "
-            f"rounds): raw {_fmt(core['raw_cpu_per_token_us'], 1)}, core "
+            f"rounds): raw {_fmt(core['raw_cpu_per_token_us'], 1)}, its worker thread "
+            f"{_fmt(core['worker_cpu_per_token_us'], 1)}, the process "
             f"{_fmt(core['core_cpu_per_token_us'], 1)} ({_fmt(core['tokens_per_generation'], 1)} "
             f"tokens a generation, mean batch {_fmt(core['mean_batch'], 0)}): ceiling "
             f"{_fmt(core['ceiling'], 3)}; with the bare protocol server: "

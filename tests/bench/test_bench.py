@@ -157,9 +157,11 @@ def test_smoke_run_writes_json_chart_and_summary(
     # generations ended, within the token limit, at batches no larger than the clients
     core = realistic["engine_core"]
     assert core["rounds"] == config["ceiling_rounds"]
-    assert core["core_cpu_per_token_us"] > 0 and core["raw_cpu_per_token_us"] > 0
+    assert core["raw_cpu_per_token_us"] > 0
+    # the worker thread is part of the process
+    assert 0 < core["worker_cpu_per_token_us"] < core["core_cpu_per_token_us"]
     assert core["ceiling"] == pytest.approx(
-        core["raw_cpu_per_token_us"] / core["core_cpu_per_token_us"]
+        core["raw_cpu_per_token_us"] / core["worker_cpu_per_token_us"]
     )
     assert 1 <= core["tokens_per_generation"] <= config["tokens"]
     assert 1 <= core["mean_batch"] <= config["realistic_streams"]
@@ -431,8 +433,8 @@ def test_the_bare_server_ceiling_adds_its_cpu_per_token_to_the_sampled_step() ->
     assert _bare_ceiling({"error": "no sampling graphs"}, 6.0) is None
 
 
-def test_the_engine_core_ceiling_adds_the_bare_servers_cpu_per_token_to_the_cores() -> None:
-    core = {"raw_cpu_per_token_us": 45.0, "core_cpu_per_token_us": 90.0, "ceiling": 0.5}
+def test_the_engine_core_ceiling_adds_the_bare_servers_cpu_per_token_to_the_workers() -> None:
+    core = {"raw_cpu_per_token_us": 45.0, "worker_cpu_per_token_us": 90.0, "ceiling": 0.5}
     assert _core_ceiling(core, 0.0) == pytest.approx(0.5)
     assert _core_ceiling(core, 10.0) == pytest.approx(0.45)
     assert _core_ceiling(core, None) is None  # 0 clock ticks
@@ -488,8 +490,11 @@ def test_the_ceilings_are_reported_without_a_target_or_say_why_they_are_missing(
     realistic_bare = (
         "CPU efficiency ceiling, realistic load: the model, its sampler and a bare protocol server"
     )
-    core = "CPU efficiency ceiling, realistic load: the engine core alone"
-    core_bare = "CPU efficiency ceiling, realistic load: the engine core and a bare protocol server"
+    core = "CPU efficiency ceiling, realistic load: the engine core's worker alone"
+    core_bare = (
+        "CPU efficiency ceiling, realistic load: the engine core's worker and a bare protocol "
+        "server"
+    )
     measured = {
         **base,
         "sampling_ceiling": {
