@@ -549,10 +549,10 @@ def _core_load(config: BenchConfig, max_batch: int) -> raw.CoreLoad:
 
 
 def _core_ceiling(core: dict[str, Any], extra_us: float | None) -> float | None:
-    """The CPU efficiency if serving cost only the engine core's worker thread under the
-    load and `extra_us` of CPU per token (the bare protocol server's); None where one is
-    missing."""
-    if extra_us is None:
+    """The CPU efficiency if serving cost only the engine core's side under the load
+    (every thread but the event loop's) and `extra_us` of CPU per token (the bare
+    protocol server's); None where one is missing."""
+    if "error" in core or extra_us is None:
         return None
     return quotient(core["raw_cpu_per_token_us"], core["worker_cpu_per_token_us"] + extra_us)
 
@@ -963,11 +963,14 @@ def ratios(result: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
             realistic.get("engine_core", {}).get("ceiling"),
             None,
             "",
-            "raw engine CPU/token / the CPU/token of the server's engine worker thread "
-            "(scheduler, model, sampling head) under the same clients, prompt and token "
-            "limit on the engine core alone, median of alternating rounds: the most a server "
-            "on that engine reaches on that load",
-            realistic.get("skipped", "the engine core was not measured"),
+            "raw engine CPU/token / the CPU/token of the server's engine core, every thread "
+            "but the event loop's (the worker: scheduler, model, sampling head), under the "
+            "same clients, prompt and token limit on the engine core alone, median of "
+            "alternating rounds: a measured ceiling for a server on that engine on that load",
+            realistic.get(
+                "skipped",
+                realistic.get("engine_core", {}).get("error", "the engine core was not measured"),
+            ),
         ),
         report.ratio(
             "CPU efficiency ceiling, realistic load: the engine core's worker and a bare "

@@ -34,10 +34,14 @@ server's [UNK] ban, which only adds to its cost).
 engine (scheduler, sampling head, decode runs, output processor) under the same clients,
 prompt and token limit, each a coroutine on the server's event loop (uvloop) that
 submits a request, only waits for it to end and submits the next, with no server,
-sessions or messages. Beside the raw decode step, rounds alternating, the CPU of its
-worker thread (the scheduler, the model, the sampling head) bounds the CPU efficiency of
-any server built on that engine under that load: such a server runs the same worker,
-and its event loop on top.
+sessions or messages. It runs beside the raw decode step, rounds alternating. The CPU
+of every thread but the event loop's (the engine worker: the scheduler, the model, the
+sampling head; and onnxruntime's pool where it has one) gives a ceiling on the CPU
+efficiency of a server on that engine under that load: such a server runs the same
+worker, and its event loop on top. It is a measured ceiling, not a proof: the worker's
+cost per token depends on its batches, and a server's clients arrive later than these
+(they connect first), which leaves its batches smaller, and a smaller batch costs
+more per token.
 
 `decode_with_scorer` shows that decoding does not pay for the scoring graph: the raw
 decode step's cost with no scorer in the process and with one opened and warmed (its
@@ -404,9 +408,14 @@ class CoreLoad:
     ban_unk: bool
 
 
+CORE_ROUND_TIMEOUT_S = 600.0  # a round that takes longer has a stuck engine
+
+
 async def _core_round(model: ModelSession, load: CoreLoad) -> dict[str, float]:
-    """One round of `load` on a fresh engine core over `model`: the process's CPU per
-    token kept, the tokens per generation and the mean batch of its steps."""
+    """One round of `load` on a fresh engine core over `model`: per generated token, the
+    process's CPU and that of every thread but the event loop's (the engine worker, and
+    onnxruntime's pool where it has one); the tokens per generation and the mean batch
+    of its steps. RuntimeError if a generation ended otherwise than by eos or length."""
     batches: list[int] = []
 
     def on_step(stats: StepStats) -> None:
@@ -420,6 +429,7 @@ async def _core_round(model: ModelSession, load: CoreLoad) -> dict[str, float]:
     bans = ((UNK_ID, BAN),) if load.ban_unk else ()
     h, c = model.zero_state(1)
     tokens = 0
+    failed: list[str] = []
 
     async def client() -> None:
         nonlocal tokens
@@ -437,18 +447,26 @@ async def _core_round(model: ModelSession, load: CoreLoad) -> dict[str, float]:
                 await request.event.wait()
                 request.event.clear()
             if request.finish_reason not in ("eos", "length"):
-                raise RuntimeError(f"the engine ended a request with {request.finish_reason}")
+                failed.append(str(request.finish_reason))
+                return
             tokens += len(request.tokens)
 
     try:
-        started, worker_at = time.process_time(), engine.worker_cpu_s()
-        await asyncio.gather(*(client() for _ in range(load.streams)))
-        cpu, worker = time.process_time() - started, engine.worker_cpu_s() - worker_at
+        started, loop_at = time.process_time(), time.thread_time()
+        clients = asyncio.gather(*(client() for _ in range(load.streams)))
+        await asyncio.wait_for(clients, CORE_ROUND_TIMEOUT_S)
+        loop = time.thread_time() - loop_at
+        cpu = time.process_time() - started
     finally:
         await engine.close()
+    if failed or not tokens:
+        raise RuntimeError(
+            f"the engine core ended {len(failed)} generations otherwise than by eos or "
+            f"length ({', '.join(sorted(set(failed))) or 'and generated no token'})"
+        )
     return {
-        "cpu_per_token_us": cpu / max(tokens, 1) * 1e6,
-        "worker_cpu_per_token_us": worker / max(tokens, 1) * 1e6,
+        "cpu_per_token_us": cpu / tokens * 1e6,
+        "worker_cpu_per_token_us": (cpu - loop) / tokens * 1e6,
         "tokens_per_generation": tokens / (load.streams * load.requests),
         "mean_batch": statistics.fmean(batches) if batches else 0.0,
     }
@@ -468,9 +486,9 @@ def engine_core_load(
 ) -> dict[str, Any]:
     """`load` on the engine core alone (see the module docstring) against the raw decode
     step at `batch`, `rounds` of each, alternating: the medians of their CPU per token,
-    the process's and the engine worker thread's alone. The raw step over the worker's
-    is the ceiling: a server on that engine runs the same worker under the same load, and
-    its event loop on top."""
+    the process's and that of the engine's side alone (every thread but the event
+    loop's). The raw step over the engine's side is the ceiling; {"error": reason} where
+    the engine core failed the load."""
     loaded = load_bundle(bundle)
     model = ModelSession(loaded, ["CPUExecutionProvider"], threads)
     figures: list[dict[str, float]] = []
@@ -479,16 +497,19 @@ def engine_core_load(
         figures.append(_run_loop(_core_round(model, load)))
         return figures[-1]["cpu_per_token_us"]
 
-    _run_loop(_core_round(model, replace(load, streams=min(load.streams, 8), requests=1)))
-    raw_cpu, core_cpu = alternating_medians(
-        rounds, lambda: measure_engine(model, batch, seconds).cpu_per_token_s * 1e6, core
-    )
+    try:
+        _run_loop(_core_round(model, replace(load, streams=min(load.streams, 8), requests=1)))
+        raw_cpu, core_cpu = alternating_medians(
+            rounds, lambda: measure_engine(model, batch, seconds).cpu_per_token_s * 1e6, core
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        return {"error": str(exc) or "a round of the engine core timed out"}
     worker_cpu = statistics.median(f["worker_cpu_per_token_us"] for f in figures)
     return {
         "batch": batch,
         "rounds": rounds,
         "raw_cpu_per_token_us": raw_cpu,
-        "core_cpu_per_token_us": core_cpu,  # the process: the worker, and the loop's share
+        "core_cpu_per_token_us": core_cpu,  # the process: the engine's side and the loop's
         "worker_cpu_per_token_us": worker_cpu,
         "tokens_per_generation": statistics.median(f["tokens_per_generation"] for f in figures),
         "mean_batch": statistics.median(f["mean_batch"] for f in figures),

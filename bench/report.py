@@ -218,10 +218,12 @@ def _realistic_lines(realistic: dict[str, Any]) -> list[str]:
         )
     )
     core = realistic.get("engine_core")
-    if core:
+    if core and "error" in core:
+        lines.append(f"  the engine core alone under this load: {core['error']}")
+    elif core:
         lines.append(
             f"  the engine core alone under this load (CPU us/token, median of {core['rounds']} "
-            f"rounds): raw {_fmt(core['raw_cpu_per_token_us'], 1)}, its worker thread "
+            f"rounds): raw {_fmt(core['raw_cpu_per_token_us'], 1)}, its worker "
             f"{_fmt(core['worker_cpu_per_token_us'], 1)}, the process "
             f"{_fmt(core['core_cpu_per_token_us'], 1)} ({_fmt(core['tokens_per_generation'], 1)} "
             f"tokens a generation, mean batch {_fmt(core['mean_batch'], 0)}): ceiling "

@@ -216,16 +216,6 @@ class EngineCore:
         more = [(each.tokens.tolist(), each.h, each.c) for each in result.more]
         output.apply(result.requests, tokens, step.h, step.c, step.top, result.cpu, more)
 
-    def worker_cpu_s(self) -> float:
-        """The worker thread's CPU seconds so far; 0 before it starts or once it has ended."""
-        thread = self._thread
-        if thread is None or thread.ident is None or not thread.is_alive():
-            return 0.0
-        try:
-            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
-        except OSError:  # it ended since: its clock is gone
-            return 0.0
-
     # --- health (read on the event loop) -------------------------------------------
 
     @property

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bench import engine as raw
 from bench import trained
 from bench.__main__ import (
     BenchConfig,
@@ -158,12 +159,12 @@ def test_smoke_run_writes_json_chart_and_summary(
     core = realistic["engine_core"]
     assert core["rounds"] == config["ceiling_rounds"]
     assert core["raw_cpu_per_token_us"] > 0
-    # the worker thread is part of the process
+    # the engine's side is part of the process
     assert 0 < core["worker_cpu_per_token_us"] < core["core_cpu_per_token_us"]
     assert core["ceiling"] == pytest.approx(
         core["raw_cpu_per_token_us"] / core["worker_cpu_per_token_us"]
     )
-    assert 1 <= core["tokens_per_generation"] <= config["tokens"]
+    assert 0 < core["tokens_per_generation"] <= config["tokens"]
     assert 1 <= core["mean_batch"] <= config["realistic_streams"]
     bare_cpu = realistic["bare_server"]["cpu_per_token_us"]
     if bare_cpu is not None:  # None below one clock tick
@@ -438,6 +439,46 @@ def test_the_engine_core_ceiling_adds_the_bare_servers_cpu_per_token_to_the_work
     assert _core_ceiling(core, 0.0) == pytest.approx(0.5)
     assert _core_ceiling(core, 10.0) == pytest.approx(0.45)
     assert _core_ceiling(core, None) is None  # 0 clock ticks
+
+
+def _core_load(streams: int = 3) -> raw.CoreLoad:
+    return raw.CoreLoad(
+        streams=streams,
+        requests=2,
+        max_tokens=5,
+        prompt="recipe for soup",
+        max_batch=8,
+        max_stride=16,
+        decode_runs=True,
+        ban_unk=True,
+    )
+
+
+def test_the_engine_core_runs_the_load_and_its_side_is_part_of_the_process(
+    tiny_bundle: Path,
+) -> None:
+    core = raw.engine_core_load(tiny_bundle, 1, 8, 0.05, 2, _core_load())
+    assert core["rounds"] == 2
+    assert 0 < core["worker_cpu_per_token_us"] < core["core_cpu_per_token_us"]
+    assert 0 < core["tokens_per_generation"] <= 5
+    assert 1 <= core["mean_batch"] <= 3  # never more rows than clients
+
+
+def test_an_engine_core_that_fails_its_generations_is_reported_not_raised(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.engine.runner import ModelRunner
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected step fault")
+
+    for name in ("execute", "execute_run"):  # every step the worker takes fails
+        monkeypatch.setattr(ModelRunner, name, broken)
+    core = raw.engine_core_load(tiny_bundle, 1, 8, 0.05, 2, _core_load())
+    assert set(core) == {"error"}
+    assert core["error"].startswith("the engine core ended ")
+    assert "otherwise than by eos or length (error)" in core["error"]
+    assert _core_ceiling(core, 1.0) is None
 
 
 @pytest.mark.parametrize(

@@ -423,22 +423,3 @@ def test_a_request_the_loop_stops_frees_its_slot_within_the_pipeline_depth(
     assert free == 8
     # the worker may have run ahead by the pipeline depth, never to max_new_tokens
     assert len(engine.calls) <= PIPELINE_DEPTH + 3
-
-
-def test_the_worker_cpu_is_the_worker_threads_own(engine: CountingModel) -> None:
-    async def main() -> None:
-        core = build_engine(engine, 8)
-        assert core.worker_cpu_s() == 0.0  # not started
-        core.start()
-        await _run_all(core, [_seq(engine, [2, 3, 4], max_new=20) for _ in range(4)])
-        stepped = core.worker_cpu_s()
-        assert stepped > 0.0
-        # the loop's own CPU is not the worker's: the worker waits for commands meanwhile
-        burnt_at = time.thread_time()
-        while time.thread_time() - burnt_at < 0.3:
-            sum(range(1000))
-        assert core.worker_cpu_s() - stepped < 0.15
-        await core.close()
-        assert core.worker_cpu_s() == 0.0  # ended
-
-    asyncio.run(main())
