@@ -33,7 +33,10 @@ sampling head, and that with each generation's fixed cost added, estimated from 
 same load served one token per generation. A third puts the bare protocol server
 (`bench.bare`: uvicorn speaking simmer's WebSocket protocol with nothing behind it)
 under the same load in place of everything the server does but the model and its
-sampler: what any app on that ASGI server pays at least. Beside the inter-token latency
+sampler: what any app on that ASGI server pays at least. For the realistic load a fourth
+runs its clients on the server's engine core alone (`bench.engine.engine_core_load`),
+consumers that only wait: the raw step over the CPU of every thread but its event
+loop's is a measured ceiling for any server on that engine. Beside the inter-token latency
 comes its floor (`run_floor`): a step of the bundle's decode_run graph at batch 1
 against the raw step, rounds alternating.
 
