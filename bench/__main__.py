@@ -530,8 +530,13 @@ def _realistic(
         "bare_server": bare,
         "ceiling_with_bare_server": _bare_ceiling(ceiling, bare["cpu_per_token_us"]),
         "engine_core": core,
-        "ceiling_engine_core_with_bare_server": _core_ceiling(core, bare["cpu_per_token_us"]),
+        "ceiling_engine_core_with_bare_server": _bare_ceiling(
+            core, bare["cpu_per_token_us"], WORKER_COST
+        ),
     }
+
+
+WORKER_COST = "worker_cpu_per_token_us"  # the engine core's side, in `engine_core_load`
 
 
 def _core_load(config: BenchConfig, max_batch: int) -> raw.CoreLoad:
@@ -549,15 +554,6 @@ def _core_load(config: BenchConfig, max_batch: int) -> raw.CoreLoad:
         decode_runs=defaults.decode_runs,
         ban_unk=defaults.ban_unk,
     )
-
-
-def _core_ceiling(core: dict[str, Any], extra_us: float | None) -> float | None:
-    """The CPU efficiency if serving cost only the engine core's side under the load
-    (every thread but the event loop's) and `extra_us` of CPU per token (the bare
-    protocol server's); None where one is missing."""
-    if "error" in core or extra_us is None:
-        return None
-    return quotient(core["raw_cpu_per_token_us"], core["worker_cpu_per_token_us"] + extra_us)
 
 
 def _bare_floor(
@@ -598,14 +594,16 @@ def _bare_floor(
     }
 
 
-def _bare_ceiling(ceiling: dict[str, Any], extra_us: float | None) -> float | None:
-    """The CPU efficiency if serving cost only the model, its sampler and `extra_us` of
-    CPU per token (the bare protocol server's on the same load, or each generation's
-    fixed cost spread over its tokens); None where a figure is missing."""
+def _bare_ceiling(
+    ceiling: dict[str, Any], extra_us: float | None, cost: str = "sampled_cpu_per_token_us"
+) -> float | None:
+    """The CPU efficiency if serving cost only what `ceiling[cost]` measured (the model
+    and its sampler; or the engine core's side, "worker_cpu_per_token_us") and
+    `extra_us` of CPU per token (the bare protocol server's on the same load, or each
+    generation's fixed cost spread over its tokens); None where a figure is missing."""
     if "error" in ceiling or extra_us is None:
         return None
-    sampled = ceiling["sampled_cpu_per_token_us"]
-    return quotient(ceiling["raw_cpu_per_token_us"], sampled + extra_us)
+    return quotient(ceiling["raw_cpu_per_token_us"], ceiling[cost] + extra_us)
 
 
 def _one_token_cost(server: ServiceProcess, spec: LoadSpec, rounds: int) -> dict[str, Any]:

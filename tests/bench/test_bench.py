@@ -21,9 +21,9 @@ import pytest
 from bench import engine as raw
 from bench import trained
 from bench.__main__ import (
+    WORKER_COST,
     BenchConfig,
     _bare_ceiling,
-    _core_ceiling,
     _figures,
     _fixed_cost_ceiling,
     _realistic,
@@ -436,9 +436,9 @@ def test_the_bare_server_ceiling_adds_its_cpu_per_token_to_the_sampled_step() ->
 
 def test_the_engine_core_ceiling_adds_the_bare_servers_cpu_per_token_to_the_workers() -> None:
     core = {"raw_cpu_per_token_us": 45.0, "worker_cpu_per_token_us": 90.0, "ceiling": 0.5}
-    assert _core_ceiling(core, 0.0) == pytest.approx(0.5)
-    assert _core_ceiling(core, 10.0) == pytest.approx(0.45)
-    assert _core_ceiling(core, None) is None  # 0 clock ticks
+    assert _bare_ceiling(core, 0.0, WORKER_COST) == pytest.approx(0.5)
+    assert _bare_ceiling(core, 10.0, WORKER_COST) == pytest.approx(0.45)
+    assert _bare_ceiling(core, None, WORKER_COST) is None  # 0 clock ticks
 
 
 def _core_load(streams: int = 3) -> raw.CoreLoad:
@@ -478,7 +478,7 @@ def test_an_engine_core_that_fails_its_generations_is_reported_not_raised(
     assert set(core) == {"error"}
     assert core["error"].startswith("the engine core ended ")
     assert "otherwise than by eos or length (error)" in core["error"]
-    assert _core_ceiling(core, 1.0) is None
+    assert _bare_ceiling(core, 1.0, WORKER_COST) is None
 
 
 @pytest.mark.parametrize(
